@@ -55,18 +55,26 @@ _META_KEYS = ("defaults", "extends")
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (check the path; configs live in experiments/)")
+        raise ConfigError(f"config file not found: {_shown(path)} (check the path; configs live in experiments/)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise ConfigError(f"{_shown(path)}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"{_shown(path)}: a config must be a YAML mapping, got {type(data).__name__}")
     return data
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would write it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _resolve_parent(name: str, here: Path) -> Path:
@@ -80,7 +88,7 @@ def _record_origins(data: Any, file: Path, prefix: str, origins: dict[str, str])
     if isinstance(data, dict):
         for key, value in data.items():
             path = f"{prefix}.{key}" if prefix else str(key)
-            origins[path] = str(file)
+            origins[path] = _shown(file)
             _record_origins(value, file, path, origins)
 
 
@@ -94,12 +102,12 @@ def _compose(path: Path, origins: dict[str, str], chain: tuple[Path, ...]) -> Di
     if "defaults" in data:
         defaults = data.pop("defaults")
         if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
-            raise ConfigError(f"{path}: 'defaults' must be a list of config paths")
+            raise ConfigError(f"{_shown(path)}: 'defaults' must be a list of config paths")
         parents.extend(defaults)
     if "extends" in data:
         extends = data.pop("extends")
         if not isinstance(extends, str):
-            raise ConfigError(f"{path}: 'extends' must be one config path")
+            raise ConfigError(f"{_shown(path)}: 'extends' must be one config path")
         parents.append(extends)
     merged = OmegaConf.create()
     for parent in parents:
@@ -108,7 +116,7 @@ def _compose(path: Path, origins: dict[str, str], chain: tuple[Path, ...]) -> Di
     try:
         return OmegaConf.merge(merged, OmegaConf.create(data))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: cannot merge onto its parents ({_short(err)})") from None
+        raise ConfigError(f"{_shown(path)}: cannot merge onto its parents ({_short(err)})") from None
 
 
 def _short(err: Exception) -> str:

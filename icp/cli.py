@@ -1,0 +1,68 @@
+"""The ``icp`` command. Each verb lives in its own module exposing ``register(subparsers)``.
+
+Errors caused by the user's input surface as one line (``icp: error: ...``) with exit status 2;
+``ICP_DEBUG=1`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import warnings
+
+from icp import __version__
+from icp.errors import IcpError
+
+# Modules that add verbs, in the order `icp --help` lists them.
+VERB_MODULES = (
+    "icp.fit_cli",          # fit
+    "icp.run_cli",          # run (the main job: data -> training -> report)
+    "icp.data.shards_cli",  # shards synth|import|check
+    "icp.generate_cli",     # generate
+    "icp.eval_cli",         # eval, leaderboard
+    "icp.slurm_cli",        # slurm submit
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icp",
+        description="IC-Portrait experiments: synthetic data, training, generation, evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"icp {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name in VERB_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("icp: %(levelname)s: %(message)s"))
+    logging.getLogger("icp").addHandler(handler)
+    logging.getLogger("icp").setLevel(logging.INFO)
+    # Library deprecation chatter is not actionable for a user of the CLI.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except IcpError as err:
+        if os.environ.get("ICP_DEBUG"):
+            raise
+        print(f"icp: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("icp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""`icp fit`: run directories, resume, refusal to overwrite, checkpoint integrity."""
+
+import pytest
+import torch
+
+from icp import config as cfglib
+from icp.checkpointing import checkpoint_problem, resumable_checkpoint
+from icp.errors import ConfigError
+from icp.train import fit
+
+
+@pytest.fixture
+def toy(repo_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def load(*overrides):
+        return cfglib.load(repo_root / "tests/configs/toy.yaml", overrides)
+    return load
+
+
+def weights(ckpt):
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_fit_writes_run_dir_and_resumes_to_the_same_weights(toy, tmp_path):
+    straight = fit(toy("run.name=straight", "trainer.max_steps=6"))
+    assert (straight / "config.yaml").is_file() and (straight / "logs/csv/version_0/metrics.csv").is_file()
+    assert sorted(p.name for p in (straight / "checkpoints").glob("*.ckpt")) == [
+        "last.ckpt", "step00000003.ckpt", "step00000006.ckpt"]
+    # Interrupted run: 3 steps, then the same command with more steps resumes from step 3.
+    fit(toy("run.name=resumed", "trainer.max_steps=3"))
+    resumed = fit(toy("run.name=resumed", "trainer.max_steps=6", "run.allow_config_change=true"))
+    a, b = weights(straight / "checkpoints/last.ckpt"), weights(resumed / "checkpoints/last.ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (resumed / "config.0.yaml").is_file()  # the earlier config is kept, not overwritten
+    assert (resumed / "logs/csv/version_0/metrics.csv").is_file()  # and so are the earlier logs
+    assert (resumed / "logs/csv/version_1/metrics.csv").is_file()
+
+
+def test_same_name_with_a_different_config_is_refused(toy):
+    fit(toy("run.name=x", "trainer.max_steps=1"))
+    with pytest.raises(ConfigError, match="different config.*trainer.max_steps"):
+        fit(toy("run.name=x", "trainer.max_steps=2"))
+
+
+def test_unnamed_runs_are_named_by_config_hash(toy):
+    assert fit(toy("trainer.max_steps=1")) == fit(toy("trainer.max_steps=1"))
+    assert fit(toy("trainer.max_steps=1")) != fit(toy("trainer.max_steps=2"))
+
+
+def test_truncated_checkpoint_is_skipped_for_the_previous_one(toy):
+    run = fit(toy("run.name=t", "trainer.max_steps=6"))
+    last = run / "checkpoints/last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    assert "not a complete checkpoint" in checkpoint_problem(last)
+    assert resumable_checkpoint(run / "checkpoints").name == "step00000006.ckpt"
+    flipped = run / "checkpoints/step00000006.ckpt"
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    flipped.write_bytes(bytes(raw))
+    assert checkpoint_problem(flipped) is not None
+    assert resumable_checkpoint(run / "checkpoints").name == "step00000003.ckpt"
+    assert not list((run / "checkpoints").glob("*.tmp"))
