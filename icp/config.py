@@ -284,6 +284,17 @@ def accepted_keys(target: Any) -> tuple[set[str], bool]:
     return names, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
+def validate(node: Any, cfg: DictConfig | None = None, path: str = "") -> None:
+    """Check every ``_target_`` below ``node`` imports and accepts its keys, building nothing.
+
+    Mandatory values left open (``???``) are allowed here, so configs for real weights that
+    need a user's path can be checked too.
+    """
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=False)
+    _build(node, cfg, path, allowed_targets(cfg), {}, call=False)
+
+
 def instantiate(node: Any, cfg: DictConfig | None = None, path: str = "", **runtime: Any) -> Any:
     """Build the object a config node describes (recursively; see the module docstring).
 
@@ -298,13 +309,14 @@ def instantiate(node: Any, cfg: DictConfig | None = None, path: str = "", **runt
     return _build(node, cfg, path, allowed_targets(cfg), runtime)
 
 
-def _build(node: Any, cfg: DictConfig | None, path: str, allowed: tuple[str, ...], runtime: dict) -> Any:
+def _build(node: Any, cfg: DictConfig | None, path: str, allowed: tuple[str, ...], runtime: dict,
+           call: bool = True) -> Any:
     if isinstance(node, list):
-        return [_build(v, cfg, f"{path}[{i}]", allowed, {}) for i, v in enumerate(node)]
+        return [_build(v, cfg, f"{path}[{i}]", allowed, {}, call) for i, v in enumerate(node)]
     if not isinstance(node, dict):
         return node
     if "_target_" not in node:
-        return {k: _build(v, cfg, f"{path}.{k}" if path else k, allowed, {}) for k, v in node.items()}
+        return {k: _build(v, cfg, f"{path}.{k}" if path else k, allowed, {}, call) for k, v in node.items()}
     where = f"{origin_of(cfg, path) if cfg is not None else 'the config'} ({path or 'root'})"
     target = locate(node["_target_"], allowed, where)
     partial = bool(node.get("_partial_", False))
@@ -318,7 +330,9 @@ def _build(node: Any, cfg: DictConfig | None, path: str, allowed: tuple[str, ...
                     f"config key '{path + '.' if path else ''}{key}' (set in {file}) is not accepted by "
                     f"{node['_target_']}; accepted keys: {', '.join(sorted(names)) or '(none)'}"
                 )
-    built = {k: _build(v, cfg, f"{path}.{k}" if path else k, allowed, {}) for k, v in kwargs.items()}
+    built = {k: _build(v, cfg, f"{path}.{k}" if path else k, allowed, {}, call) for k, v in kwargs.items()}
+    if not call:
+        return None
     built.update(runtime)
     if partial:
         return functools.partial(target, **built)
