@@ -1,0 +1,242 @@
+"""LightningDataModule over shard folders: profile/target pairs of one identity (paper §3).
+
+Each shard sample is one identity with V views. A training item picks two different views of
+it: the profile ``I_p`` and the target ``I_l``; the target is patch-masked into ``I'_l``
+(Lighting-Aware Stitching, §3.1) and, when the shards carry surface coordinates, the true
+target->profile flow supervises/measures the matching (§3.2). Batches follow icp/data/keys.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from icp.data import keys as K
+from icp.data.masking import apply_mask, random_patch_mask
+from icp.data.shards_read import ShardStream, stable_seed
+from icp.errors import ConfigError
+
+
+def resize_group(group: dict, resolution: int) -> dict:
+    """Resample every view to resolution x resolution (images smooth, labels nearest)."""
+    height, width = group["rgb"].shape[-2:]
+    if (height, width) == (resolution, resolution):
+        return group
+    out = dict(group)
+    size = (resolution, resolution)
+    out["rgb"] = F.interpolate(group["rgb"], size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    for name in ("fg", "coords", "depth"):
+        if group.get(name) is not None:
+            # nearest: averaging coordinates or depth across a silhouette edge invents surface points
+            out[name] = F.interpolate(group[name], size=size, mode="nearest")
+    if group.get("landmarks") is not None:
+        scale = torch.tensor([resolution / width, resolution / height])
+        out["landmarks"] = group["landmarks"] * scale
+    return out
+
+
+class PairMaker:
+    """Turns one decoded identity group into training items (a picklable callable for workers).
+
+    ``fixed=True`` (validation) derives the pair and the mask from (seed, identity, j) only, so
+    every epoch, rank layout and worker count sees the same items.
+    """
+
+    def __init__(self, resolution: int | None, mask_ratio: float, patch_size: int, pairs_per_identity: int,
+                 seed: int = 0, fixed: bool = False, images_only: bool = False, with_flow: bool = True):
+        self.resolution, self.mask_ratio, self.patch_size = resolution, mask_ratio, patch_size
+        self.pairs, self.seed, self.fixed = pairs_per_identity, seed, fixed
+        self.images_only, self.with_flow = images_only, with_flow
+
+    def __call__(self, group: dict, generator: torch.Generator) -> Iterator[dict]:
+        if self.resolution is not None:
+            group = resize_group(group, self.resolution)
+        views = group["rgb"].shape[0]
+        identity = torch.tensor(group["identity_index"], dtype=torch.int64)
+        if self.images_only:
+            for v in range(views):
+                item = {K.PROFILE: group["rgb"][v] * 2 - 1, K.IDENTITY: identity}
+                item.update(_view_fields(group, v, "profile"))
+                yield item
+            return
+        if views < 2:
+            return  # a pair needs two views; the importer reports such identities
+        for j in range(self.pairs):
+            g = torch.Generator().manual_seed(stable_seed(self.seed, group["identity_index"], j)) if self.fixed else generator
+            p = int(torch.randint(views, (1,), generator=g))
+            t = int(torch.randint(views - 1, (1,), generator=g))
+            t += int(t >= p)  # a different view than the profile
+            yield self._pair(group, p, t, identity, g)
+
+    def _pair(self, group: dict, p: int, t: int, identity: torch.Tensor, g: torch.Generator) -> dict:
+        target = group["rgb"][t] * 2 - 1
+        keep = random_patch_mask((1, *target.shape[-2:]), self.mask_ratio, self.patch_size, generator=g)[0]
+        item = {
+            K.PROFILE: group["rgb"][p] * 2 - 1,
+            K.TARGET: target,
+            K.TARGET_MASKED: apply_mask(target, keep),
+            K.TARGET_KEEP: keep,
+            K.IDENTITY: identity,
+        }
+        item.update(_view_fields(group, p, "profile"))
+        item.update(_view_fields(group, t, "target"))
+        if self.with_flow and all(group.get(n) is not None for n in ("coords", "fg", "depth", "pose")):
+            from icp.data.render import ground_truth_flow
+
+            def view(i: int) -> dict:
+                return {n: group[n][i:i + 1] for n in ("coords", "fg", "depth")}
+
+            flow, valid = ground_truth_flow(view(t), view(p), group["pose"][p:p + 1], target.shape[-1])
+            item[K.FLOW_GT], item[K.FLOW_VALID] = flow[0], valid[0].float()
+        return item
+
+
+def _view_fields(group: dict, v: int, role: str) -> dict:
+    names = {"fg": f"{role}_fg", "coords": f"{role}_coords", "pose": f"{role}_pose",
+             "light": f"{role}_light", "landmarks": f"{role}_landmarks"}
+    return {key: group[name][v] for name, key in names.items() if group.get(name) is not None}
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that tells its dataset the epoch before each pass.
+
+    Lightning only calls ``set_epoch`` on samplers, which iterable datasets do not have.
+    """
+
+    def __init__(self, *args, epoch_fn: Callable[[], int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        if self.epoch_fn is not None:
+            self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Batches of profile/target pairs (or single views with ``images_only``) from shard folders.
+
+    ``samples_per_epoch`` counts training items over all ranks; under DDP (or when set) shards
+    are resampled with replacement and each rank/worker yields a fixed share, so ranks never
+    run out of data at different times (uneven shards hang NCCL at epoch end).
+    """
+
+    def __init__(
+        self,
+        shards: str,
+        val_shards: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        resolution: int | None = None,
+        mask_ratio: float = 0.8,
+        patch_size: int = 8,
+        pairs_per_identity: int = 4,
+        val_pairs_per_identity: int = 2,
+        seed: int = 0,
+        shardshuffle: bool | int = True,
+        shuffle_buffer: int = 256,
+        samples_per_epoch: int | None = None,
+        resampled: bool | None = None,
+        on_bad_sample: str = "skip",
+        on_bad_shard: str = "fail",
+        images_only: bool = False,
+        with_flow: bool = True,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ):
+        super().__init__()
+        for name, value in (("on_bad_sample", on_bad_sample), ("on_bad_shard", on_bad_shard)):
+            if value not in ("skip", "fail"):
+                raise ConfigError(f"data.{name}={value!r}: use 'skip' or 'fail'")
+        if batch_size < 1 or num_workers < 0 or pairs_per_identity < 1:
+            raise ConfigError("data: batch_size and pairs_per_identity must be >= 1 and num_workers >= 0")
+        self.shards, self.val_shards = shards, val_shards
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.resolution, self.seed = resolution, seed
+        self.mask_ratio, self.patch_size = mask_ratio, patch_size
+        self.pairs_per_identity, self.val_pairs_per_identity = pairs_per_identity, val_pairs_per_identity
+        self.shardshuffle, self.shuffle_buffer = shardshuffle, shuffle_buffer
+        self.samples_per_epoch, self.resampled = samples_per_epoch, resampled
+        self.on_bad_sample, self.on_bad_shard = on_bad_sample, on_bad_shard
+        self.images_only, self.with_flow = images_only, with_flow
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.train_set: ShardStream | None = None
+        self.val_set: ShardStream | None = None
+        random_patch_mask((1, 8, 8), mask_ratio, patch_size)  # validate the masking knobs now
+
+    # -- counters a task or callback logs
+    @property
+    def bad_samples(self) -> int:
+        return sum(s.bad_samples for s in (self.train_set, self.val_set) if s is not None)
+
+    @property
+    def bad_shards(self) -> int:
+        return sum(s.bad_shards for s in (self.train_set, self.val_set) if s is not None)
+
+    def _world(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.world_size)
+        return wds.utils.pytorch_worker_info()[1]
+
+    def _maker(self, fixed: bool, pairs: int) -> PairMaker:
+        return PairMaker(self.resolution, self.mask_ratio, self.patch_size, pairs, seed=self.seed,
+                         fixed=fixed, images_only=self.images_only, with_flow=self.with_flow)
+
+    def setup(self, stage: str | None = None) -> None:
+        world = self._world()
+        if self.train_set is None and stage in (None, "fit"):
+            resampled = self.resampled if self.resampled is not None else (world > 1 or self.samples_per_epoch is not None)
+            maker = self._maker(fixed=False, pairs=self.pairs_per_identity)
+            self.train_set = ShardStream(
+                self.shards, maker, seed=self.seed, shardshuffle=self.shardshuffle,
+                shuffle_buffer=self.shuffle_buffer, resampled=resampled,
+                on_bad_sample=self.on_bad_sample, on_bad_shard=self.on_bad_shard)
+            per_identity = self._views_hint(self.train_set) if self.images_only else self.pairs_per_identity
+            total = self.samples_per_epoch or self.train_set.num_samples * per_identity
+            self.train_set.items_per_rank = total // world if resampled else None
+        if self.val_set is None and self.val_shards and stage in (None, "fit", "validate"):
+            self.val_set = ShardStream(
+                self.val_shards, self._maker(fixed=True, pairs=self.val_pairs_per_identity), seed=self.seed,
+                shardshuffle=False, shuffle_buffer=0, resampled=False, split_samples=world > 1,
+                on_bad_sample=self.on_bad_sample, on_bad_shard=self.on_bad_shard)
+
+    @staticmethod
+    def _views_hint(stream: ShardStream) -> int:
+        views = stream.manifest["counts"].get("views", 0)
+        return max(1, round(views / max(1, stream.num_samples)))
+
+    def _loader(self, dataset: ShardStream, epoch_fn) -> DataLoader:
+        workers = self.num_workers
+        return _EpochLoader(
+            dataset, batch_size=self.batch_size, num_workers=workers, pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and workers > 0, epoch_fn=epoch_fn)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set, self._current_epoch)
+
+    def val_dataloader(self):
+        if self.val_set is None:
+            self.setup("validate")
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, lambda: 0)
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.current_epoch)
+        return int(self.train_set._epoch.value) if self.train_set is not None else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """For use without a Trainer: the epoch the next train pass shuffles for."""
+        if self.train_set is None:
+            self.setup("fit")
+        self.train_set.set_epoch(epoch)

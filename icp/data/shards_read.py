@@ -1,0 +1,240 @@
+"""Reading shard folders: a streaming dataset with node/worker splitting, and `check`.
+
+Errors are sorted into two kinds. A *bad sample* (checksum mismatch, undecodable PNG) is skipped
+and counted, or stops the run with ``on_bad_sample="fail"``. A *bad shard* (cannot be opened,
+truncated, fewer samples than its manifest entry says) stops the run naming the file, or is
+skipped and counted with ``on_bad_shard="skip"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing as mp
+import random
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset
+
+from icp.data.shards import decode_group, read_manifest, sha256_file
+from icp.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class BadSample(DataError):
+    """A sample that fails to decode while on_bad_sample='fail'."""
+
+
+def stable_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, identical in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def iter_shard(path: Path) -> Iterator[dict]:
+    """Raw samples (``__key__`` + member bytes) of one tar; tar-level errors become DataError."""
+    try:
+        with open(path, "rb") as stream:
+            files = (dict(f, __url__=str(path)) for f in wds.tariterators.tar_file_iterator(stream))
+            yield from wds.tariterators.group_by_keys(files)
+    except DataError:
+        raise
+    except Exception as err:  # tarfile, zlib, OSError, webdataset's own: all mean "this file is bad"
+        raise DataError(f"shard {path.name} cannot be read ({type(err).__name__}: {str(err)[:100]}); "
+                        f"run `icp shards check {path.parent}`") from None
+
+
+def members_of(sample: dict) -> dict[str, bytes]:
+    return {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+class ShardStream(IterableDataset):
+    """Decoded identity groups from a shard folder, turned into items by ``transform``.
+
+    ``transform(group, generator)`` returns an iterable of items (e.g. profile/target pairs);
+    ``generator`` is a torch.Generator seeded by (seed, epoch, rank, worker), so an epoch is
+    reproducible. Splitting: shards go to ranks with ``nodesplitter`` and to DataLoader workers
+    with ``workersplitter`` (the WebDataset functions); ``resampled`` draws shards with
+    replacement forever (cut by ``items_per_rank``), which keeps DDP ranks in step;
+    ``split_samples`` instead sends every rank every shard and keeps sample i on rank
+    i % world, truncated so all ranks get the same count (small, fixed validation sets).
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        transform: Callable,
+        seed: int = 0,
+        shardshuffle: bool | int = False,
+        shuffle_buffer: int = 0,
+        resampled: bool = False,
+        items_per_rank: int | None = None,
+        split_samples: bool = False,
+        on_bad_sample: str = "skip",
+        on_bad_shard: str = "fail",
+        nodesplitter: Callable = wds.split_by_node,
+        workersplitter: Callable = wds.split_by_worker,
+    ):
+        if on_bad_sample not in ("skip", "fail") or on_bad_shard not in ("skip", "fail"):
+            raise DataError(f"on_bad_sample/on_bad_shard must be 'skip' or 'fail', got {on_bad_sample!r}/{on_bad_shard!r}")
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.entries = list(self.manifest["shards"])
+        if not self.entries:
+            raise DataError(f"{self.folder / 'manifest.json'} lists no shards; re-create the folder")
+        self.transform, self.seed = transform, seed
+        self.shardshuffle, self.shuffle_buffer = shardshuffle, shuffle_buffer
+        self.resampled, self.items_per_rank, self.split_samples = resampled, items_per_rank, split_samples
+        self.on_bad_sample, self.on_bad_shard = on_bad_sample, on_bad_shard
+        self.nodesplitter, self.workersplitter = nodesplitter, workersplitter
+        # Shared across DataLoader worker processes, so the main process sees the workers' counts
+        # and the workers see the epoch the trainer set (also with persistent workers).
+        self._epoch = mp.Value("q", 0)
+        self._bad_samples = mp.Value("q", 0)
+        self._bad_shards = mp.Value("q", 0)
+
+    # -- counters and epoch
+    @property
+    def bad_samples(self) -> int:
+        return int(self._bad_samples.value)
+
+    @property
+    def bad_shards(self) -> int:
+        return int(self._bad_shards.value)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = int(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(int(e["samples"]) for e in self.entries)
+
+    # -- iteration
+    def __iter__(self) -> Iterator:
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        epoch = int(self._epoch.value)
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, epoch, rank, worker))
+        rng = random.Random(stable_seed(self.seed, epoch, rank, worker, 1))
+        if self.resampled:
+            shards = self._resampled(rng)
+        else:
+            order = list(self.entries)
+            if self.shardshuffle:
+                # same permutation on every rank and worker (seeded by epoch only), then split
+                random.Random(stable_seed(self.seed, epoch)).shuffle(order)
+            shards = order if self.split_samples else self.nodesplitter(order)
+            shards = self.workersplitter(shards)
+        groups = self._groups(shards)
+        if self.split_samples:
+            groups = self._split_samples(groups, rank, world)
+        items = (item for group in groups for item in self.transform(group, generator))
+        if self.shuffle_buffer > 1:
+            items = _shuffled(items, self.shuffle_buffer, rng)
+        if self.items_per_rank is not None:
+            share, extra = divmod(self.items_per_rank, workers)
+            items = islice(items, share + (1 if worker < extra else 0))
+        yield from items
+
+    def _resampled(self, rng: random.Random) -> Iterator[dict]:
+        while True:
+            yield rng.choice(self.entries)
+
+    def _split_samples(self, groups: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
+        limit = (self.num_samples // world) * world
+        for group in groups:
+            index = group["_index"]
+            if index < limit and index % world == rank:
+                yield group
+
+    def _groups(self, shards) -> Iterator[dict]:
+        offsets, total = {}, 0
+        for entry in self.entries:
+            offsets[entry["name"]] = total
+            total += int(entry["samples"])
+        for entry in shards:
+            yield from self._shard_groups(entry, offsets[entry["name"]])
+
+    def _shard_groups(self, entry: dict, offset: int) -> Iterator[dict]:
+        path = self.folder / entry["name"]
+        seen = 0
+        try:
+            for sample in iter_shard(path):
+                where = f"{entry['name']}:{sample.get('__key__')}"
+                seen += 1
+                try:
+                    group = decode_group(members_of(sample), where)
+                except DataError as err:
+                    if self.on_bad_sample == "fail":
+                        raise BadSample(f"{err} (on_bad_sample=skip would skip it)") from None
+                    with self._bad_samples.get_lock():
+                        self._bad_samples.value += 1
+                    log.warning("skipping bad sample: %s", err)
+                    continue
+                group["_index"] = offset + seen - 1
+                group["_key"] = sample["__key__"]
+                yield group
+            if seen != int(entry["samples"]):
+                raise DataError(f"shard {entry['name']} ended after {seen} of {entry['samples']} samples "
+                                f"(truncated or corrupt); run `icp shards check {self.folder}`")
+        except BadSample:
+            raise
+        except DataError as err:
+            if self.on_bad_shard == "fail":
+                raise DataError(f"{err} (set on_bad_shard=skip to train without it)") from None
+            with self._bad_shards.get_lock():
+                self._bad_shards.value += 1
+            log.warning("skipping rest of bad shard: %s", err)
+
+
+def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
+    """Reservoir-style shuffle buffer with an explicit rng (deterministic per epoch)."""
+    buffer = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= bufsize:
+            j = rng.randrange(len(buffer))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ------------------------------------------------------------------------------------- check
+
+
+def check(folder: str | Path, decode: bool = True) -> dict:
+    """Validate every shard of ``folder`` against its manifest; raise DataError naming the first bad one.
+
+    Checks sha256, sample count, that every sample decodes (crc of each member), and that each
+    sample has the manifest's fields. Returns counts on success.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    present = set(manifest["fields"]["present"]) | set(manifest["fields"]["required"])
+    samples = views = 0
+    for entry in manifest["shards"]:
+        path = folder / entry["name"]
+        if not path.is_file():
+            raise DataError(f"shard {entry['name']} listed in the manifest is missing from {folder}")
+        sha = sha256_file(path)
+        if sha != entry["sha256"]:
+            raise DataError(f"shard {entry['name']}: sha256 mismatch (file changed or corrupt); re-create it")
+        count = 0
+        for sample in iter_shard(path):
+            count += 1
+            if decode:
+                group = decode_group(members_of(sample), f"{entry['name']}:{sample['__key__']}")
+                have = {k for k in present if group.get(k) is not None}
+                if have != present:
+                    raise DataError(f"shard {entry['name']}:{sample['__key__']} lacks fields {sorted(present - have)}")
+                views += group["rgb"].shape[0]
+        if count != int(entry["samples"]):
+            raise DataError(f"shard {entry['name']}: {count} samples, manifest says {entry['samples']}")
+        samples += count
+    return {"shards": len(manifest["shards"]), "samples": samples, "views": views,
+            "fields": sorted(present), "kind": manifest.get("kind")}
