@@ -1,0 +1,300 @@
+"""DiffusionTask: the shared LightningModule base of the stitching and adaptation tasks.
+
+It owns what every IC-Portrait stage has in common: the backbone (generation UNet, codec, text
+encoder), text conditioning with a default prompt, noise + timestep sampling and the denoising
+loss, classifier-free-guidance dropout, which backbone parts train (frozen / LoRA / full), an
+EMA of the trained weights (swapped in for validation and sampling, stored in checkpoints),
+optimizer + scheduler from ``_partial_`` config nodes, gradient checkpointing, and ``sample()``
+-- the only door evaluation uses.
+
+A subclass supplies the condition through two hooks:
+
+- ``prepare_condition(batch) -> state``: everything that does not depend on the noisy latent
+  (e.g. encoded profile and masked target), computed once per batch / per sampling run;
+- ``condition(state, noisy_latents, timesteps, text_states) -> (down_residuals, mid_residual)``:
+  the ControlNet-style residuals injected into the generation UNet at this denoising step.
+
+CFG dropout (paper follows SD practice): for a dropped sample the text becomes the empty prompt
+and its residuals are zeroed, i.e. the generation UNet runs unconditioned -- exactly the branch
+``sample()`` uses as the unconditional prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import ModelMixin
+from diffusers.training_utils import EMAModel
+
+from icp.data import keys as K
+from icp.errors import ConfigError, WeightsError
+from icp.models.backbone import Backbone
+
+Residuals = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+TRAIN_UNET_MODES = ("frozen", "lora", "full")
+
+
+class DiffusionTask(L.LightningModule):
+    """Base task. Config kwargs are flat; ``backbone`` is a built object, ``optimizer`` and
+    ``lr_scheduler`` are ``functools.partial`` objects (``_partial_: true`` nodes)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        prompt: str = "a photo of a person",
+        cond_drop_prob: float = 0.1,
+        train_unet: str = "frozen",
+        lora_rank: int = 8,
+        ema_decay: float = 0.0,
+        gradient_checkpointing: bool = False,
+        guidance_scale: float = 2.0,
+        sampler: str = "ddim",
+        save_frozen_weights: bool = False,
+    ):
+        super().__init__()
+        if train_unet not in TRAIN_UNET_MODES:
+            raise ConfigError(f"model.train_unet='{train_unet}' is not one of {', '.join(TRAIN_UNET_MODES)}")
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ConfigError(f"model.cond_drop_prob={cond_drop_prob} must lie in [0, 1)")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ConfigError(f"model.ema_decay={ema_decay} must lie in [0, 1) (0 disables the EMA)")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        self.backbone = backbone
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.prompt = prompt
+        self.cond_drop_prob = cond_drop_prob
+        self.ema_decay = ema_decay
+        self.gradient_checkpointing = gradient_checkpointing
+        self.guidance_scale = guidance_scale
+        self.sampler = sampler
+        self.save_frozen_weights = save_frozen_weights
+        # The codec and text encoder never train here (paper: only the control nets and the
+        # generation UNet's adapters learn).
+        backbone.codec.requires_grad_(False)
+        backbone.text_encoder.requires_grad_(False)
+        backbone.unet.requires_grad_(train_unet == "full")
+        if train_unet == "lora":
+            self._add_lora(lora_rank)
+        self._ema: EMAModel | None = None
+        self._ema_pending: dict | None = None
+        self._ema_swapped = False
+        if not save_frozen_weights:
+            # Frozen weights come back from the backbone path, not from the checkpoint.
+            self.strict_loading = False
+
+    def _add_lora(self, rank: int) -> None:
+        from peft import LoraConfig
+
+        # Attention projections, as in diffusers' LoRA training scripts; B=0 at init -> no-op.
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                            target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+        self.backbone.unet.add_adapter(config)
+
+    # ------------------------------------------------------------------------ subclass hooks
+
+    def prepare_condition(self, batch: dict) -> Any:
+        raise NotImplementedError
+
+    def condition(self, state: Any, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                  text_states: torch.Tensor) -> Residuals:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- building blocks
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        return self.backbone.codec.encode(images, sample=sample).float()
+
+    @torch.no_grad()
+    def text_states(self, batch: dict, batch_size: int) -> torch.Tensor:
+        prompts = batch.get(K.PROMPT) if isinstance(batch, dict) else None
+        if prompts is None:
+            prompts = [self.prompt] * batch_size
+        return self.backbone.encode_text(list(prompts))
+
+    @torch.no_grad()
+    def empty_text_states(self, batch_size: int) -> torch.Tensor:
+        return self.backbone.encode_text([""] * batch_size)
+
+    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor,
+             residuals: Residuals | None = None) -> torch.Tensor:
+        """Generation UNet prediction, with ControlNet-style residuals when given."""
+        down, mid = residuals if residuals is not None else (None, None)
+        return self.backbone.unet(latents, timesteps, encoder_hidden_states=text_states,
+                                  down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+    def losses(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Denoising loss on the target latent (``loss``); subclasses may add terms to the dict."""
+        latents = self.encode_images(batch[K.TARGET], sample=True)
+        b = latents.shape[0]
+        scheduler = self.backbone.noise_scheduler
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator,
+                                  device=latents.device).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        text = self.text_states(batch, b)
+        keep = torch.ones(b, device=latents.device)
+        if self.training and self.cond_drop_prob > 0:
+            keep = (torch.rand(b, generator=generator, device=latents.device) >= self.cond_drop_prob).float()
+            text = torch.where(keep.view(-1, 1, 1) > 0, text, self.empty_text_states(b).to(text.dtype))
+        down, mid = self.condition(self.prepare_condition(batch), noisy, timesteps, text)
+        down = tuple(r * keep.view(-1, 1, 1, 1).to(r.dtype) for r in down)
+        mid = mid * keep.view(-1, 1, 1, 1).to(mid.dtype)
+        pred = self.unet(noisy, timesteps, text, (down, mid))
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return {"loss": F.mse_loss(pred.float(), target.float())}
+
+    # --------------------------------------------------------------------------- Lightning hooks
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.losses(batch)
+        bs = batch[K.TARGET].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Fixed noise and timesteps per batch index: val/loss is comparable across epochs.
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        losses = self.losses(batch, generator=generator)
+        bs = batch[K.TARGET].shape[0]
+        for name, value in losses.items():
+            self.log(f"val/{name}", value, prog_bar=name == "loss", batch_size=bs, sync_dist=True)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise ConfigError("nothing to train: every part is frozen (check model.train_unet and the task's nets)")
+        factory = self.optimizer_factory or (lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=1e-2))
+        optimizer = factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        if self.gradient_checkpointing:
+            for module in self.modules():
+                if (isinstance(module, ModelMixin) and module._supports_gradient_checkpointing
+                        and any(p.requires_grad for p in module.parameters())):
+                    module.enable_gradient_checkpointing()
+        self._ensure_ema()
+
+    # -- EMA of the trained weights
+    def _ensure_ema(self) -> EMAModel | None:
+        if self.ema_decay > 0 and self._ema is None:
+            self._ema = EMAModel(self.trainable_parameters(), decay=self.ema_decay)
+            if self._ema_pending is not None:
+                self._ema.load_state_dict(self._ema_pending)
+                self._ema_pending = None
+        return self._ema
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        ema = self._ensure_ema()
+        if ema is not None:
+            ema.to(self.device)
+            ema.step(self.trainable_parameters())
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Temporarily load the EMA weights into the trained parameters (no-op without EMA)."""
+        ema = self._ensure_ema()
+        if ema is None or self._ema_swapped:
+            yield
+            return
+        params = self.trainable_parameters()
+        ema.to(self.device)
+        ema.store(params)
+        ema.copy_to(params)
+        self._ema_swapped = True
+        try:
+            yield
+        finally:
+            ema.restore(params)
+            self._ema_swapped = False
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_ema = self.ema_weights()
+        self._val_ema.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        ctx = getattr(self, "_val_ema", None)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+            self._val_ema = None
+
+    # -- checkpoints: trained weights + EMA, not the (large, reloadable) frozen backbone
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._ema is not None:
+            checkpoint["ema"] = self._ema.state_dict()
+        if not self.save_frozen_weights:
+            frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+            state = checkpoint["state_dict"]
+            for name in frozen & set(state):
+                del state[name]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trained - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise WeightsError(f"checkpoint lacks {len(missing)} trained weights (e.g. '{missing[0]}'): it was "
+                               "written by a different model config; resume with the config it was trained with")
+        if "ema" in checkpoint:
+            self._ema_pending = checkpoint["ema"]
+            self._ema = None
+            self._ensure_ema()
+
+    # ------------------------------------------------------------------------------- sampling
+
+    def _precision_context(self):
+        trainer = self._trainer
+        if trainer is not None:
+            return trainer.precision_plugin.forward_context()
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def sample(self, batch: dict, num_steps: int = 20, guidance_scale: float | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Generate targets for ``batch`` (needs PROFILE and TARGET_MASKED): (B, 3, H, W) in [-1, 1]."""
+        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        ref = batch[K.PROFILE]
+        b, _, h, w = ref.shape
+        f = self.backbone.downscale
+        shape = (b, self.backbone.latent_channels, h // f, w // f)
+        was_training = self.training
+        self.eval()
+        try:
+            with self.ema_weights(), self._precision_context():
+                noise_device = generator.device if generator is not None else self.device
+                latents = torch.randn(shape, generator=generator, device=noise_device).to(self.device)
+                scheduler = self.backbone.sampling_scheduler(self.sampler)
+                scheduler.set_timesteps(num_steps, device=self.device)
+                latents = latents * scheduler.init_noise_sigma
+                state = self.prepare_condition(batch)
+                text = self.text_states(batch, b)
+                uncond = self.empty_text_states(b) if guidance != 1.0 else None
+                for t in scheduler.timesteps:
+                    x = scheduler.scale_model_input(latents, t)
+                    tb = t.expand(b).to(self.device)
+                    pred = self.unet(x, tb, text, self.condition(state, x, tb, text)).float()
+                    if uncond is not None:
+                        pred_u = self.unet(x, tb, uncond).float()
+                        pred = pred_u + guidance * (pred - pred_u)
+                    latents = scheduler.step(pred, t, latents).prev_sample
+                images = self.backbone.codec.decode(latents)
+        finally:
+            self.train(was_training)
+        return images.float().clamp(-1, 1)
