@@ -151,7 +151,7 @@ def detect_and_align(
     box, points, prob = found
     src_to_crop = similarity_transform(points, TEMPLATE * resolution)
     rgb = to_uint8_hwc(image, source)
-    img = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1.0
+    img = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # PIL arrays are read-only
     crop = warp_to_crop(img, src_to_crop, resolution).clamp(-1, 1)
     pts = np.c_[points, np.ones(len(points))] @ src_to_crop.T
     return AlignedFace(

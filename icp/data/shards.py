@@ -2,13 +2,14 @@
 
 Members of a sample (``<key>.<member>`` inside the tar; the key has no dots):
 
-- ``meta.json``       identity index, view count, resolution, source, and per-view parameters:
-                      ``pose`` (V, 3) yaw/pitch/roll deg, ``light`` (V, L), ``landmarks`` (V, K, 2),
-                      ``identity_params`` (D,); each optional (real photos lack most of them)
+- ``meta.json``       identity index, view count, resolution, source, and the non-image fields
+                      under ``arrays`` ({name: {dtype, data}}): ``pose`` (V, 3) yaw/pitch/roll deg,
+                      ``light`` (V, L), ``landmarks`` (V, K, 2), ``identity_params`` (V, D), ...;
+                      each optional (real photos lack most of them)
 - ``vNN.rgb.png``     view NN, RGB uint8 (required)
 - ``vNN.fg.png``      view NN foreground, L uint8 (optional)
-- ``coords.npy``      (V, 3, H, W) float16 canonical surface coordinates (optional)
-- ``depth.npy``       (V, 1, H, W) float16 depth (optional)
+- ``<name>.npy``      (V, C, H, W) float16 per-pixel ground truth: ``coords`` (canonical surface
+                      coordinates), ``depth``, ``normals`` (optional)
 - ``crc.json``        crc32 of every other member, so a flipped bit anywhere in a sample is caught
                       by the reader (tar itself only checksums headers)
 
@@ -21,7 +22,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import zlib
 from pathlib import Path
 
@@ -36,9 +36,9 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PARTIAL_MANIFEST = "manifest.partial.json"
 REQUIRED_FIELDS = ("rgb",)
-OPTIONAL_FIELDS = ("fg", "coords", "depth", "pose", "light", "landmarks", "identity_params")
-META_FIELDS = ("pose", "light", "landmarks", "identity_params")
-_VIEW_MEMBER = re.compile(r"^v(\d{2,})\.(rgb|fg)\.png$")
+# What the synthetic renderer provides; real imports have a subset (see each manifest's "fields").
+OPTIONAL_FIELDS = ("fg", "coords", "depth", "normals", "pose", "light", "landmarks", "landmarks_visible",
+                   "background", "identity_params")
 
 
 def shard_name(index: int) -> str:
@@ -71,31 +71,43 @@ def to_uint8(x: Tensor) -> np.ndarray:
 
 
 def encode_group(identity_index: int, group: dict, source: str = "synthetic") -> dict[str, bytes]:
-    """A render_group-style dict (see module docstring for the fields) -> tar members (bytes)."""
+    """A render_group-style dict -> tar members (bytes). See the module docstring for the layout.
+
+    ``rgb`` (V,3,H,W) and ``fg`` (V,1,H,W) in [0, 1] become PNGs; any other (V, C, H, W) float
+    tensor becomes ``<name>.npy`` (float16); any other tensor or list goes into meta.json.
+    """
     rgb = group["rgb"]
     views, _, height, width = rgb.shape
     members: dict[str, bytes] = {}
+    meta: dict = {"identity_index": int(identity_index), "views": int(views), "height": int(height),
+                  "width": int(width), "source": source, "arrays": {}}
+    for name, value in group.items():
+        if value is None or name in ("rgb", "identity_index"):
+            continue
+        if name == "fg":
+            for v in range(views):
+                members[f"v{v:02d}.fg.png"] = _png(to_uint8(value[v]))
+        elif isinstance(value, Tensor) and value.ndim == 4 and value.shape[-2:] == (height, width):
+            members[f"{name}.npy"] = _npy(value.detach().cpu().to(torch.float16).numpy())
+        else:
+            value = torch.as_tensor(value).detach().cpu()
+            dtype = {torch.bool: "bool", torch.int64: "int64", torch.int32: "int64"}.get(value.dtype, "float32")
+            data = value.tolist() if dtype != "float32" else value.float().tolist()
+            meta["arrays"][name] = {"dtype": dtype, "data": data}
     for v in range(views):
         members[f"v{v:02d}.rgb.png"] = _png(to_uint8(rgb[v]))
-        if group.get("fg") is not None:
-            members[f"v{v:02d}.fg.png"] = _png(to_uint8(group["fg"][v]))
-    for name in ("coords", "depth"):
-        if group.get(name) is not None:
-            members[f"{name}.npy"] = _npy(group[name].detach().cpu().to(torch.float16).numpy())
-    meta = {"identity_index": int(identity_index), "views": int(views), "height": int(height),
-            "width": int(width), "source": source}
-    for name in META_FIELDS:
-        value = group.get(name)
-        if value is not None:
-            meta[name] = value.detach().cpu().float().tolist() if isinstance(value, Tensor) else value
     members["meta.json"] = json.dumps(meta, sort_keys=True).encode()
     members["crc.json"] = json.dumps({k: zlib.crc32(b) for k, b in sorted(members.items())}).encode()
     return members
 
 
+_DTYPES = {"bool": torch.bool, "int64": torch.int64, "float32": torch.float32}
+
+
 def decode_group(members: dict[str, bytes], where: str = "<sample>") -> dict:
     """Tar members of one sample -> tensors: ``rgb`` (V,3,H,W) and ``fg`` (V,1,H,W) float [0,1],
-    ``coords``/``depth`` float32, meta fields as float tensors, ``identity_index`` int.
+    spatial arrays (``coords``, ``depth``...) float32, meta arrays with their dtype,
+    ``identity_index`` int and ``source`` str.
 
     Raises DataError naming ``where`` on any inconsistency (checksum, missing view, bad PNG...).
     """
@@ -114,26 +126,19 @@ def decode_group(members: dict[str, bytes], where: str = "<sample>") -> dict:
         meta = json.loads(members["meta.json"])
         views = int(meta["views"])
         out: dict = {"identity_index": int(meta["identity_index"]), "source": meta.get("source", "")}
-        rgb, fg = [], []
-        for v in range(views):
-            rgb.append(_read_png(members[f"v{v:02d}.rgb.png"], "RGB"))
-            if f"v{v:02d}.fg.png" in members:
-                fg.append(_read_png(members[f"v{v:02d}.fg.png"], "L"))
-        out["rgb"] = torch.stack(rgb)
-        if fg:
-            if len(fg) != views:
-                raise DataError(f"{where}: fg present for {len(fg)} of {views} views")
-            out["fg"] = torch.stack(fg)
-        for name in ("coords", "depth"):
-            if f"{name}.npy" in members:
-                arr = np.load(io.BytesIO(members[f"{name}.npy"]), allow_pickle=False)
+        out["rgb"] = torch.stack([_read_png(members[f"v{v:02d}.rgb.png"], "RGB") for v in range(views)])
+        if "v00.fg.png" in members:
+            out["fg"] = torch.stack([_read_png(members[f"v{v:02d}.fg.png"], "L") for v in range(views)])
+        for member in sorted(members):
+            if member.endswith(".npy"):
+                arr = np.load(io.BytesIO(members[member]), allow_pickle=False)
+                name = member[: -len(".npy")]
                 out[name] = torch.from_numpy(arr.astype(np.float32))
                 if out[name].shape[0] != views or out[name].shape[-2:] != out["rgb"].shape[-2:]:
-                    raise DataError(f"{where}: {name}.npy has shape {tuple(arr.shape)}, expected {views} views "
+                    raise DataError(f"{where}: {member} has shape {tuple(arr.shape)}, expected {views} views "
                                     f"of {tuple(out['rgb'].shape[-2:])}")
-        for name in META_FIELDS:
-            if name in meta:
-                out[name] = torch.tensor(meta[name], dtype=torch.float32)
+        for name, spec in meta.get("arrays", {}).items():
+            out[name] = torch.tensor(spec["data"], dtype=_DTYPES[spec["dtype"]])
     except DataError:
         raise
     except Exception as err:  # a corrupt PNG/npy/json surfaces as many library exception types
@@ -151,8 +156,9 @@ def _read_png(data: bytes, mode: str) -> Tensor:
 
 
 def fields_of(group: dict) -> list[str]:
-    """The optional fields present in a decoded or to-be-encoded group."""
-    return [f for f in OPTIONAL_FIELDS if group.get(f) is not None]
+    """The optional fields present in a decoded or to-be-encoded group (sorted names)."""
+    skip = set(REQUIRED_FIELDS) | {"identity_index", "source"}
+    return sorted(k for k, v in group.items() if v is not None and k not in skip and not k.startswith("_"))
 
 
 # ----------------------------------------------------------------------------------- manifest
