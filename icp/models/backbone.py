@@ -14,8 +14,10 @@ Builders meant for configs (flat kwargs, each returns a :class:`Backbone`):
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
@@ -23,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.clip.tokenization_clip import CLIPTokenizer
 
-from icp.errors import WeightsError
+from icp.errors import ConfigError, WeightsError
 from icp.models.codec import PIXEL_CODEC_FILE, PixelCodec, VaeCodec
 
 # SD1.5's training noise schedule; steps_offset/clip_sample as diffusers expects (no warnings).
@@ -84,7 +86,7 @@ class Backbone(nn.Module):
             from diffusers import EulerDiscreteScheduler
 
             return EulerDiscreteScheduler.from_config(self.noise_scheduler.config)
-        raise WeightsError(f"unknown sampler '{kind}' (use ddim, ddpm or euler)")
+        raise ConfigError(f"unknown sampler '{kind}' (use ddim, ddpm or euler)")
 
     # -- export
     def save_pretrained(self, folder: str | Path) -> None:
@@ -97,6 +99,15 @@ class Backbone(nn.Module):
         self.noise_scheduler.save_pretrained(folder / "scheduler")
         if isinstance(self.codec, VaeCodec):
             self.codec.vae.save_pretrained(folder / "vae", safe_serialization=True)
+            # With a VAE the folder is a complete SD1.5 layout: StableDiffusionPipeline loads it.
+            index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+                     "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                     "text_encoder": ["transformers", "CLIPTextModel"],
+                     "tokenizer": ["transformers", "CLIPTokenizer"],
+                     "scheduler": ["diffusers", type(self.noise_scheduler).__name__],
+                     "safety_checker": [None, None], "feature_extractor": [None, None],
+                     "requires_safety_checker": False}
+            (folder / "model_index.json").write_text(json.dumps(index, indent=2))
         else:
             self.codec.save_pretrained(folder / "codec")
 
@@ -131,23 +142,36 @@ def tiny_tokenizer(max_length: int = 16) -> CLIPTokenizer:
 
 def tiny(resolution: int = 32, width: int = 32, codec_factor: int = 4, layers_per_block: int = 1,
          levels: int = 2, text_width: int = 32, text_layers: int = 2, max_text_length: int = 16,
-         seed: int = 0) -> Backbone:
-    """Random tiny backbone with the pixel codec: trains on CPU in minutes.
+         codec: str = "pixel", seed: int = 0) -> Backbone:
+    """Random tiny backbone: trains on CPU in minutes.
 
     ``width`` is the first UNet block's channels (doubling per level); ``levels`` down blocks,
-    the first ``levels-1`` with cross-attention to the text (as in SD1.5's layout).
+    the first ``levels-1`` with cross-attention to the text (as in SD1.5's layout). ``codec``:
+    "pixel" (lossless pixel-unshuffle, the default) or "vae" (a tiny random AutoencoderKL with
+    the same downscale, to exercise the VAE code path).
     """
     latent = resolution // codec_factor
     if resolution % codec_factor or latent % (2 ** (levels - 1)):
-        raise WeightsError(f"tiny backbone: resolution {resolution} must be divisible by codec_factor*2**(levels-1) "
+        raise ConfigError(f"tiny backbone: resolution {resolution} must be divisible by codec_factor*2**(levels-1) "
                            f"= {codec_factor * 2 ** (levels - 1)} (change resolution or codec_factor)")
     torch.manual_seed(seed)
-    codec = PixelCodec(factor=codec_factor)
+    if codec == "pixel":
+        the_codec: nn.Module = PixelCodec(factor=codec_factor)
+    elif codec == "vae":
+        blocks = codec_factor.bit_length()  # factor 2**k -> k+1 encoder blocks
+        if codec_factor != 2 ** (blocks - 1):
+            raise ConfigError(f"tiny backbone: codec_factor {codec_factor} must be a power of 2 for codec=vae")
+        the_codec = VaeCodec(AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16,) * blocks,
+            down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+            layers_per_block=1, norm_num_groups=8, sample_size=resolution))
+    else:
+        raise ConfigError(f"tiny backbone: codec '{codec}' unknown (use pixel or vae)")
     channels = tuple(width * 2**i for i in range(levels))
     down = tuple(["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"])
     up = tuple(["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1))
     unet = UNet2DConditionModel(
-        sample_size=latent, in_channels=codec.latent_channels, out_channels=codec.latent_channels,
+        sample_size=latent, in_channels=the_codec.latent_channels, out_channels=the_codec.latent_channels,
         down_block_types=down, up_block_types=up, block_out_channels=channels, layers_per_block=layers_per_block,
         cross_attention_dim=text_width, attention_head_dim=max(1, width // 8), norm_num_groups=min(8, width),
     )
@@ -158,7 +182,7 @@ def tiny(resolution: int = 32, width: int = 32, codec_factor: int = 4, layers_pe
         max_position_embeddings=max_text_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
-    return Backbone(unet, codec, text_encoder, tokenizer, DDPMScheduler(**SD15_SCHEDULER))
+    return Backbone(unet, the_codec, text_encoder, tokenizer, DDPMScheduler(**SD15_SCHEDULER))
 
 
 def sd15_architecture(random: bool = True, max_text_length: int = 77, seed: int = 0) -> Backbone:
@@ -183,6 +207,22 @@ def sd15_architecture(random: bool = True, max_text_length: int = 77, seed: int 
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
     return Backbone(unet, VaeCodec(vae), text_encoder, tokenizer, DDPMScheduler(**SD15_SCHEDULER))
+
+
+def sd15(path: str | None = None, random: bool = False, dtype: str = "float32",
+         resolution: int | None = None) -> Backbone:
+    """Config entry point of experiments/stitching/sd15.yaml: real weights from ``path``, or the
+    random SD1.5 architecture when ``random`` is true (then ``path`` must be null)."""
+    if random and path not in (None, ""):
+        raise ConfigError(f"backbone: both path={path} and random=true given; set model.backbone.path=null "
+                           "for random weights or model.backbone.random=false to load the folder")
+    backbone = sd15_architecture(random=True) if random else pretrained(path, dtype=dtype)
+    if random and dtype != "float32":
+        backbone.to(_DTYPES[dtype])
+    if resolution is not None and resolution % (backbone.downscale * backbone.min_latent_multiple):
+        raise ConfigError(f"data.resolution={resolution} must be divisible by "
+                           f"{backbone.downscale * backbone.min_latent_multiple} for this backbone")
+    return backbone
 
 
 def _load(folder: Path, part: str, loader, **kwargs):
@@ -210,7 +250,7 @@ def pretrained(path: str, dtype: str = "float32") -> Backbone:
         raise WeightsError(f"{folder}: backbone folder does not exist (set model.backbone.path to a local "
                            "diffusers folder; nothing is downloaded)")
     if dtype not in _DTYPES:
-        raise WeightsError(f"backbone dtype '{dtype}' unknown (use one of {', '.join(sorted(_DTYPES))})")
+        raise ConfigError(f"backbone dtype '{dtype}' unknown (use one of {', '.join(sorted(_DTYPES))})")
     torch_dtype = _DTYPES[dtype]
     unet = _load(folder, "unet", UNet2DConditionModel.from_pretrained, torch_dtype=torch_dtype)
     if (folder / "vae").is_dir():

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icp.errors import WeightsError
+from icp.errors import ConfigError, WeightsError
 
 PIXEL_CODEC_FILE = "codec_config.json"
 
@@ -33,7 +33,7 @@ class PixelCodec(nn.Module):
     def __init__(self, factor: int = 4, scaling_factor: float = 1.0):
         super().__init__()
         if factor < 1:
-            raise WeightsError(f"pixel codec factor must be >= 1, got {factor} (set backbone.codec_factor)")
+            raise ConfigError(f"pixel codec factor must be >= 1, got {factor} (set backbone.codec_factor)")
         self.factor = int(factor)
         self.scaling_factor = float(scaling_factor)
 

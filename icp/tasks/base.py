@@ -85,9 +85,6 @@ class DiffusionTask(L.LightningModule):
         self._ema: EMAModel | None = None
         self._ema_pending: dict | None = None
         self._ema_swapped = False
-        if not save_frozen_weights:
-            # Frozen weights come back from the backbone path, not from the checkpoint.
-            self.strict_loading = False
 
     def _add_lora(self, rank: int) -> None:
         from peft import LoraConfig
@@ -247,8 +244,14 @@ class DiffusionTask(L.LightningModule):
                 del state[name]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.setdefault("state_dict", {})
         trained = {n for n, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(trained - set(checkpoint.get("state_dict", {})))
+        missing = sorted(trained - set(state))
+        # Frozen weights were left out on save: they come back from the backbone path, so the
+        # strict state-dict load still checks everything else.
+        for name, param in self.named_parameters():
+            if not param.requires_grad and name not in state:
+                state[name] = param.detach()
         if missing:
             raise WeightsError(f"checkpoint lacks {len(missing)} trained weights (e.g. '{missing[0]}'): it was "
                                "written by a different model config; resume with the config it was trained with")
