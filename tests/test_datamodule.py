@@ -144,3 +144,14 @@ def test_images_only_mode(folders):
 def test_resize_to_resolution(folders):
     batch = next(iter(dm(folders, resolution=16).train_dataloader()))
     assert batch[K.PROFILE].shape[-1] == 16 and batch[K.FLOW_GT].shape[-1] == 16
+
+
+def test_persistent_workers_follow_the_epoch(folders):
+    """Workers that outlive an epoch still read the epoch the trainer set (shared counter)."""
+    ref = dm(folders)
+    module = dm(folders, num_workers=1, persistent_workers=True)
+    loader = module.train_dataloader()
+    for epoch in (0, 1):
+        ref.set_epoch(epoch)
+        module.set_epoch(epoch)
+        assert fingerprint(loader) == fingerprint(ref.train_dataloader())
