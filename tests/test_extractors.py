@@ -148,3 +148,35 @@ def test_clip_loads_local_folder(tmp_path):
 
     with pytest.raises(ExtractorUnavailable, match="eval.clip_model"):
         ClipEncoder(model=str(tmp_path / "absent"))
+
+
+def test_icp_embedder_export_and_checkpoint_load_the_same_network(tmp_path):
+    from icp.eval.embedder_net import IcpEmbedder, IdentityEmbedderNet, export, load_net
+    from icp.tasks.embedder import ArcMarginHead, verification
+
+    torch.manual_seed(0)
+    net = IdentityEmbedderNet(dim=8, width=4, depth=2, input_size=16).eval()
+    path = export(net, tmp_path / "embedder.pt")
+    images = torch.rand(3, 3, 20, 20) * 2 - 1
+    extractor = IcpEmbedder(weights=str(path))
+    feats = extractor(images)
+    assert torch.allclose(feats.embeddings, net(images), atol=1e-6) and feats.detected.all()
+    assert "trained by icp" in extractor.label
+    # a Lightning checkpoint of the task: state dict under "net." + hyper_parameters
+    ckpt = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            "hyper_parameters": dict(net.hparams, num_identities=4)}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    assert torch.allclose(load_net(tmp_path / "last.ckpt")(images), net(images), atol=1e-6)
+    with pytest.raises(ExtractorUnavailable, match="eval.embedder"):
+        IcpEmbedder(weights=str(tmp_path / "none.pt"))
+    (tmp_path / "junk.pt").write_text("junk")
+    with pytest.raises(WeightsError, match="not an icp embedder"):
+        IcpEmbedder(weights=str(tmp_path / "junk.pt"))
+    # the margin makes the true-class logit smaller than plain cosine; verification separates clusters
+    head = ArcMarginHead(8, 4, scale=1.0, margin=0.3)
+    emb = torch.nn.functional.normalize(head.weight.detach()[[0, 1]], dim=1)
+    logits = head(emb, torch.tensor([0, 1]))
+    assert logits[0, 0] < 1.0 - 1e-3 and logits[1, 1] < 1.0 - 1e-3
+    labels = torch.tensor([0, 0, 1, 1])
+    clustered = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]]), dim=1)
+    assert verification(clustered, labels)["verif_auc"] == pytest.approx(1.0)
