@@ -101,6 +101,12 @@ def test_two_ranks_two_workers_disjoint_and_complete(folders, monkeypatch):
     seen = [_identities(stream, r, 2, w, 2, monkeypatch) for r in range(2) for w in range(2)]
     flat = sum(seen, [])
     assert sorted(flat) == list(range(IDS)) and all(seen[:3])  # disjoint, complete, all but one busy
+    # rank captured from the Trainer in the main process wins over what a worker process sees
+    captured = []
+    for r in range(2):
+        stream.rank_world = (r, 2)
+        captured += [_identities(stream, 0, 1, w, 2, monkeypatch) for w in range(2)]
+    assert captured == seen
 
 
 def test_ddp_ranks_get_equal_counts(folders, monkeypatch):

@@ -75,6 +75,13 @@ def test_resume_skips_good_shards_and_refuses_other_config(folder, tmp_path):
     assert after["shard-000000.tar"] == before["shard-000000.tar"]  # skipped
     assert after["shard-000002.tar"] == before["shard-000002.tar"]
     assert {s["name"]: s["sha256"] for s in read_manifest(out)["shards"]} == sha  # deterministic bytes
+    # a run killed mid-way leaves only manifest.partial.json (and maybe a .tmp): resume from it
+    (out / "manifest.json").rename(out / "manifest.partial.json")
+    (out / "shard-000002.tar").rename(out / "shard-000002.tar.tmp")
+    synth(out, IDS, VIEWS, RES, seed=3, shard_size=2, progress=False)
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == before["shard-000000.tar"]
+    assert {s["name"]: s["sha256"] for s in read_manifest(out)["shards"]} == sha
+    assert not (out / "manifest.partial.json").exists()
     with pytest.raises(DataError, match="different generator config.*seed"):
         synth(out, IDS, VIEWS, RES, seed=4, shard_size=2, progress=False)
 

@@ -178,11 +178,15 @@ class ShardDataModule(L.LightningDataModule):
     def bad_shards(self) -> int:
         return sum(s.bad_shards for s in (self.train_set, self.val_set) if s is not None)
 
-    def _world(self) -> int:
+    def _rank_world(self) -> tuple[int, int] | None:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
-            return int(trainer.world_size)
-        return wds.utils.pytorch_worker_info()[1]
+            return int(trainer.global_rank), int(trainer.world_size)
+        return None  # no Trainer: the stream reads RANK/WORLD_SIZE or torch.distributed itself
+
+    def _world(self) -> int:
+        rank_world = self._rank_world()
+        return rank_world[1] if rank_world else wds.utils.pytorch_worker_info()[1]
 
     def _maker(self, fixed: bool, pairs: int) -> PairMaker:
         return PairMaker(self.resolution, self.mask_ratio, self.patch_size, pairs, seed=self.seed,
@@ -200,11 +204,13 @@ class ShardDataModule(L.LightningDataModule):
             per_identity = self._views_hint(self.train_set) if self.images_only else self.pairs_per_identity
             total = self.samples_per_epoch or self.train_set.num_samples * per_identity
             self.train_set.items_per_rank = total // world if resampled else None
+            self.train_set.rank_world = self._rank_world()
         if self.val_set is None and self.val_shards and stage in (None, "fit", "validate"):
             self.val_set = ShardStream(
                 self.val_shards, self._maker(fixed=True, pairs=self.val_pairs_per_identity), seed=self.seed,
                 shardshuffle=False, shuffle_buffer=0, resampled=False, split_samples=world > 1,
                 on_bad_sample=self.on_bad_sample, on_bad_shard=self.on_bad_shard)
+            self.val_set.rank_world = self._rank_world()
 
     @staticmethod
     def _views_hint(stream: ShardStream) -> int:

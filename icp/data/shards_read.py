@@ -92,6 +92,10 @@ class ShardStream(IterableDataset):
         self.resampled, self.items_per_rank, self.split_samples = resampled, items_per_rank, split_samples
         self.on_bad_sample, self.on_bad_shard = on_bad_sample, on_bad_shard
         self.nodesplitter, self.workersplitter = nodesplitter, workersplitter
+        # (rank, world) captured in the main process by the DataModule from its Trainer: DataLoader
+        # workers started with spawn (or on some launchers) see neither RANK env vars nor an
+        # initialised process group, and would all act as rank 0.
+        self.rank_world: tuple[int, int] | None = None
         # Shared across DataLoader worker processes, so the main process sees the workers' counts
         # and the workers see the epoch the trainer set (also with persistent workers).
         self._epoch = mp.Value("q", 0)
@@ -117,6 +121,8 @@ class ShardStream(IterableDataset):
     # -- iteration
     def __iter__(self) -> Iterator:
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        if self.rank_world is not None:
+            rank, world = self.rank_world
         epoch = int(self._epoch.value)
         generator = torch.Generator().manual_seed(stable_seed(self.seed, epoch, rank, worker))
         rng = random.Random(stable_seed(self.seed, epoch, rank, worker, 1))
@@ -127,7 +133,12 @@ class ShardStream(IterableDataset):
             if self.shardshuffle:
                 # same permutation on every rank and worker (seeded by epoch only), then split
                 random.Random(stable_seed(self.seed, epoch)).shuffle(order)
-            shards = order if self.split_samples else self.nodesplitter(order)
+            if self.split_samples:
+                shards = order
+            elif self.rank_world is not None:
+                shards = order[rank::world]  # what wds.split_by_node does, with the captured rank
+            else:
+                shards = self.nodesplitter(order)
             shards = self.workersplitter(shards)
         groups = self._groups(shards)
         if self.split_samples:
