@@ -11,6 +11,7 @@ from icp.train import build
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "experiments").rglob("*.yaml"))
 FRAGMENTS = {Path("experiments/base.yaml")}  # shared by all, not runnable alone
+PIPELINES = {Path("experiments/quickstart.yaml")}  # `icp run` configs: stages of `icp fit` configs
 
 
 def test_there_are_experiments():
@@ -22,12 +23,17 @@ def test_config_composes_and_validates(path):
     cfg = cfglib.load(ROOT / path)
     if path in FRAGMENTS:
         return
+    if path in PIPELINES:
+        from icp.mainjob import check
+
+        check(cfg)  # every stage's experiment + overrides composes and validates
+        return
     for node in ("data", "model", "trainer"):
         assert node in cfg, f"{path} has no '{node}' node"
         cfglib.validate(cfg[node], cfg, node)
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p not in FRAGMENTS], ids=str)
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p not in FRAGMENTS | PIPELINES], ids=str)
 def test_config_instantiates_on_cpu(path, tmp_path, monkeypatch):
     cfg = cfglib.load(ROOT / path, ["trainer.accelerator=cpu", "trainer.devices=1"])
     if OmegaConf.missing_keys(cfg):
