@@ -1,0 +1,214 @@
+"""Evaluator: the set of extractors and metrics one evaluation runs, shared by the in-loop
+callback and ``icp eval``.
+
+``build_extractors(...)`` loads every extractor whose weights are present and records, for each
+one that is not, the one-line reason and the option that enables it. ``Evaluator.update(outputs,
+batch)`` scores one batch of generated images against the batch (icp/data/keys.py) and returns
+per-sample rows; ``compute()`` reduces across ranks (torchmetrics states) and returns the scalars.
+
+Which reference each metric uses (paper §4 reports identity similarity, FID and CLIP scores):
+- id_cos_<x>: output vs the PROFILE photo (the identity reference) with identity extractor x;
+  face_fail_<x>: fraction of outputs where x found no face (only for detecting extractors).
+- fid / kid: outputs vs TARGET images (real / true renders of the held-out set).
+- clip_i: output vs PROFILE in CLIP image space; clip_t: output vs the batch PROMPT text.
+- synthetic ground truth (when the batch has TARGET and TARGET_FG): psnr, psnr_fg, ssim vs the
+  true render of the identity in the target pose and light; light_colour_err and shading_err
+  (icp.eval.metrics.lighting_error) over the target's head mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from icp.data import keys as K
+from icp.eval import metrics as M
+from icp.eval.extractors import ExtractorUnavailable
+
+log = logging.getLogger("icp")
+IDENTITY_EXTRACTORS = ("icp", "dlib", "facenet")
+
+
+@dataclass
+class Extractors:
+    identity: dict = field(default_factory=dict)   # short name -> face extractor
+    inception: object | None = None
+    clip: object | None = None
+    unavailable: dict = field(default_factory=dict)  # metric name -> one-line reason + option
+
+    def describe(self) -> dict:
+        """name + weight sha256 of every extractor used (recorded in metrics.json)."""
+        out = {}
+        for short, ex in self.identity.items():
+            out[f"identity_{short}"] = {"name": ex.name, "sha256": ex.weights_sha256,
+                                        **({"label": ex.label} if hasattr(ex, "label") else {})}
+        if self.inception is not None:
+            out["inception"] = {"name": self.inception.name, "sha256": self.inception.weights_sha256}
+        if self.clip is not None:
+            out["clip"] = {"name": self.clip.name, "sha256": self.clip.weights_sha256}
+        return out
+
+
+def build_extractors(
+    identity: list[str] | tuple[str, ...] | str = ("icp", "dlib"),
+    embedder: str | None = None,
+    dlib_models_dir: str | None = None,
+    facenet_weights: str | None = None,
+    fid: bool = True,
+    inception_torchscript: str | None = None,
+    clip_model: str | None = None,
+    cache_dir: str | None = None,
+    device: str | torch.device = "cpu",
+) -> Extractors:
+    """Load what is available; never substitute random weights for what is not."""
+    device = str(device)
+    found = Extractors()
+    for short in [identity] if isinstance(identity, str) else list(identity):
+        if short not in IDENTITY_EXTRACTORS:
+            from icp.errors import ConfigError
+
+            raise ConfigError(f"identity extractor {short!r} is unknown; choose from {', '.join(IDENTITY_EXTRACTORS)}")
+        try:
+            if short == "icp":
+                from icp.eval.embedder_net import IcpEmbedder
+
+                found.identity[short] = IcpEmbedder(weights=embedder, device=device)
+            elif short == "dlib":
+                from icp.eval.dlib_face import DlibFaceDescriptor
+
+                found.identity[short] = DlibFaceDescriptor(models_dir=dlib_models_dir)
+            else:
+                from icp.eval.facenet import FacenetDescriptor
+
+                found.identity[short] = FacenetDescriptor(weights=facenet_weights, device=device)
+        except ExtractorUnavailable as err:
+            found.unavailable[f"id_cos_{short}"] = str(err)
+    if fid:
+        try:
+            from icp.eval.inception import InceptionFeatures
+
+            found.inception = InceptionFeatures(torchscript=inception_torchscript, cache_dir=cache_dir, device=device)
+        except ExtractorUnavailable as err:
+            found.unavailable["fid"] = found.unavailable["kid"] = str(err)
+    if clip_model:
+        try:
+            from icp.eval.clip import ClipEncoder
+
+            found.clip = ClipEncoder(model=clip_model, device=device)
+        except ExtractorUnavailable as err:
+            found.unavailable["clip_i"] = found.unavailable["clip_t"] = str(err)
+    else:
+        found.unavailable["clip_i"] = found.unavailable["clip_t"] = (
+            "clip unavailable: no CLIP model folder given; set eval.clip_model to enable it")
+    for name, why in found.unavailable.items():
+        log.info("metric %s: %s", name, why)
+    return found
+
+
+GT_METRICS = ("psnr", "psnr_fg", "ssim", "light_colour_err", "shading_err")
+
+
+class Evaluator(nn.Module):
+    """Metrics for one evaluation pass (reset between passes). An nn.Module so ``.to(device)``
+    moves the metric states, which DDP's gather needs on the communication device."""
+
+    def __init__(self, extractors: Extractors, kid_subset_size: int = 100, kid_subsets: int = 50):
+        super().__init__()
+        self.extractors = extractors
+        names = list(GT_METRICS)
+        for short, ex in extractors.identity.items():
+            names.append(f"id_cos_{short}")
+            if short != "icp":  # the icp embedder has no detection step
+                names.append(f"face_fail_{short}")
+        if extractors.clip is not None:
+            names += ["clip_i", "clip_t"]
+        self.averages = M.Averages(names)
+        self.fid = M.FrechetDistance(2048) if extractors.inception is not None else None
+        self.kid = M.KernelDistance(subsets=kid_subsets, subset_size=kid_subset_size) if extractors.inception else None
+
+    @torch.no_grad()
+    def update(self, outputs: Tensor, batch: dict) -> list[dict]:
+        """Score generated ``outputs`` (B,3,H,W in [-1,1]) for ``batch``; return per-sample rows."""
+        values: dict[str, Tensor] = {}
+        valid: dict[str, Tensor] = {}
+        outputs = outputs.detach().float().clamp(-1, 1)
+        profile = batch[K.PROFILE].to(outputs.device)
+        for short, ex in self.extractors.identity.items():
+            out_f, ref_f = ex(outputs), ex(profile)
+            cos, ok = M.identity_cosine(out_f, ref_f)
+            values[f"id_cos_{short}"], valid[f"id_cos_{short}"] = cos, ok
+            if short != "icp":
+                values[f"face_fail_{short}"] = (~out_f.detected).float()
+        if self.extractors.clip is not None:
+            clip = self.extractors.clip
+            emb = clip(outputs)
+            values["clip_i"] = M.embedding_cosine(emb, clip(profile))
+            prompts = batch.get(K.PROMPT)
+            if prompts is not None:
+                values["clip_t"] = M.embedding_cosine(emb, clip.encode_text(list(prompts)).to(emb.device))
+        target = batch.get(K.TARGET)
+        if target is not None:
+            target = target.to(outputs.device).float()
+            values["psnr"], values["ssim"] = M.psnr(outputs, target), M.ssim(outputs, target)
+            fg = batch.get(K.TARGET_FG)
+            if fg is not None:
+                fg = fg.to(outputs.device)
+                values["psnr_fg"] = M.psnr(outputs, target, fg)
+                values["light_colour_err"], values["shading_err"] = M.lighting_error(outputs, target, fg)
+            if self.fid is not None:
+                real, fake = self.extractors.inception(target), self.extractors.inception(outputs)
+                self.fid.update(real, real=True), self.fid.update(fake, real=False)
+                self.kid.update(real, real=True), self.kid.update(fake, real=False)
+        self.averages.update(values, valid)
+        return _rows(values, valid, batch)
+
+    def compute(self) -> dict[str, float]:
+        """Scalars over everything seen on all ranks (every rank must call this)."""
+        # NaN = no valid sample on any rank (e.g. clip_t without prompts): left out, not reported as 0
+        out = {k: float(v) for k, v in self.averages.compute().items() if not torch.isnan(v)}
+        if self.fid is not None and len(self.fid.real) > 0:
+            try:
+                out["fid"] = float(self.fid.compute())
+                out["kid"] = float(self.kid.compute()[0])
+            except ValueError as err:  # fewer than 2 images: FID undefined, say so rather than fail
+                log.info("fid/kid not computed: %s", err)
+        return out
+
+    def reset(self) -> None:
+        self.averages.reset()
+        if self.fid is not None:
+            self.fid.reset(), self.kid.reset()
+
+
+def _rows(values: dict[str, Tensor], valid: dict[str, Tensor], batch: dict) -> list[dict]:
+    n = len(batch[K.PROFILE])
+    ids = batch.get(K.IDENTITY)
+    rows = []
+    for i in range(n):
+        row = {"identity": int(ids[i]) if ids is not None else -1}
+        for name, v in values.items():
+            ok = valid.get(name)
+            row[name] = float(v[i]) if ok is None or bool(ok[i]) else float("nan")
+        rows.append(row)
+    return rows
+
+
+def per_identity(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """Mean of each metric per identity (NaN-aware): (columns, table rows) for CSV / W&B tables."""
+    import math
+
+    names = sorted({k for r in rows for k in r if k != "identity"})
+    groups: dict[int, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["identity"], []).append(r)
+    table = []
+    for identity in sorted(groups):
+        line: list = [identity, len(groups[identity])]
+        for name in names:
+            vals = [r[name] for r in groups[identity] if name in r and not math.isnan(r[name])]
+            line.append(sum(vals) / len(vals) if vals else float("nan"))
+        table.append(line)
+    return ["identity", "samples", *names], table
