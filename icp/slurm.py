@@ -25,6 +25,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,17 +139,22 @@ class PreemptionCheckpoint(L.Callback):
         for env in envs:
             if isinstance(env, SLURMEnvironment):
                 env.auto_requeue = False
+        # Installed this early so that a signal during a slow start (restoring a large checkpoint)
+        # is kept for the first step instead of killing the task (USR1's default action).
+        self.requested = False
+        if self._previous is None and _main_thread():
+            self._previous = signal.signal(self.signum, self._note)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.requested = False
         self._last_step = trainer.global_step
-        self._previous = signal.signal(self.signum, self._note)
+        if _main_thread():  # again, in case another handler was set since `setup`
+            signal.signal(self.signum, self._note)
 
     def _note(self, signum, frame) -> None:
         # Only a flag: the state is saved where it is consistent (on_train_batch_end).
         self.requested = True
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous is not None:
             signal.signal(self.signum, self._previous)
             self._previous = None
@@ -190,6 +196,10 @@ class PreemptionCheckpoint(L.Callback):
             self._pending_rng = rng
         else:
             set_rng_states(rng)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def preemption_checkpoint_path(trainer: L.Trainer) -> Path:

@@ -2,6 +2,7 @@
 
 import json
 import re
+import signal
 import sys
 import time
 
@@ -99,7 +100,9 @@ def test_preempted_run_resumes_bit_identical(repo_root, tmp_path, monkeypatch, s
     def load(*extra):
         return cfglib.load(repo_root / TOY, base + list(extra))
 
+    before = signal.getsignal(signal.SIGUSR1)
     straight = fit(load("run.name=straight"))
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handler lives only as long as fit
     signalled = ["run.name=pre", f"+callbacks.kill={{_target_: tests.toy_slurm.SignalAtStep, step: {stop}}}"]
     pre = fit(load(*signalled))
     assert ckpt(pre)["global_step"] == stop  # stopped right there, not at max_steps
