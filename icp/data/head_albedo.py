@@ -70,13 +70,15 @@ def albedo(p: Tensor, n: Tensor, parts: dict[str, Tensor], g: dict[str, Tensor],
     skin = skin * (1 - 0.25 * lid)[:, None]
     hair_col = ramp(f["hair_hue"] ** 1.3, HAIR, dev) * (0.7 + 0.6 * f["hair_light"])[:, None]
     hair_col = hair_col.clamp(max=1.0)
-    # beard / stubble for the upper third of the "beard" range, painted below the nose
+    # beard / stubble for the upper part of the "beard" range: below the nose, above the jaw
+    # line, on the front half of the face; the lips stay bare (painted over below)
     my = g["mouth"][:, 1]
     wbeard = ((f["beard"] - 0.6) / 0.4).clamp(0, 1)
-    jaw_zone = ((y < my + 0.14).float() * (y > -1.35).float() * (z > -0.15).float()
-                * (y < g["tip_c"][:, 1] - 0.07).float())
-    skin = skin * (1 - 0.8 * (wbeard * jaw_zone)[:, None]) + (0.8 * wbeard * jaw_zone)[:, None] \
-        * hair_col * (0.8 + 0.2 * _noise(p, 200.0))[:, None]
+    chin_lo = g["chin_c"][:, 1] - g["chin_r"][:, 0] - 0.02
+    zone = (((g["tip_c"][:, 1] - 0.09 - y) / 0.04).clamp(0, 1) * ((y - chin_lo) / 0.05).clamp(0, 1)
+            * ((z - 0.05) / 0.15).clamp(0, 1) * ((0.75 - ax) / 0.1).clamp(0, 1))
+    wz = (0.85 * wbeard * zone * (0.85 + 0.15 * _noise(p, 35.0)))[:, None]
+    skin = skin * (1 - wz) + hair_col * 0.9 * wz
     # --- lips and mouth line
     wl = (1 - parts["lips"] / 0.015).clamp(0, 1) * (z > g["mouth"][:, 2] - 0.12).float()
     lipc = skin * torch.tensor([0.85, 0.55, 0.55], device=dev) \
@@ -97,7 +99,7 @@ def albedo(p: Tensor, n: Tensor, parts: dict[str, Tensor], g: dict[str, Tensor],
     thick = f["brow_thick"] * (1.25 - 0.7 * t.clamp(0, 1))
     wbrow = _band(y - yb, thick, 0.012) * ((t > -0.05) & (t < 1.0)).float() * (z > 0.3).float()
     browc = hair_col * (0.55 + 0.4 * (1 - f["brow_dark"]))[:, None]
-    wbrow = wbrow * (0.75 + 0.25 * _noise(p, 300.0))
+    wbrow = wbrow * (0.8 + 0.2 * _noise(p, 60.0))
     col = col * (1 - wbrow[:, None]) + browc * wbrow[:, None]
     spec = 0.05 + 0.08 * wl
     shin = torch.full_like(spec, 18.0) + 20 * wl
@@ -122,8 +124,8 @@ def albedo(p: Tensor, n: Tensor, parts: dict[str, Tensor], g: dict[str, Tensor],
     e_spec = torch.where(open_, torch.full_like(spec, 0.9), torch.full_like(spec, 0.04))
     e_shin = torch.where(open_, torch.full_like(spec, 250.0), torch.full_like(spec, 15.0))
     # --- hair: strands run along meridians from the crown
-    strand = torch.sin(60 * torch.atan2(x, z + 0.3) + 10 * _noise(p, 8.0)) * 0.5 + 0.5
-    hairc = hair_col * (0.7 + 0.35 * strand + 0.1 * _noise(p, 90.0))[:, None]
+    strand = torch.sin(22 * torch.atan2(x, z + 0.3) + 3 * _noise(p, 5.0)) * 0.5 + 0.5
+    hairc = hair_col * (0.75 + 0.25 * strand + 0.12 * _noise(p, 12.0))[:, None]
     # --- clothing
     clothc = ramp(f["cloth_hue"], CLOTH, dev) * (0.5 + 0.6 * f["cloth_val"])[:, None]
     # --- materials: hard choice of the nearest group, soft blend at the hairline
@@ -134,7 +136,7 @@ def albedo(p: Tensor, n: Tensor, parts: dict[str, Tensor], g: dict[str, Tensor],
     out = torch.where((mat == 3)[:, None], clothc, out)
     spec = torch.where(mat == 1, e_spec, spec)
     shin = torch.where(mat == 1, e_shin, shin)
-    spec = torch.where(mat == 2, torch.full_like(spec, 0.12), spec)
+    spec = torch.where(mat == 2, torch.full_like(spec, 0.05), spec)
     shin = torch.where(mat == 2, torch.full_like(spec, 10.0), shin)
     spec = torch.where(mat == 3, torch.full_like(spec, 0.02), spec)
     return out.clamp(0, 1), spec, shin

@@ -118,8 +118,8 @@ def build_geometry(identity: Tensor) -> dict[str, Tensor]:
     g["lipl_c"] = _vec(z0, my - 0.6 * f["lip_lo"], mz - 0.045, like=z0)
     g["lipl_r"] = _vec(f["lip_w"] * 0.9, f["lip_lo"], 0.085 + 0.0 * z0, like=z0)
     # ears on the sides, flattened, tilted back by ear_out
-    g["ear_c"] = _vec(f["head_w"] - 0.02 + 0.04 * f["ear_out"], ey - 0.12, -0.12 + 0.0 * z0, like=z0)
-    g["ear_r"] = _vec(0.05 + 0.03 * f["ear_out"], f["ear_size"] * 0.5, 0.17 + 0.0 * z0, like=z0)
+    g["ear_c"] = _vec(f["head_w"] - 0.05 + 0.03 * f["ear_out"], ey - 0.14, -0.14 + 0.0 * z0, like=z0)
+    g["ear_r"] = _vec(0.045 + 0.02 * f["ear_out"], f["ear_size"], 0.15 + 0.0 * z0, like=z0)
     # neck and shoulders
     g["neck_a"] = _vec(z0, -0.55 + 0.0 * z0, -0.22 + 0.0 * z0, like=z0)
     g["neck_b"] = _vec(z0, -2.2 + 0.0 * z0, -0.28 + 0.0 * z0, like=z0)

@@ -74,8 +74,9 @@ def sample_view(identity_index: int, view_index: int, seed: int, yaw_max: float 
     pose = u * torch.tensor([yaw_max, pitch_max, roll_max])
     light = sample_light(gen)
     b = torch.rand(7, generator=gen)
-    top = 0.15 + 0.8 * b[:3]
-    bottom = (top * (0.5 + 0.6 * b[3:6])).clamp(0, 1)
+    grey = 0.2 + 0.6 * b[3]
+    top = grey + (0.15 + 0.7 * b[:3] - grey) * (0.2 + 0.5 * b[4])  # muted, studio-like colours
+    bottom = (top * (0.55 + 0.5 * b[5]) + 0.08 * (b[3:6] - 0.5)).clamp(0, 1)
     background = torch.cat([top, bottom, (b[6:] - 0.5) * 1.5])
     return pose, light, background
 
