@@ -159,6 +159,14 @@ class SlurmCluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
+        # Jobs of this private cluster first (a failed test may leave one running), then daemons.
+        if self.procs and all(p.poll() is None for p in self.procs):
+            jobs = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+            if jobs:
+                self.run("scancel", *jobs, check=False)
+                end = time.monotonic() + 15
+                while self.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < end:
+                    time.sleep(0.5)
         for proc in reversed(self.procs):  # only the daemons this object started, by their pid
             if proc.poll() is None:
                 proc.terminate()
