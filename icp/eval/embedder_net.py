@@ -22,7 +22,7 @@ from icp.eval.extractors import FaceFeatures, check_images, file_sha256, require
 
 FORMAT = "icp-identity-embedder"
 LABEL = "icp-synthetic-embedder, trained by icp"
-OPTION = "eval.embedder (an embedder.pt exported by `icp fit experiments/embedder.yaml`, or its .ckpt)"
+OPTION = "metrics.embedder in eval/protocol.yaml or callbacks.eval.embedder (an embedder.pt exported by `icp fit experiments/embedder.yaml`, or its .ckpt)"
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -107,6 +107,7 @@ class IcpEmbedder:
         self.net = load_net(path).to(device)
         self.device = torch.device(device)
         self.weights_sha256 = file_sha256(path)
+        self.weights_file = str(path)
         self.dim = self.net.hparams["dim"]
 
     @torch.no_grad()

@@ -43,13 +43,19 @@ class Extractors:
         """name + weight sha256 of every extractor used (recorded in metrics.json)."""
         out = {}
         for short, ex in self.identity.items():
-            out[f"identity_{short}"] = {"name": ex.name, "sha256": ex.weights_sha256,
-                                        **({"label": ex.label} if hasattr(ex, "label") else {})}
+            out[f"identity_{short}"] = _entry(ex)
         if self.inception is not None:
-            out["inception"] = {"name": self.inception.name, "sha256": self.inception.weights_sha256}
+            out["inception"] = _entry(self.inception)
         if self.clip is not None:
-            out["clip"] = {"name": self.clip.name, "sha256": self.clip.weights_sha256}
+            out["clip"] = _entry(self.clip)
         return out
+
+
+def _entry(ex) -> dict:
+    entry = {"name": ex.name, "sha256": ex.weights_sha256, "file": getattr(ex, "weights_file", None)}
+    if hasattr(ex, "label"):
+        entry["label"] = ex.label
+    return entry
 
 
 def build_extractors(
@@ -102,7 +108,8 @@ def build_extractors(
             found.unavailable["clip_i"] = found.unavailable["clip_t"] = str(err)
     else:
         found.unavailable["clip_i"] = found.unavailable["clip_t"] = (
-            "clip unavailable: no CLIP model folder given; set eval.clip_model to enable it")
+            "clip unavailable: no CLIP model folder given; set metrics.clip_model in eval/protocol.yaml or "
+            "callbacks.eval.clip_model to enable it")
     for name, why in found.unavailable.items():
         log.info("metric %s: %s", name, why)
     return found

@@ -49,7 +49,8 @@ class FaceFeatures:
 @runtime_checkable
 class Extractor(Protocol):
     name: str              # stable identifier recorded in metrics.json (protocol key)
-    weights_sha256: str    # of the weight file actually loaded
+    weights_sha256: str    # of the weight file (or folder) actually loaded
+    weights_file: str      # where it was loaded from (the leaderboard re-checks its sha256)
 
     def __call__(self, images: Tensor): ...
 

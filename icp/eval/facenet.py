@@ -17,7 +17,7 @@ from torch import Tensor
 from icp.errors import WeightsError
 from icp.eval.extractors import ExtractorUnavailable, FaceFeatures, check_images, file_sha256, require_file, to_uint8
 
-OPTION = "eval.facenet_weights (a local InceptionResnetV1 VGGFace2 state dict, e.g. 20180402-114759-vggface2.pt)"
+OPTION = "metrics.facenet_weights in eval/protocol.yaml or callbacks.eval.facenet_weights (a local InceptionResnetV1 VGGFace2 state dict, e.g. 20180402-114759-vggface2.pt)"
 
 
 def load_inception_resnet(path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -61,6 +61,7 @@ class FacenetDescriptor:
         self.mtcnn = MTCNN(image_size=image_size, margin=margin, post_process=True, select_largest=True,
                            keep_all=False, device=device)
         self.weights_sha256 = file_sha256(path)
+        self.weights_file = str(path)
         self.device = torch.device(device)
         self.dim = 512
 

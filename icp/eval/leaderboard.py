@@ -1,0 +1,150 @@
+"""``icp leaderboard``: rank metrics.json records of one protocol as Markdown + HTML + a plot.
+
+Refusals (one-line ``IcpError``s, never a silently mixed table):
+- records of different ``protocol_id`` (data set, resolution, extractors, pairs, sampling);
+  the message names the protocol fields that differ;
+- a record whose extractor weight file or data-set manifest no longer has the recorded sha256
+  (or is gone): its numbers cannot be reproduced with what is on disk.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from icp.errors import DataError, IcpError
+from icp.eval.record import FORMAT, sha256_of
+
+# Direction of each metric (True = higher is better); unknown metrics are shown, not ranked.
+HIGHER_IS_BETTER = {"id_cos_icp": True, "id_cos_dlib": True, "id_cos_facenet": True, "clip_i": True,
+                    "clip_t": True, "psnr": True, "psnr_fg": True, "ssim": True, "face_fail_dlib": False,
+                    "face_fail_facenet": False, "fid": False, "kid": False, "light_colour_err": False,
+                    "shading_err": False}
+
+
+class LeaderboardError(IcpError):
+    """Records that cannot share one leaderboard."""
+
+
+def load_record(path: str | Path) -> dict:
+    """A metrics.json, given itself or the run directory holding ``eval/metrics.json``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "eval" / "metrics.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no metrics.json; run `icp eval RUN_DIR` first")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if record.get("format") != FORMAT:
+        raise DataError(f"{path}: not an icp metrics record (format {record.get('format')!r}); make it with `icp eval`")
+    record["_path"] = str(path)
+    return record
+
+
+def verify(record: dict) -> None:
+    """Refuse a record whose weights or data changed since it was measured."""
+    where = record["_path"]
+    checks = [(f"extractor {k} weights", v.get("file"), v["sha256"]) for k, v in record["extractors"].items()]
+    checks.append(("data-set manifest", record["dataset"]["manifest"], record["dataset"]["manifest_sha256"]))
+    for what, file, expected in checks:
+        if not file or not Path(file).exists():
+            raise LeaderboardError(f"{where}: {what} file {file} is gone; re-run `icp eval` where it exists")
+        if sha256_of(file) != expected:
+            raise LeaderboardError(f"{where}: {what} {file} changed since evaluation (sha256 differs); "
+                                   "re-run `icp eval` for this entry")
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def check_same_protocol(records: list[dict]) -> None:
+    first = records[0]
+    for other in records[1:]:
+        if other["protocol_id"] != first["protocol_id"]:
+            fields = ", ".join(_differences(first["protocol"], other["protocol"])) or "protocol_id"
+            raise LeaderboardError(f"{other['_path']} was measured under another protocol than {first['_path']} "
+                                   f"(differs in: {fields}); evaluate both with the same eval/protocol.yaml")
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def build(paths: list[str], out_dir: str | Path, sort_by: str | None = None, check_files: bool = True) -> dict[str, Path]:
+    """Write leaderboard.md / .html / .png under ``out_dir``; return their paths."""
+    if not paths:
+        raise LeaderboardError("no entries given: pass run directories or metrics.json files")
+    records = [load_record(p) for p in paths]
+    check_same_protocol(records)
+    if check_files:
+        for record in records:
+            verify(record)
+    names = sorted({m for r in records for m in r["metrics"]})
+    sort_by = sort_by or next((m for m in ("id_cos_icp", "id_cos_dlib", "fid") if m in names), names[0] if names else None)
+    if sort_by is not None and sort_by not in names:
+        raise LeaderboardError(f"--sort {sort_by}: no entry has that metric; metrics: {', '.join(names)}")
+    higher = HIGHER_IS_BETTER.get(sort_by, True)
+
+    def key(r):
+        v = r["metrics"].get(sort_by)
+        return (v is None, -(v or 0) if higher else (v or 0))
+
+    records.sort(key=key)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [[str(i + 1), Path(r["run"]).name, r["task"], str(r["samples"]), *[_fmt(r["metrics"].get(m)) for m in names]]
+            for i, r in enumerate(records)]
+    header = ["rank", "run", "task", "samples", *[f"{m} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}" for m in names]]
+    proto = records[0]["protocol"]
+    extractors = "; ".join(f"{k}: {v.get('label') or v['name']} ({v['sha256'][:12]})"
+                           for k, v in records[0]["extractors"].items())
+    meta = [f"protocol `{proto.get('name')}` id `{records[0]['protocol_id']}`, resolution {proto['resolution']}, "
+            f"data manifest sha256 `{proto['dataset_manifest_sha256'][:12]}`", f"extractors: {extractors}",
+            f"sorted by {sort_by} ({'higher' if higher else 'lower'} is better)"]
+    md = ["# icp leaderboard", "", *[f"- {m}" for m in meta], "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+          *["| " + " | ".join(r) + " |" for r in rows], "", "![metrics](leaderboard.png)", ""]
+    (out / "leaderboard.md").write_text("\n".join(md))
+    plot = _plot(records, names, out / "leaderboard.png")
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    page = (f"<!doctype html><meta charset='utf-8'><title>icp leaderboard</title><h1>icp leaderboard</h1>"
+            f"<ul>{''.join(f'<li>{html.escape(m)}</li>' for m in meta)}</ul>"
+            f"<table border='1' cellpadding='4'><tr>{cells}</tr>{body}</table>"
+            f"<p><img src='{plot.name}' alt='metrics per run'></p>")
+    (out / "leaderboard.html").write_text(page)
+    return {"markdown": out / "leaderboard.md", "html": out / "leaderboard.html", "plot": plot}
+
+
+def _plot(records: list[dict], names: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in names if any(isinstance(r["metrics"].get(m), (int, float)) for r in records)][:8]
+    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(3 * max(1, len(shown)), 3), squeeze=False)
+    labels = [Path(r["run"]).name for r in records]
+    for ax, metric in zip(axes[0], shown):
+        values = [r["metrics"].get(metric, float("nan")) for r in records]
+        ax.bar(range(len(values)), values, color="tab:blue")
+        ax.set_xticks(range(len(values)), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{metric} {'↑' if HIGHER_IS_BETTER.get(metric, True) else '↓'}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
