@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 import re
 import weakref
 from pathlib import Path
@@ -234,7 +235,8 @@ def to_yaml(cfg: DictConfig) -> str:
 def save(cfg: DictConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # A per-process temp name: under `srun` every rank writes the same config at once.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
 

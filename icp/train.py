@@ -10,6 +10,7 @@ logs, the resolved config saved beside them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,12 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
         if node is None:
             continue
         callbacks.append(cfglib.instantiate(node, cfg, f"callbacks.{name}"))
+    global_batch = OmegaConf.select(cfg, "global_batch_size", default=None)
+    if global_batch and not any(type(c).__name__ == "GlobalBatchSize" for c in callbacks):
+        from icp.slurm import GlobalBatchSize
+
+        # The global batch stays fixed when the number of GPUs changes: accumulation fills the gap.
+        callbacks.append(GlobalBatchSize(int(global_batch), int(cfg.data.batch_size)))
     every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps", default=100)
     keep = OmegaConf.select(cfg, "checkpoint.keep_last", default=3)
     # Monitoring the global step keeps the newest `keep` periodic checkpoints; last.ckpt is the
@@ -48,16 +55,12 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    """A stable W&B id per run directory, so a resumed run appends to the same W&B run."""
-    id_file = run_dir / "logs" / "wandb_id"
-    if id_file.is_file():
-        return id_file.read_text().strip()
-    import wandb.util
+    """A stable W&B id per run directory, so a resumed run appends to the same W&B run.
 
-    run_id = wandb.util.generate_id()
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
-    return run_id
+    Derived from the directory rather than drawn at random, so every rank of a multi-process
+    job (and every requeue) agrees on it without writing a shared file.
+    """
+    return "icp-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
@@ -107,6 +110,14 @@ def fit(cfg: DictConfig) -> Path:
     if ckpt is not None and trainer.is_global_zero:
         print(f"icp: resuming {run_dir} from {ckpt.name}")
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = {getattr(c, "_last_global_step_saved", None) for c in trainer.checkpoint_callbacks}
+    # Only for a run that reached its end: a preempted run already saved its resume point.
+    reached_end = trainer.max_steps < 0 or trainer.global_step >= trainer.max_steps
+    if trainer.state.finished and reached_end and trainer.global_step not in saved:
+        # Periodic checkpoints only land on multiples of every_n_train_steps: keep the final
+        # weights too, so evaluation and a later longer run start from the end of this one.
+        trainer.save_checkpoint(last)
     if trainer.is_global_zero:
         metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics["global_step"] = trainer.global_step

@@ -62,3 +62,8 @@ def test_truncated_checkpoint_is_skipped_for_the_previous_one(toy):
     assert checkpoint_problem(flipped) is not None
     assert resumable_checkpoint(run / "checkpoints").name == "step00000003.ckpt"
     assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_the_final_step_is_checkpointed_off_the_save_cadence(toy):
+    run = fit(toy("run.name=odd", "trainer.max_steps=4"))  # saves every 3 steps
+    assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
