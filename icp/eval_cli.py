@@ -39,6 +39,8 @@ def run_eval(args: argparse.Namespace) -> int:
     record = json.loads(path.read_text())
     for name, value in sorted(record["metrics"].items()):
         print(f"{name:>18s}  {value:.4f}")
+    for name in record.get("no_valid_samples", []):
+        print(f"{name:>18s}  no valid sample (e.g. no face detected in any output)")
     for name, why in sorted(record["unavailable"].items()):
         print(f"{name:>18s}  unavailable: {why}")
     print(f"icp: wrote {path}")

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 
 import lightning as L
 import pytest

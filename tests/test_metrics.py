@@ -75,8 +75,6 @@ def _features(n=64, dim=16, seed=0):
 
 
 def test_fid_and_kid_from_features():
-    from torchmetrics.image.fid import _compute_fid
-
     real = _features()
     fid, kid = FrechetDistance(16), KernelDistance(subset_size=64)
     fid.update(real, real=True), fid.update(real, real=False)

@@ -158,7 +158,7 @@ class EvalCallback(L.Callback):
             writer.writerows(table)
         record = {"step": step, "samples": len(rows), "metrics": scalars,
                   "extractors": self.evaluator.extractors.describe(),
-                  "unavailable": self.evaluator.extractors.unavailable}
+                  "unavailable": self.evaluator.extractors.unavailable, "no_valid_samples": self.evaluator.empty}
         (out / "latest.json").write_text(json.dumps(record, indent=2, allow_nan=True))
         png = None
         if grid_img is not None:

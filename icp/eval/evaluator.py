@@ -135,6 +135,7 @@ class Evaluator(nn.Module):
         self.averages = M.Averages(names)
         self.fid = M.FrechetDistance(2048) if extractors.inception is not None else None
         self.kid = M.KernelDistance(subsets=kid_subsets, subset_size=kid_subset_size) if extractors.inception else None
+        self.empty: list[str] = []  # metrics without a single valid sample in the last compute()
 
     @torch.no_grad()
     def update(self, outputs: Tensor, batch: dict) -> list[dict]:
@@ -174,8 +175,11 @@ class Evaluator(nn.Module):
 
     def compute(self) -> dict[str, float]:
         """Scalars over everything seen on all ranks (every rank must call this)."""
-        # NaN = no valid sample on any rank (e.g. clip_t without prompts): left out, not reported as 0
-        out = {k: float(v) for k, v in self.averages.compute().items() if not torch.isnan(v)}
+        # NaN = no valid sample on any rank (e.g. clip_t without prompts, id_cos_dlib when dlib found
+        # no face in any output): left out of the scalars, not reported as 0; listed in `empty`.
+        averages = self.averages.compute()
+        out = {k: float(v) for k, v in averages.items() if not torch.isnan(v)}
+        self.empty = sorted(k for k, v in averages.items() if torch.isnan(v))
         if self.fid is not None and len(self.fid.real) > 0:
             try:
                 out["fid"] = float(self.fid.compute())

@@ -114,6 +114,7 @@ def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str |
         "run": str(run_dir), "checkpoint": str(ckpt), "task": type(task).__name__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "metrics": scalars, "samples": len(rows), "unavailable": extractors.unavailable,
+        "no_valid_samples": evaluator.empty,
         "extractors": described,
         "dataset": {"shards": str(shards), "manifest": str(manifest), "manifest_sha256": key["dataset_manifest_sha256"]},
         "protocol": key, "protocol_id": protocol_id(key),
