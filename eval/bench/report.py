@@ -1,0 +1,103 @@
+"""The results table (markdown + json), target checks, and torch.profiler summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+# Which row each row is compared with ("vs" column): same work, plainest implementation.
+def baseline_of(name: str) -> str | None:
+    if name == "a_plain_canvas":
+        return None
+    if name.startswith(("a_", "b_")):
+        return "a_plain" if name != "a_plain" else None
+    if name.startswith("c_"):
+        stem = name.rsplit("_", 1)[0]
+        return f"{stem}_off" if not name.endswith("_off") else None
+    if name.startswith("d_task"):
+        return "d_plain_controlnet"
+    if name == "d_plain_controlnet":
+        return "d_plain_unet"
+    if name.startswith("vae_") and name != "vae_fp32_autocast":
+        return "vae_fp32_autocast"
+    return None
+
+
+def rows(bench) -> list[dict]:
+    by_name = {r.name: r for r in bench.results}
+    return [r.row(bench.peak, by_name.get(baseline_of(r.name) or "")) | {"vs": baseline_of(r.name)}
+            for r in bench.results]
+
+
+def targets(bench, table: list[dict]) -> list[str]:
+    by = {r["name"]: r for r in table}
+    out = []
+
+    def check(label, ok, detail):
+        out.append(f"- {'PASS' if ok else 'MISS'} {label}: {detail}")
+
+    if "b_task_on" in by:
+        best = max((r for r in table if r["name"].startswith("b_task_on")), key=lambda r: r["samples_per_s"])
+        check("(b) >= 1.5x baseline, >= 42% MFU", best["vs_baseline"] >= 1.5 and best["mfu"] >= 0.42,
+              f"{best['name']} {best['vs_baseline']:.2f}x, MFU {best['mfu']:.1%}")
+    if "b_task_off" in by:
+        r = by["b_task_off"]
+        check("(b) settings off within 3% of baseline", abs(r["vs_baseline"] - 1) <= 0.03, f"{r['vs_baseline']:.3f}x")
+    for r in table:
+        if r["name"].startswith("c_") and r["name"].endswith("_on"):
+            check(f"(c) {r['name']} >= 40% MFU", r["mfu"] >= 0.40, f"MFU {r['mfu']:.1%}")
+    tasks = [r for r in table if r["name"].startswith("d_task")]
+    if tasks and "d_plain_controlnet" in by:
+        best = max(tasks, key=lambda r: r["samples_per_s"])
+        check("(d) icp sampling >= 2x the plain loop (same models)", best["vs_baseline"] >= 2,
+              f"{best['name']} {best['vs_baseline']:.2f}x of d_plain_controlnet")
+    if bench.loader and bench.loader.get("rates"):
+        need = max((r["samples_per_s"] for r in table if r["name"].startswith("c_")), default=float("nan"))
+        best = max(bench.loader["rates"], key=lambda r: r["samples_per_s"])
+        check("(e) loader never the bottleneck", not math.isnan(need) and best["samples_per_s"] >= need,
+              f"{best['samples_per_s']:.1f} samples/s with {best['workers']} workers vs {need:.1f} consumed by (c)")
+    return out
+
+
+def write_report(out: Path, bench) -> None:
+    table = rows(bench)
+    data = {"environment": getattr(bench, "env", {}), "peak_bf16_tflops": bench.peak, "sizes": bench.size,
+            "settings_on": bench.on, "rows": table, "loader": bench.loader, "errors": bench.errors,
+            "targets": targets(bench, table), "notes": bench.notes, "profiles": bench.profiles}
+    (out / f"bench_train{bench.tag}.json").write_text(json.dumps(data, indent=1, default=str))
+    lines = ["# Training / sampling benchmark (eval/bench_train.py)", "",
+             "Environment: " + ", ".join(f"{k}={v}" for k, v in data["environment"].items()), "",
+             f"bf16 matmul peak measured in this run: {bench.peak:.1f} TFLOP/s (MFU denominator).", "",
+             f"Settings 'on': `{json.dumps(bench.on)}`", "",
+             "| row | batch | samples/s | GFLOP/sample | TFLOP/s | MFU | peak GiB | ms/step | vs | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['name']} | {r['batch']} | {r['samples_per_s']:.2f} | {r['gflop_per_sample']:.0f} | "
+                     f"{r['tflops']:.1f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['ms_per_step']:.1f} | "
+                     f"{r['vs'] or '-'} | {r['vs_baseline']:.2f} |")
+    if bench.loader:
+        lines += ["", "Loader (e): " + json.dumps(bench.loader)]
+    lines += ["", "## Targets", *data["targets"]]
+    if bench.errors:
+        lines += ["", "## Not run / failed", *[f"- {k}: {v}" for k, v in bench.errors.items()]]
+    for name, text in bench.profiles.items():
+        lines += ["", f"## Profile: {name}", "```", text, "```"]
+    (out / f"bench_train{bench.tag}.md").write_text("\n".join(lines) + "\n")
+
+
+def profile_table(step, device: torch.device, steps: int = 2, rows_shown: int = 18) -> str:
+    """torch.profiler summary of ``steps`` calls: where the device time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows_shown, max_name_column_width=60)
