@@ -132,7 +132,11 @@ def _apply_override(cfg: DictConfig, item: str, origins: dict[str, str]) -> None
     key = key.lstrip("+").strip()
     if not key:
         raise ConfigError(f"override '{item}' has no key")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(err, 'problem', err)}); "
+                          "quote it, e.g. key='\"a{b}\"'") from None
     exists = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) is not _MISSING
     if not exists and not adding:
         parent, _, leaf = key.rpartition(".")

@@ -35,9 +35,11 @@ MEANINGS = {
     "kid": "KID of outputs vs true renders (TF-FID Inception)",
     "flow_epe": "matching-flow end-point error in pixels vs the renderer's ground truth (lower is better)",
     "flow_pck": "fraction of co-visible target pixels whose matched profile pixel is within 5% of the image size",
+    "flow_epe_zero": "end-point error of the zero (no-motion) flow: the baseline a useful matcher must beat",
 }
+FLOW_KEYS = ("flow_epe", "flow_pck", "flow_epe_zero")
 LOWER_IS_BETTER = {"psnr": False, "psnr_fg": False, "ssim": False, "face_fail_dlib": True,
-                   "light_colour_err": True, "shading_err": True, "fid": True, "kid": True, "flow_epe": True}
+                   "light_colour_err": True, "shading_err": True, "fid": True, "kid": True, "flow_epe": True, "flow_epe_zero": True}
 
 
 def other_identity(batch: dict) -> dict:
@@ -63,8 +65,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str = "cpu") -> dict:
     heldout = str(Path(cfg.data.out) / "heldout")
     loader = heldout_loader(heldout, resolution=cfg.data.resolution, mask_ratio=ev.mask_ratio, patch_size=ev.patch_size,
                             pairs_per_identity=ev.pairs_per_identity, seed=cfg.seed, batch_size=ev.batch_size)
-    flows = M.Averages(["flow_epe", "flow_pck"])
-    grids, base_grids, flow_pics = [], [], []
+    flow_avg = M.Averages(list(FLOW_KEYS))
+    grids, base_grids = [], []
     for i, batch in enumerate(take(loader, ev.pairs)):
         batch = _to_device(batch, device)
         generator = torch.Generator(device).manual_seed(cfg.seed + i)
@@ -75,23 +77,22 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str = "cpu") -> dict:
         model_eval.update(out, batch)
         base_eval.update(base, batch)  # scored against the TRUE profile and target
         if hasattr(task, "predict_flow") and K.FLOW_GT in batch:
-            flow = task.predict_flow(batch)
-            epe, pck = M.flow_errors(flow, batch[K.FLOW_GT], batch[K.FLOW_VALID],
-                                     threshold=0.05 * batch[K.PROFILE].shape[-1])
-            flows.update({"flow_epe": epe, "flow_pck": pck})
+            from icp.tasks.adaptation import flow_metrics, flow_picture
+
+            flows = task.predict_flow(batch)
+            found = flow_metrics(flows, task.match_levels, batch, task.pck_alpha)
+            flow_avg.update({k: found[k].reshape(1) for k in FLOW_KEYS})
             if i == 0:
-                flow_pics.append((flow, batch))
+                save_image(flow_picture(flows, task.match_levels, batch, count=6), out_dir / "flows.png")
         if i == 0:
             n = min(6, out.shape[0])
             grids = [batch[K.PROFILE][:n], batch[K.TARGET_MASKED][:n], out[:n], batch[K.TARGET][:n]]
             base_grids = [swapped[K.PROFILE][:n], base[:n], batch[K.TARGET][:n]]
     scores, baseline = model_eval.compute(), base_eval.compute()
-    if flows.update_count:
-        scores.update({k: float(v) for k, v in flows.compute().items()})
+    if flow_avg.update_count:
+        scores.update({k: float(v) for k, v in flow_avg.compute().items()})
     _save_rows(out_dir / "grid.png", grids)
     _save_rows(out_dir / "baseline_grid.png", base_grids)
-    if flow_pics:
-        _save_flows(out_dir / "flows.png", *flow_pics[0])
     relight = relighting_strip(task, cfg, out_dir / "relight.png", device)
     return _summarise(out_dir, scores, baseline, extractors, relight)
 
@@ -101,18 +102,6 @@ def _save_rows(path: Path, rows: list[torch.Tensor]) -> None:
         # One row per sample: its columns are the given image kinds.
         tiles = torch.stack(rows, dim=1).flatten(0, 1)
         save_image(make_grid(tiles.float().cpu() * 0.5 + 0.5, nrow=len(rows), padding=2), path)
-
-
-def _save_flows(path: Path, flow: torch.Tensor, batch: dict) -> None:
-    from icp.models.matching import flow_to_color
-
-    n = min(6, flow.shape[0])
-    valid = batch[K.FLOW_VALID][:n]
-    scale = float(batch[K.FLOW_GT][:n].abs().amax()) or 1.0
-    pred = flow_to_color(flow[:n], max_flow=scale, valid=valid)
-    true = flow_to_color(batch[K.FLOW_GT][:n], max_flow=scale, valid=valid)
-    _save_rows(path, [batch[K.TARGET][:n], batch[K.PROFILE][:n], pred.to(flow.device) * 2 - 1,
-                      true.to(flow.device) * 2 - 1])
 
 
 def relighting_strip(task, cfg: DictConfig, path: Path, device: str) -> dict:
@@ -149,7 +138,12 @@ def _summarise(out_dir: Path, scores: dict, baseline: dict, extractors, relight:
     for name in sorted(set(scores) | set(baseline)):
         value, base = scores.get(name), baseline.get(name)
         lower = LOWER_IS_BETTER.get(name, False)
-        better = None if value is None or base is None else ("icp" if (value < base) == lower and value != base else "baseline")
+        if value is None or base is None:
+            better = None
+        elif abs(value - base) <= 1e-6 * max(abs(value), abs(base), 1.0):
+            better = "tie"
+        else:
+            better = "icp" if (value < base) == lower else "baseline"
         extractor = extractor_of(name, described)
         rows.append({"name": name, "value": _f(value), "baseline": _f(base), "better": better,
                      "extractor": extractor, "meaning": MEANINGS.get(name, "")})

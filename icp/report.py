@@ -15,8 +15,8 @@ from pathlib import Path
 PICTURES = (
     ("grid.png", "Held-out identities: profile | masked target | generated | ground truth"),
     ("baseline_grid.png", "Baseline (profile of another identity): profile used | generated | ground truth"),
-    ("flows.png", "Matching flow target→profile (colour wheel): predicted | ground truth"),
-    ("relight.png", "Relighting: the target's pose under new lights"),
+    ("flows.png", "Matching flow target→profile, rows: profile, target, true flow, predicted flow (colour wheel), profile warped by it"),
+    ("relight.png", "Relighting, one row per new light: profile | masked target under that light | generated | true render"),
     ("loss_curves.png", "Training losses per stage"),
 )
 

@@ -1,0 +1,33 @@
+"""The main job end to end (issue: `icp run experiments/quickstart.yaml`, shortened for CI)."""
+
+import json
+
+import pytest
+
+from icp import cli
+
+
+@pytest.mark.slow
+def test_quickstart_shortened_runs_end_to_end_and_caches(repo_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["run", str(repo_root / "tests/configs/quickstart_ci.yaml"), f"run.root={tmp_path}/runs",
+            f"data.out={tmp_path}/shards"]
+    assert cli.main(args) == 0
+    run_dir = tmp_path / "runs/quickstart/main"
+    for name in ("report.html", "report.md", "stages.json", "evaluate/metrics.json", "evaluate/grid.png",
+                 "evaluate/baseline_grid.png", "evaluate/flows.png", "evaluate/relight.png", "evaluate/loss_curves.png"):
+        assert (run_dir / name).is_file(), name
+    result = json.loads((run_dir / "evaluate/metrics.json").read_text())
+    by_name = {row["name"]: row for row in result["metrics"]}
+    assert {"id_cos_icp", "psnr", "flow_epe", "flow_epe_zero"} <= set(by_name)
+    assert by_name["id_cos_icp"]["extractor"].startswith("icp-synthetic-embedder")
+    assert "baseline" in result["summary"]
+    html = (run_dir / "report.html").read_text()
+    assert "id_cos_icp" in html and "evaluate/grid.png" in html
+    # Re-running the same command skips every stage; changing one stage re-runs it and those after it.
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.count("up to date, skipped") == 6
+    assert cli.main(args + ["evaluate.steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 4 and "evaluate: done" in out and "report: done" in out
