@@ -136,9 +136,10 @@ class EvalCallback(L.Callback):
             self.evaluator = Evaluator(build_extractors(device=pl_module.device, **self.extractor_kwargs),
                                        kid_subset_size=self.kid_subset_size)
         self.evaluator.to(pl_module.device)
-        scalars, rows, grid_img = evaluate(pl_module.sample, self._batches(trainer), self.evaluator,
-                                           pl_module.device, self.num_steps, self.guidance_scale, self.seed,
-                                           self.grid_samples if trainer.is_global_zero else 0)
+        with torch.no_grad():
+            scalars, rows, grid_img = evaluate(pl_module.sample, self._batches(trainer), self.evaluator,
+                                               pl_module.device, self.num_steps, self.guidance_scale, self.seed,
+                                               self.grid_samples if trainer.is_global_zero else 0)
         if trainer.is_global_zero:
             self._write(trainer, step, scalars, rows, grid_img)
         return scalars
