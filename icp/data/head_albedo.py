@@ -66,8 +66,10 @@ def albedo(p: Tensor, n: Tensor, parts: dict[str, Tensor], g: dict[str, Tensor],
     wb = torch.exp(-((ax - cheek[:, 0]) ** 2 + (y - cheek[:, 1]) ** 2) / 0.025) * f["blush"]
     skin = skin * (1 - 0.25 * wb[:, None] * torch.tensor([0.0, 0.6, 0.5], device=dev))
     ex, ey = g["eye_c"][:, 0], g["eye_c"][:, 1]
-    lid = torch.exp(-((ax - ex) ** 2 / 0.02 + (y - ey - 0.07) ** 2 / 0.003))
-    skin = skin * (1 - 0.25 * lid)[:, None]
+    # eye-socket shadow (upper lid crease and under-eye), which real faces show in any light
+    lid = torch.exp(-((ax - ex) ** 2 / 0.025 + (y - ey - 0.06) ** 2 / 0.004))
+    bags = torch.exp(-((ax - ex - 0.02) ** 2 / 0.02 + (y - ey + 0.1) ** 2 / 0.002))
+    skin = skin * (1 - 0.35 * lid - 0.12 * bags)[:, None]
     hair_col = ramp(f["hair_hue"] ** 1.3, HAIR, dev) * (0.7 + 0.6 * f["hair_light"])[:, None]
     hair_col = hair_col.clamp(max=1.0)
     # beard / stubble for the upper part of the "beard" range: below the nose, above the jaw
@@ -75,16 +77,16 @@ def albedo(p: Tensor, n: Tensor, parts: dict[str, Tensor], g: dict[str, Tensor],
     my = g["mouth"][:, 1]
     wbeard = ((f["beard"] - 0.6) / 0.4).clamp(0, 1)
     chin_lo = g["chin_c"][:, 1] - g["chin_r"][:, 0] - 0.02
-    zone = (((g["tip_c"][:, 1] - 0.09 - y) / 0.04).clamp(0, 1) * ((y - chin_lo) / 0.05).clamp(0, 1)
+    zone = (((g["tip_c"][:, 1] - 0.09 - 0.3 * (ax - 0.1).clamp_min(0) - y) / 0.06).clamp(0, 1) * ((y - chin_lo) / 0.05).clamp(0, 1)
             * ((z - 0.05) / 0.15).clamp(0, 1) * ((0.75 - ax) / 0.1).clamp(0, 1))
-    wz = (0.85 * wbeard * zone * (0.85 + 0.15 * _noise(p, 35.0)))[:, None]
-    skin = skin * (1 - wz) + hair_col * 0.9 * wz
+    wz = (0.75 * wbeard * zone * (0.75 + 0.25 * _noise(p, 35.0)))[:, None]
+    skin = skin * (1 - wz) + hair_col * 0.6 * wz  # facial hair reads darker than scalp hair
     # --- lips and mouth line
     wl = (1 - parts["lips"] / 0.015).clamp(0, 1) * (z > g["mouth"][:, 2] - 0.12).float()
-    lipc = skin * torch.tensor([0.85, 0.55, 0.55], device=dev) \
-        * (1 - 0.3 * f["lip_tint"][:, None] * torch.tensor([0.0, 0.5, 0.4], device=dev))
+    lipc = skin * torch.tensor([0.78, 0.47, 0.47], device=dev) \
+        * (1 - 0.35 * f["lip_tint"][:, None] * torch.tensor([0.0, 0.5, 0.4], device=dev))
     col = skin * (1 - wl[:, None]) + lipc * wl[:, None]
-    mline = _band(y - my, 0.006, 0.006) * (ax < g["mouth"][:, 0] * 0.97).float() \
+    mline = _band(y - my, 0.008, 0.008) * (ax < g["mouth"][:, 0] * 0.97).float() \
         * (z > g["mouth"][:, 2] - 0.12).float()
     col = col * (1 - 0.85 * mline)[:, None]
     # --- nostrils: dark openings under the alae
@@ -98,7 +100,7 @@ def albedo(p: Tensor, n: Tensor, parts: dict[str, Tensor], g: dict[str, Tensor],
     yb = ey + 0.135 + 0.04 * t.clamp(0, 1) * 0 + arch - 0.02 * t.clamp(0, 1) ** 2
     thick = f["brow_thick"] * (1.25 - 0.7 * t.clamp(0, 1))
     wbrow = _band(y - yb, thick, 0.012) * ((t > -0.05) & (t < 1.0)).float() * (z > 0.3).float()
-    browc = hair_col * (0.55 + 0.4 * (1 - f["brow_dark"]))[:, None]
+    browc = hair_col * (0.35 + 0.4 * (1 - f["brow_dark"]))[:, None]
     wbrow = wbrow * (0.8 + 0.2 * _noise(p, 60.0))
     col = col * (1 - wbrow[:, None]) + browc * wbrow[:, None]
     spec = 0.05 + 0.08 * wl
@@ -117,8 +119,8 @@ def albedo(p: Tensor, n: Tensor, parts: dict[str, Tensor], g: dict[str, Tensor],
     eyec = torch.where((rr < 0.40)[:, None] & (rr > 0.37)[:, None], iris_col * 0.4, eyec)
     eyec = torch.where((rr < 0.17)[:, None], torch.full_like(eyec, 0.005), eyec)
     edge = half - yq.abs()
-    lash = (edge < torch.where(upper, 0.10, 0.04)).float() * (1 - 0.5 * (~upper).float())
-    eyec = eyec * (1 - 0.9 * lash)[:, None]
+    lash = (edge < torch.where(upper, 0.16, 0.06)).float() * (1 - 0.4 * (~upper).float())
+    eyec = eyec * (1 - 0.95 * lash)[:, None]
     lidc = skin * 0.8
     eyec = torch.where(open_[:, None], eyec, lidc)
     e_spec = torch.where(open_, torch.full_like(spec, 0.9), torch.full_like(spec, 0.04))
@@ -136,7 +138,7 @@ def albedo(p: Tensor, n: Tensor, parts: dict[str, Tensor], g: dict[str, Tensor],
     out = torch.where((mat == 3)[:, None], clothc, out)
     spec = torch.where(mat == 1, e_spec, spec)
     shin = torch.where(mat == 1, e_shin, shin)
-    spec = torch.where(mat == 2, torch.full_like(spec, 0.05), spec)
-    shin = torch.where(mat == 2, torch.full_like(spec, 10.0), shin)
+    spec = torch.where(mat == 2, torch.full_like(spec, 0.03), spec)
+    shin = torch.where(mat == 2, torch.full_like(spec, 8.0), shin)
     spec = torch.where(mat == 3, torch.full_like(spec, 0.02), spec)
     return out.clamp(0, 1), spec, shin

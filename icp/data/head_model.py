@@ -17,9 +17,9 @@ from torch import Tensor
 # (name, low, high): identity[..., i] in [0, 1] maps to low + u * (high - low).
 IDENTITY_FIELDS: tuple[tuple[str, float, float], ...] = (
     ("head_w", 0.66, 0.80), ("head_h", 0.86, 0.98), ("head_d", 0.88, 1.00),
-    ("jaw_w", 0.44, 0.62), ("jaw_h", 0.44, 0.56), ("chin_r", 0.13, 0.22),
+    ("jaw_w", 0.48, 0.64), ("jaw_h", 0.44, 0.56), ("chin_r", 0.13, 0.22),
     ("chin_fwd", -0.06, 0.08), ("cheek", 0.0, 1.0), ("brow_ridge", 0.0, 1.0),
-    ("eye_sep", 0.29, 0.34), ("eye_y", -0.03, 0.04), ("eye_open", 0.30, 0.50),
+    ("eye_sep", 0.29, 0.34), ("eye_y", -0.03, 0.04), ("eye_open", 0.24, 0.38),
     ("eye_w", 0.80, 0.98), ("eye_tilt", -0.12, 0.20), ("nose_len", 0.34, 0.46),
     ("nose_w", 0.085, 0.135), ("nose_proj", 0.16, 0.30), ("nose_tip_r", 0.065, 0.10),
     ("mouth_y", -0.74, -0.62), ("lip_w", 0.19, 0.27), ("lip_up", 0.035, 0.065),
@@ -27,7 +27,7 @@ IDENTITY_FIELDS: tuple[tuple[str, float, float], ...] = (
     ("neck_w", 0.36, 0.50), ("skin_tone", 0.0, 1.0), ("skin_under", 0.0, 1.0),
     ("blush", 0.0, 1.0), ("lip_tint", 0.0, 1.0), ("iris_hue", 0.0, 1.0),
     ("iris_dark", 0.0, 1.0), ("hair_hue", 0.0, 1.0), ("hair_light", 0.0, 1.0),
-    ("brow_thick", 0.018, 0.040), ("brow_arch", 0.0, 0.05), ("brow_dark", 0.0, 1.0),
+    ("brow_thick", 0.024, 0.048), ("brow_arch", 0.0, 0.05), ("brow_dark", 0.0, 1.0),
     ("hair_len", 0.0, 1.0), ("hair_vol", 0.03, 0.13), ("hairline", 0.55, 0.78),
     ("recession", 0.0, 1.0), ("part", -1.0, 1.0), ("beard", 0.0, 1.0),
     ("cloth_hue", 0.0, 1.0), ("cloth_val", 0.0, 1.0), ("fringe", 0.0, 1.0),
@@ -72,7 +72,7 @@ def build_geometry(identity: Tensor) -> dict[str, Tensor]:
     g["cran_c"] = _vec(0.0, 0.18, -0.12, like=z0)
     g["cran_r"] = _vec(f["head_w"], f["head_h"], f["head_d"], like=z0)
     g["face_c"] = _vec(0.0, -0.28 * fl, 0.06, like=z0)
-    g["face_r"] = _vec(f["jaw_w"] + 0.10, 0.86 * fl, 0.80, like=z0)
+    g["face_r"] = _vec(f["jaw_w"] + 0.13, 0.86 * fl, 0.80, like=z0)
     g["jaw_c"] = _vec(0.0, -0.72 * fl, 0.02, like=z0)
     g["jaw_r"] = _vec(f["jaw_w"], f["jaw_h"] * fl, 0.66, like=z0)
     chin_y = -1.08 * fl + f["chin_r"]
@@ -89,7 +89,7 @@ def build_geometry(identity: Tensor) -> dict[str, Tensor]:
     ez = _face_z(ex, ey, g["face_c"], g["face_r"])
     g["eye_c"] = _vec(ex, ey, ez - 0.6 * EYE_R, like=z0)
     g["socket_c"] = _vec(ex, ey + 0.01, ez + 0.02, like=z0)
-    g["socket_r"] = _vec(0.19 + 0.0 * z0, 0.13 + 0.0 * z0, 0.12 + 0.0 * z0, like=z0)
+    g["socket_r"] = _vec(0.20 + 0.0 * z0, 0.14 + 0.0 * z0, 0.14 + 0.0 * z0, like=z0)
     by = ey + 0.15
     g["brow_c"] = _vec(ex + 0.02, by, _face_z(ex, by, g["face_c"], g["face_r"]) - 0.09, like=z0)
     g["brow_r"] = _vec(0.22 + 0.0 * z0, 0.07 + 0.02 * f["brow_ridge"], 0.10 + 0.0 * z0, like=z0)
