@@ -54,6 +54,15 @@ def test_loss_falls_on_a_fixed_batch():
     assert last < 0.7 * first, losses
 
 
+def test_prompt_cache_matches_the_text_encoder():
+    task = make_task()
+    prompts = ["a photo of a person", "", "a photo of a person", "portrait lit from the left"]
+    cached = task.encode_prompts(prompts)
+    direct = task.backbone.encode_text(prompts)
+    assert torch.allclose(cached, direct, atol=1e-6) and not torch.allclose(cached[0], cached[3])
+    assert torch.equal(task.encode_prompts(prompts), cached)
+
+
 def test_sample_is_finite_shaped_and_seeded():
     task = make_task()
     batch = make_batch(b=3)
@@ -73,6 +82,20 @@ def test_condition_reaches_the_output_once_projections_learn():
     other[K.PROFILE] = -other[K.PROFILE]
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert not torch.allclose(task.sample(batch, 3, 1.0, g()), task.sample(other, 3, 1.0, g()))
+
+
+def test_gradient_checkpointing_keeps_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        task = make_task(train_unet="frozen", gradient_checkpointing=checkpointing, cond_drop_prob=0.0)
+        with torch.no_grad():  # non-zero projections, so gradients reach the Appearance Net's body
+            for p in task.appearance.proj_down.parameters():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        task.setup("fit")
+        assert task.backbone.unet.is_gradient_checkpointing is checkpointing
+        task.losses(make_batch(), generator=torch.Generator().manual_seed(0))["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in task.trainable_parameters()]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
 def test_lora_mode_trains_adapters_only():

@@ -83,6 +83,7 @@ class DiffusionTask(L.LightningModule):
         if train_unet == "lora":
             self._add_lora(lora_rank)
         self._ema: EMAModel | None = None
+        self._text_cache: dict[str, torch.Tensor] = {}
         self._ema_pending: dict | None = None
         self._ema_swapped = False
 
@@ -110,15 +111,28 @@ class DiffusionTask(L.LightningModule):
         return self.backbone.codec.encode(images, sample=sample).float()
 
     @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text states (B, L, D). The text encoder is frozen, so each distinct prompt is encoded
+        once and cached (runs mostly use one default prompt plus the empty one)."""
+        missing = sorted({p for p in prompts if p not in self._text_cache})
+        if missing:
+            # float32 so that states cached under autocast also serve a full-precision sample()
+            for prompt, states in zip(missing, self.backbone.encode_text(missing).float()):
+                self._text_cache[prompt] = states
+        device = self.backbone.text_encoder.device
+        for p in set(prompts):
+            if self._text_cache[p].device != device:  # the task moved (e.g. CPU -> GPU)
+                self._text_cache[p] = self._text_cache[p].to(device)
+        return torch.stack([self._text_cache[p] for p in prompts])
+
     def text_states(self, batch: dict, batch_size: int) -> torch.Tensor:
         prompts = batch.get(K.PROMPT) if isinstance(batch, dict) else None
         if prompts is None:
             prompts = [self.prompt] * batch_size
-        return self.backbone.encode_text(list(prompts))
+        return self.encode_prompts(list(prompts))
 
-    @torch.no_grad()
     def empty_text_states(self, batch_size: int) -> torch.Tensor:
-        return self.backbone.encode_text([""] * batch_size)
+        return self.encode_prompts([""] * batch_size)
 
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor,
              residuals: Residuals | None = None) -> torch.Tensor:
@@ -184,9 +198,10 @@ class DiffusionTask(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.gradient_checkpointing:
+            # Also the frozen generation UNet: gradients flow through it to the injected residuals.
+            # (Parts run under no_grad, the codec and text encoder, are unaffected by the flag.)
             for module in self.modules():
-                if (isinstance(module, ModelMixin) and module._supports_gradient_checkpointing
-                        and any(p.requires_grad for p in module.parameters())):
+                if isinstance(module, ModelMixin) and module._supports_gradient_checkpointing:
                     module.enable_gradient_checkpointing()
         self._ensure_ema()
 
