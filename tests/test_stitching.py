@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from icp.data import keys as K
+from icp.errors import WeightsError
 from icp.models import backbone as B
 from icp.tasks.grids import SampleGrid
 from icp.tasks.stitching import StitchingTask
@@ -135,9 +136,25 @@ def test_lightning_fit_writes_grids_and_lean_checkpoints(tmp_path, precision):
     trained = {n for n, p in task.named_parameters() if p.requires_grad}
     assert set(state["state_dict"]) >= trained
     assert not any(k.startswith("backbone.text_encoder.") for k in state["state_dict"])  # frozen: not stored
+    assert not any(".base_layer." in k for k in state["state_dict"])  # LoRA-wrapped frozen UNet weights neither
     assert state["ema"]["optimization_step"] == 4
     # Reload into a fresh task built from the same backbone path: trained weights and EMA come back.
     fresh = StitchingTask.load_from_checkpoint(ckpt, backbone=B.tiny(resolution=RES, width=16))
     for name, p in fresh.named_parameters():
         assert torch.equal(p, dict(task.named_parameters())[name]), name
     assert all(torch.equal(a, b) for a, b in zip(fresh._ema.shadow_params, task._ema.shadow_params))
+
+
+def test_checkpoint_drops_only_frozen_backbone_weights():
+    task = make_task(train_unet="frozen")
+    task.appearance.proj_mid.requires_grad_(False)  # a frozen task net is not reloadable from a path
+    ckpt = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(ckpt)
+    assert "appearance.proj_mid.weight" in ckpt["state_dict"]
+    assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])
+    fresh = make_task(train_unet="frozen")
+    fresh.on_load_checkpoint(ckpt)
+    fresh.load_state_dict(ckpt["state_dict"])  # strict: everything else still checked
+    del ckpt["state_dict"]["appearance.net.conv_in.weight"]
+    with pytest.raises(WeightsError):
+        make_task(train_unet="frozen").on_load_checkpoint(ckpt)

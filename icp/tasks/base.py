@@ -253,7 +253,9 @@ class DiffusionTask(L.LightningModule):
         if self._ema is not None:
             checkpoint["ema"] = self._ema.state_dict()
         if not self.save_frozen_weights:
-            frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+            # Only the backbone's frozen weights: they come back from its path. A frozen task net
+            # (e.g. an Appearance Net loaded from another run) must stay in the checkpoint.
+            frozen = {n for n, p in self.named_parameters() if not p.requires_grad and n.startswith("backbone.")}
             state = checkpoint["state_dict"]
             for name in frozen & set(state):
                 del state[name]
@@ -265,7 +267,7 @@ class DiffusionTask(L.LightningModule):
         # Frozen weights were left out on save: they come back from the backbone path, so the
         # strict state-dict load still checks everything else.
         for name, param in self.named_parameters():
-            if not param.requires_grad and name not in state:
+            if not param.requires_grad and name.startswith("backbone.") and name not in state:
                 state[name] = param.detach()
         if missing:
             raise WeightsError(f"checkpoint lacks {len(missing)} trained weights (e.g. '{missing[0]}'): it was "
