@@ -199,7 +199,7 @@ def graphed(fn: Callable[..., torch.Tensor], *example: torch.Tensor, warmup: int
 
 
 def configure_task(task: nn.Module, bf16_frozen_weights: bool = True, channels_last_layout: bool = False,
-                   compile: str | None = None, compile_regional: bool = True, sdpa: str = "auto",
+                   compile: str | None = "default", compile_regional: bool = True, sdpa: str = "auto",
                    memo_text: bool = True, precision: str | None = None) -> dict[str, Any]:
     """Apply the switches to a task (a LightningModule holding ``backbone`` and control nets).
 
@@ -220,6 +220,10 @@ def configure_task(task: nn.Module, bf16_frozen_weights: bool = True, channels_l
     if memo_text and getattr(task, "backbone", None) is not None:
         memoize_text(task.backbone)
         applied["memo_text"] = True
+    # Compile only where Triton/inductor pays (CUDA): on CPU (tests, CI) it costs minutes of
+    # C++ compilation for nothing measured.
+    if not torch.cuda.is_available():
+        compile = None
     for part in _compile_targets(task):
         applied["compiled"] += compile_module(part, compile, regional=compile_regional)
     return applied

@@ -98,7 +98,7 @@ def fused_adamw(device: torch.device):
 def fit_and_time(task: L.LightningModule, batch: dict, device: torch.device, warmup: int, iters: int,
                  precision: str = "bf16-mixed") -> dict[str, Any]:
     """Train ``warmup + iters`` steps with a real Trainer; returns timing and FLOPs per step."""
-    timer = StepTimer(device, warmup)
+    timer = StepTimer(device, warmup, flop_step=-1)  # FLOPs are counted eagerly by the caller
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
         max_steps=warmup + iters, logger=False, enable_checkpointing=False, enable_progress_bar=False,
