@@ -38,42 +38,18 @@ RUN_CONFIG = "config.yaml"
 # ------------------------------------------------------------------------------ loading a run
 
 
-def _find_checkpoint(path: Path) -> tuple[Path, Path]:
-    """(checkpoint file, run config) for a run directory or a checkpoint inside one."""
-    from icp.checkpointing import resumable_checkpoint
-
-    if path.is_dir():
-        ckpt = resumable_checkpoint(path / "checkpoints")
-        if ckpt is None:
-            raise WeightsError(f"{path}: no intact checkpoint under checkpoints/ (train it with `icp fit` first "
-                               "or pass --checkpoint path/to/file.ckpt)")
-        return ckpt, path / RUN_CONFIG
-    if path.is_file():
-        for parent in (path.parent, path.parent.parent):
-            if (parent / RUN_CONFIG).is_file():
-                return path, parent / RUN_CONFIG
-        raise WeightsError(f"{path}: no {RUN_CONFIG} beside it or in its run directory; the checkpoint needs the "
-                           "run's config to rebuild the model")
-    raise WeightsError(f"{path}: checkpoint not found (pass a run directory or a .ckpt file)")
-
-
 def load_task(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[AdaptationTask, DictConfig]:
-    """Rebuild the task from the run's saved config, load its trained weights (and EMA); -> (task, config)."""
-    ckpt, config_file = _find_checkpoint(Path(checkpoint).expanduser())
-    cfg = cfglib.load(config_file)
-    if OmegaConf.select(cfg, "model") is None:
-        raise WeightsError(f"{config_file}: has no 'model' node; is this an icp run directory?")
-    task = cfglib.instantiate(cfg.model, cfg, "model")
-    if not isinstance(task, AdaptationTask):
-        raise WeightsError(f"{ckpt}: is a {type(task).__name__} run; `icp generate` needs an adaptation run "
+    """The adaptation task of a run (dir or .ckpt in it), with its weights and EMA; -> (task, run config)."""
+    from icp.tasks import loading
+
+    run_dir, _ = loading.locate_run(Path(checkpoint).expanduser())
+    cfg = cfglib.load(run_dir / RUN_CONFIG)
+    target = str(OmegaConf.select(cfg, "model._target_", default=""))
+    if not target.endswith("AdaptationTask"):
+        raise WeightsError(f"{run_dir}: is a '{target or 'unknown'}' run; `icp generate` needs an adaptation run "
                            "(experiments/adaptation/*.yaml)")
-    try:
-        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 -- any failure to read means a bad file
-        raise WeightsError(f"{ckpt}: cannot read checkpoint ({type(err).__name__}); is the file complete?") from None
-    task.on_load_checkpoint(blob)
-    task.load_state_dict(blob["state_dict"], strict=False)
-    return task.to(device).eval(), cfg
+    task = loading.load_task(checkpoint, device)
+    return task, cfg
 
 
 # --------------------------------------------------------------------------------- images

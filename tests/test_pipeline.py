@@ -80,7 +80,7 @@ def test_no_face_is_a_one_line_data_error(run_dir, photos, tmp_path, capsys):
     assert not (tmp_path / "o.png").exists()
     rc = cli.main(["generate", "--profile", str(photos / "profile.png"), "--target", str(photos / "target.png"),
                    "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o.png")])
-    assert rc == 2 and "checkpoint not found" in capsys.readouterr().err
+    assert rc == 2 and "no such run directory" in capsys.readouterr().err
 
 
 def test_pipeline_is_seeded_and_uses_the_profile(run_dir, photos):
