@@ -27,6 +27,18 @@ VERB_MODULES = (
 )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (test capture swaps it between calls)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="icp",
@@ -43,10 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("icp: %(levelname)s: %(message)s"))
-    logging.getLogger("icp").addHandler(handler)
-    logging.getLogger("icp").setLevel(logging.INFO)
+    logger = logging.getLogger("icp")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):  # main() may run many times
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("icp: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     # Library deprecation chatter is not actionable for a user of the CLI.
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")

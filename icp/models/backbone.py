@@ -142,8 +142,13 @@ def tiny_tokenizer(max_length: int = 16) -> CLIPTokenizer:
 
 def tiny(resolution: int = 32, width: int = 32, codec_factor: int = 4, layers_per_block: int = 1,
          levels: int = 2, text_width: int = 32, text_layers: int = 2, max_text_length: int = 16,
-         codec: str = "pixel", seed: int = 0) -> Backbone:
+         codec: str = "pixel", seed: int = 0, prediction_type: str = "epsilon") -> Backbone:
     """Random tiny backbone: trains on CPU in minutes.
+
+    ``prediction_type`` (epsilon | sample | v_prediction) is what the UNet learns to predict. A
+    model trained from scratch for a few hundred CPU steps predicts noise too poorly to sample
+    from with "epsilon"; with "sample" (x0) its early samples are blurred conditional means,
+    which already carry colour, shape and identity cues (docs/decisions/stitching.md).
 
     ``width`` is the first UNet block's channels (doubling per level); ``levels`` down blocks,
     the first ``levels-1`` with cross-attention to the text (as in SD1.5's layout). ``codec``:
@@ -182,7 +187,10 @@ def tiny(resolution: int = 32, width: int = 32, codec_factor: int = 4, layers_pe
         max_position_embeddings=max_text_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
-    return Backbone(unet, the_codec, text_encoder, tokenizer, DDPMScheduler(**SD15_SCHEDULER))
+    if prediction_type not in ("epsilon", "sample", "v_prediction"):
+        raise ConfigError(f"tiny backbone: prediction_type '{prediction_type}' unknown (epsilon, sample or v_prediction)")
+    scheduler = DDPMScheduler(**{**SD15_SCHEDULER, "prediction_type": prediction_type})
+    return Backbone(unet, the_codec, text_encoder, tokenizer, scheduler)
 
 
 def sd15_architecture(random: bool = True, max_text_length: int = 77, seed: int = 0) -> Backbone:

@@ -161,6 +161,8 @@ class DiffusionTask(L.LightningModule):
         pred = self.unet(noisy, timesteps, text, (down, mid))
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
+        elif scheduler.config.prediction_type == "sample":
+            target = latents
         else:
             target = noise
         return {"loss": F.mse_loss(pred.float(), target.float())}
