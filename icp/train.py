@@ -100,6 +100,17 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[L.LightningDataModule, L.Ligh
     return datamodule, model, trainer
 
 
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """Close this fit's W&B run: otherwise the next fit in the process (``icp run`` trains several
+    stages) would silently log into the same run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
 def fit(cfg: DictConfig) -> Path:
     """Train ``cfg`` into its run directory, resuming if it holds a checkpoint; returns the dir."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -109,7 +120,10 @@ def fit(cfg: DictConfig) -> Path:
     ckpt = resumable_checkpoint(run_dir / "checkpoints")
     if ckpt is not None and trainer.is_global_zero:
         print(f"icp: resuming {run_dir} from {ckpt.name}")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    finally:
+        _finish_wandb(trainer)
     last = run_dir / "checkpoints" / "last.ckpt"
     saved = {getattr(c, "_last_global_step_saved", None) for c in trainer.checkpoint_callbacks}
     # Only for a run that reached its end: a preempted run already saved its resume point.

@@ -67,3 +67,13 @@ def test_truncated_checkpoint_is_skipped_for_the_previous_one(toy):
 def test_the_final_step_is_checkpointed_off_the_save_cadence(toy):
     run = fit(toy("run.name=odd", "trainer.max_steps=4"))  # saves every 3 steps
     assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+
+
+def test_wandb_offline_run_lives_in_the_run_dir_and_is_closed(toy):
+    import wandb
+
+    run = fit(toy("run.name=wb", "trainer.max_steps=2", "+logger.wandb={mode: offline, project: icp-test}"))
+    assert wandb.run is None  # closed: the next fit in this process gets its own W&B run
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and offline[0].name.endswith(fit.__module__ and "icp-" + offline[0].name.split("icp-")[-1])
+    assert list(offline[0].glob("*.wandb"))

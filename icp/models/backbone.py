@@ -218,15 +218,22 @@ def sd15_architecture(random: bool = True, max_text_length: int = 77, seed: int 
 
 
 def sd15(path: str | None = None, random: bool = False, dtype: str = "float32",
-         resolution: int | None = None) -> Backbone:
+         resolution: int | None = None, prediction_type: str | None = None) -> Backbone:
     """Config entry point of experiments/stitching/sd15.yaml: real weights from ``path``, or the
-    random SD1.5 architecture when ``random`` is true (then ``path`` must be null)."""
+    random SD1.5 architecture when ``random`` is true (then ``path`` must be null).
+    ``prediction_type`` None keeps the scheduler's own (epsilon for SD1.5; v_prediction folders
+    say so in their scheduler config); set it only for weights trained otherwise."""
     if random and path not in (None, ""):
         raise ConfigError(f"backbone: both path={path} and random=true given; set model.backbone.path=null "
                            "for random weights or model.backbone.random=false to load the folder")
     backbone = sd15_architecture(random=True) if random else pretrained(path, dtype=dtype)
     if random and dtype != "float32":
         backbone.to(_DTYPES[dtype])
+    if prediction_type is not None:
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ConfigError(f"backbone: prediction_type '{prediction_type}' unknown (epsilon, sample or v_prediction)")
+        backbone.noise_scheduler = DDPMScheduler.from_config(backbone.noise_scheduler.config,
+                                                             prediction_type=prediction_type)
     if resolution is not None and resolution % (backbone.downscale * backbone.min_latent_multiple):
         raise ConfigError(f"data.resolution={resolution} must be divisible by "
                            f"{backbone.downscale * backbone.min_latent_multiple} for this backbone")
