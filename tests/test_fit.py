@@ -75,5 +75,7 @@ def test_wandb_offline_run_lives_in_the_run_dir_and_is_closed(toy):
     run = fit(toy("run.name=wb", "trainer.max_steps=2", "+logger.wandb={mode: offline, project: icp-test}"))
     assert wandb.run is None  # closed: the next fit in this process gets its own W&B run
     offline = list((run / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1 and offline[0].name.endswith(fit.__module__ and "icp-" + offline[0].name.split("icp-")[-1])
+    from icp.train import wandb_run_id
+
+    assert len(offline) == 1 and offline[0].name.endswith(wandb_run_id(run))  # stable id: resumes append
     assert list(offline[0].glob("*.wandb"))
