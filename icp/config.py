@@ -137,14 +137,17 @@ def _apply_override(cfg: DictConfig, item: str, origins: dict[str, str]) -> None
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(err, 'problem', err)}); "
                           "quote it, e.g. key='\"a{b}\"'") from None
-    exists = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) is not _MISSING
+    parent_key, _, leaf_key = key.rpartition(".")
+    parent_node = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+    # A mandatory value (???) is a key that exists and waits for exactly this override.
+    exists = isinstance(parent_node, DictConfig) and leaf_key in parent_node
     if not exists and not adding:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         known = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
         hint = f"; keys there: {', '.join(known)}" if known else ""
         raise ConfigError(f"override '{key}' names no existing config key (write +{key}=... to add one){hint}")
-    if exists:
+    if exists and not OmegaConf.is_missing(parent_node, leaf_key):
         old = OmegaConf.select(cfg, key)
         _check_type(key, old, value)
     try:
@@ -153,8 +156,6 @@ def _apply_override(cfg: DictConfig, item: str, origins: dict[str, str]) -> None
         raise ConfigError(f"override '{item}': {_short(err)}") from None
     origins[key] = "command line"
 
-
-_MISSING = object()
 
 
 def _check_type(key: str, old: Any, new: Any) -> None:

@@ -98,3 +98,10 @@ def test_unsafe_resolvers_and_secret_env_reads_are_refused(tmp_path, monkeypatch
         cfglib.load(write(tmp_path / "b.yaml", "k: ${python.eval:1+1}\n"))
     monkeypatch.setenv("ICP_DATA", "/data")
     assert cfglib.load(write(tmp_path / "c.yaml", "k: ${oc.env:ICP_DATA}\n")).k == "/data"
+
+
+def test_mandatory_values_are_filled_by_plain_overrides(tmp_path):
+    f = write(tmp_path / "x.yaml", "model: {path: ???, n: 1}\n")
+    assert cfglib.load(f, ["model.path=/weights"]).model.path == "/weights"
+    with pytest.raises(ConfigError, match="model.pth"):
+        cfglib.load(f, ["model.pth=/weights"])
