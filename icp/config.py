@@ -140,7 +140,7 @@ def _apply_override(cfg: DictConfig, item: str, origins: dict[str, str]) -> None
     parent_key, _, leaf_key = key.rpartition(".")
     parent_node = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
     # A mandatory value (???) is a key that exists and waits for exactly this override.
-    exists = isinstance(parent_node, DictConfig) and leaf_key in parent_node
+    exists = isinstance(parent_node, DictConfig) and leaf_key in parent_node.keys()
     if not exists and not adding:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg

@@ -101,7 +101,7 @@ def test_unsafe_resolvers_and_secret_env_reads_are_refused(tmp_path, monkeypatch
 
 
 def test_mandatory_values_are_filled_by_plain_overrides(tmp_path):
-    f = write(tmp_path / "x.yaml", "model: {path: ???, n: 1}\n")
+    f = write(tmp_path / "x.yaml", "model:\n  path: ???\n  n: 1\n")
     assert cfglib.load(f, ["model.path=/weights"]).model.path == "/weights"
     with pytest.raises(ConfigError, match="model.pth"):
         cfglib.load(f, ["model.pth=/weights"])
