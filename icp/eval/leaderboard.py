@@ -3,8 +3,9 @@
 Refusals (one-line ``IcpError``s, never a silently mixed table):
 - records of different ``protocol_id`` (data set, resolution, extractors, pairs, sampling);
   the message names the protocol fields that differ;
-- a record whose extractor weight file or data-set manifest no longer has the recorded sha256
-  (or is gone): its numbers cannot be reproduced with what is on disk.
+- a record whose evaluated checkpoint, extractor weight file or data-set manifest no longer has the
+  recorded sha256 (or is gone, or the record lacks the hash): its numbers cannot be reproduced with
+  what is on disk.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def load_record(path: str | Path) -> dict:
         raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     if record.get("format") != FORMAT:
         raise DataError(f"{path}: not an icp metrics record (format {record.get('format')!r}); make it with `icp eval`")
+    # A record from someone else may be hand-edited: its shape is checked here, one line if wrong.
+    shape = {"protocol_id": str, "protocol": dict, "metrics": dict, "extractors": dict, "dataset": dict,
+             "run": str, "task": str}
+    wrong = [k for k, kind in shape.items() if not isinstance(record.get(k), kind)]
+    if wrong:
+        raise DataError(f"{path}: malformed metrics record (bad or missing {', '.join(wrong)}); re-run `icp eval`")
     record["_path"] = str(path)
     return record
 
@@ -48,9 +55,16 @@ def load_record(path: str | Path) -> dict:
 def verify(record: dict) -> None:
     """Refuse a record whose weights or data changed since it was measured."""
     where = record["_path"]
-    checks = [(f"extractor {k} weights", v.get("file"), v["sha256"]) for k, v in record["extractors"].items()]
-    checks.append(("data-set manifest", record["dataset"]["manifest"], record["dataset"]["manifest_sha256"]))
+    try:
+        checks = [(f"extractor {k} weights", v.get("file"), v["sha256"]) for k, v in record["extractors"].items()]
+        checks.append(("data-set manifest", record["dataset"]["manifest"], record["dataset"]["manifest_sha256"]))
+        checks.append(("evaluated checkpoint", record["checkpoint"], record["checkpoint_sha256"]))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise LeaderboardError(f"{where}: lacks the sha256 of its weights or data ({err}); re-run `icp eval` "
+                               "for this entry") from None
     for what, file, expected in checks:
+        if not isinstance(expected, str) or len(expected) != 64:
+            raise LeaderboardError(f"{where}: {what} has no valid sha256; re-run `icp eval` for this entry")
         if not file or not Path(file).exists():
             raise LeaderboardError(f"{where}: {what} file {file} is gone; re-run `icp eval` where it exists")
         if sha256_of(file) != expected:

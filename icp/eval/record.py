@@ -76,8 +76,12 @@ def load_protocol(path: str | Path | None, overrides: list[str] = ()) -> dict:
     return data
 
 
-def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str | Path | None = None) -> Path:
-    """Evaluate the run directory or checkpoint ``target``; write and return metrics.json's path."""
+def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str | Path | None = None,
+             trust_checkpoint: bool = False) -> Path:
+    """Evaluate the run directory or checkpoint ``target``; write and return metrics.json's path.
+
+    ``trust_checkpoint``: allow a checkpoint that needs full unpickling (it can run code).
+    """
     from icp.tasks.loading import load_task, locate_run
 
     run_dir, ckpt = locate_run(target)
@@ -90,7 +94,9 @@ def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str |
     resolution = ds.get("resolution") or OmegaConf.select(run_cfg, "data.resolution", default=None)
     if resolution is None:
         raise ConfigError(f"{run_dir}/config.yaml has no data.resolution; pass dataset.resolution=N")
-    task = load_task(run_dir if Path(target).is_dir() else ckpt, device=device)
+    # Hash the checkpoint before loading it: the record names exactly the bytes that were measured.
+    ckpt_sha = sha256_of(ckpt)
+    task = load_task(run_dir if Path(target).is_dir() else ckpt, device=device, trust_checkpoint=trust_checkpoint)
     extractors = build_extractors(
         identity=met.get("identity", ["icp", "dlib"]), embedder=met.get("embedder"),
         dlib_models_dir=met.get("dlib_models_dir"), facenet_weights=met.get("facenet_weights"),
@@ -111,7 +117,7 @@ def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str |
 
     record = {
         "format": FORMAT, "version": 1,
-        "run": str(run_dir), "checkpoint": str(ckpt), "task": type(task).__name__,
+        "run": str(run_dir), "checkpoint": str(ckpt), "checkpoint_sha256": ckpt_sha, "task": type(task).__name__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "metrics": scalars, "samples": len(rows), "unavailable": extractors.unavailable,
         "no_valid_samples": evaluator.empty,
