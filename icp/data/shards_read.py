@@ -12,6 +12,8 @@ import hashlib
 import logging
 import multiprocessing as mp
 import random
+import re
+import tarfile
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,7 +22,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from icp.data.shards import decode_group, read_manifest, sha256_file
+from icp.data.shards import MAX_PIXELS, decode_group, fields_of, read_manifest, sha256_file
 from icp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -36,15 +38,57 @@ def stable_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def iter_shard(path: Path) -> Iterator[dict]:
-    """Raw samples (``__key__`` + member bytes) of one tar; tar-level errors become DataError."""
+# A member bigger than this is skipped unread and its sample counted as bad (a 16-view 1024px
+# sample's coords.npy is ~100 MB); the tar stream discards its bytes without holding them.
+MAX_MEMBER_BYTES = 256 << 20
+_KEY = re.compile(r"[A-Za-z0-9_-]{1,200}")
+_SUFFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}")
+
+
+def _split_name(name: str) -> tuple[str, str, str | None]:
+    """(key, member, problem) of a tar member name ``<key>.<member>``; problem=None if it is safe."""
+    key, dot, member = name.partition(".")
+    if not dot or "/" in name or "\\" in name or ".." in name or not _KEY.fullmatch(key) \
+            or not _SUFFIX.fullmatch(member):
+        return key or name, member, f"member name {name[:80]!r} is not '<key>.<member>' without paths"
+    return key, member.lower(), None
+
+
+def iter_shard(path: Path, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict]:
+    """Raw samples (``__key__`` + member bytes) of one uncompressed tar, grouped by key.
+
+    Tar-level errors (unreadable, truncated, compressed) become DataError naming the shard. A
+    member that is not a regular file, has an unsafe name (paths, ``..``), repeats, or exceeds
+    ``max_member_bytes`` is not read; its sample carries ``__bad__`` (the reason) instead.
+    """
+    current: dict | None = None
+    if not Path(path).is_file():  # also refuses FIFOs and devices, which could block a reader forever
+        raise DataError(f"shard {Path(path).name} is missing or not a regular file in {Path(path).parent}")
     try:
-        with open(path, "rb") as stream:
-            files = (dict(f, __url__=str(path)) for f in wds.tariterators.tar_file_iterator(stream))
-            yield from wds.tariterators.group_by_keys(files)
+        with open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                key, member, problem = _split_name(info.name)
+                if current is not None and key != current["__key__"]:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": str(path)}
+                if problem is None and not info.isreg():
+                    problem = f"member {info.name[:80]!r} is not a regular file"
+                if problem is None and info.size > max_member_bytes:
+                    problem = f"member {member} is {info.size} bytes, over the {max_member_bytes}-byte cap"
+                if problem is None and member in current:
+                    problem = f"member {member} appears twice"
+                if problem is not None:
+                    current.setdefault("__bad__", problem)
+                    continue
+                handle = tar.extractfile(info)
+                current[member] = handle.read() if handle is not None else b""
+            if current is not None:
+                yield current
     except DataError:
         raise
-    except Exception as err:  # tarfile, zlib, OSError, webdataset's own: all mean "this file is bad"
+    except Exception as err:  # tarfile, OSError, ...: all mean "this file is bad"
         raise DataError(f"shard {path.name} cannot be read ({type(err).__name__}: {str(err)[:100]}); "
                         f"run `icp shards check {path.parent}`") from None
 
@@ -79,6 +123,8 @@ class ShardStream(IterableDataset):
         on_bad_shard: str = "fail",
         nodesplitter: Callable = wds.split_by_node,
         workersplitter: Callable = wds.split_by_worker,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_pixels: int = MAX_PIXELS,
     ):
         if on_bad_sample not in ("skip", "fail") or on_bad_shard not in ("skip", "fail"):
             raise DataError(f"on_bad_sample/on_bad_shard must be 'skip' or 'fail', got {on_bad_sample!r}/{on_bad_shard!r}")
@@ -92,6 +138,13 @@ class ShardStream(IterableDataset):
         self.resampled, self.items_per_rank, self.split_samples = resampled, items_per_rank, split_samples
         self.on_bad_sample, self.on_bad_shard = on_bad_sample, on_bad_shard
         self.nodesplitter, self.workersplitter = nodesplitter, workersplitter
+        self.max_member_bytes, self.max_pixels = max_member_bytes, max_pixels
+        # Every emitted group has exactly the manifest's fields, so batches always collate.
+        fields = self.manifest["fields"]
+        self.fields = sorted(set(fields.get("present", [])) - {"identity_index", "source"})
+        # Per-view shapes of the first good group this process saw; later groups must match
+        # (a sample of another size or landmark count would crash batching in a worker).
+        self._signature: dict | None = None
         # (rank, world) captured in the main process by the DataModule from its Trainer: DataLoader
         # workers started with spawn (or on some launchers) see neither RANK env vars nor an
         # initialised process group, and would all act as rank 0.
@@ -117,6 +170,9 @@ class ShardStream(IterableDataset):
     @property
     def num_samples(self) -> int:
         return sum(int(e["samples"]) for e in self.entries)
+
+    def _admit(self, group: dict, where: str) -> None:
+        _admit_group(self, group, where)
 
     # -- iteration
     def __iter__(self) -> Iterator:
@@ -174,11 +230,14 @@ class ShardStream(IterableDataset):
         path = self.folder / entry["name"]
         seen = 0
         try:
-            for sample in iter_shard(path):
+            for sample in iter_shard(path, self.max_member_bytes):
                 where = f"{entry['name']}:{sample.get('__key__')}"
                 seen += 1
                 try:
-                    group = decode_group(members_of(sample), where)
+                    if "__bad__" in sample:
+                        raise DataError(f"{where}: {sample['__bad__']}")
+                    group = decode_group(members_of(sample), where, max_pixels=self.max_pixels)
+                    self._admit(group, where)
                 except DataError as err:
                     if self.on_bad_sample == "fail":
                         raise BadSample(f"{err} (on_bad_sample=skip would skip it)") from None
@@ -200,6 +259,26 @@ class ShardStream(IterableDataset):
             with self._bad_shards.get_lock():
                 self._bad_shards.value += 1
             log.warning("skipping rest of bad shard: %s", err)
+
+
+def _shape_signature(group: dict) -> dict:
+    return {k: (v.dtype, tuple(v.shape[1:])) for k, v in group.items() if isinstance(v, torch.Tensor)}
+
+
+def _admit_group(stream: "ShardStream", group: dict, where: str) -> None:
+    have = fields_of(group)
+    if have != stream.fields:
+        missing, extra = sorted(set(stream.fields) - set(have)), sorted(set(have) - set(stream.fields))
+        raise DataError(f"{where}: fields differ from the manifest's (missing {missing}, unexpected {extra})")
+    signature = _shape_signature(group)
+    if stream._signature is None:
+        stream._signature = signature
+        return
+    for name, (dtype, shape) in signature.items():
+        ref = stream._signature.get(name)
+        if ref is not None and ref != (dtype, shape):
+            raise DataError(f"{where}: '{name}' has per-view shape {shape} ({dtype}), earlier samples "
+                            f"{ref[1]} ({ref[0]}); samples of one folder must batch together")
 
 
 def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
@@ -238,6 +317,8 @@ def check(folder: str | Path, decode: bool = True) -> dict:
         count = 0
         for sample in iter_shard(path):
             count += 1
+            if "__bad__" in sample:
+                raise DataError(f"shard {entry['name']}:{sample['__key__']}: {sample['__bad__']}")
             if decode:
                 group = decode_group(members_of(sample), f"{entry['name']}:{sample['__key__']}")
                 have = {k for k in present if group.get(k) is not None}
