@@ -16,22 +16,22 @@ from torch import Tensor
 
 # (name, low, high): identity[..., i] in [0, 1] maps to low + u * (high - low).
 IDENTITY_FIELDS: tuple[tuple[str, float, float], ...] = (
-    ("head_w", 0.66, 0.80), ("head_h", 0.86, 0.98), ("head_d", 0.88, 1.00),
-    ("jaw_w", 0.48, 0.64), ("jaw_h", 0.44, 0.56), ("chin_r", 0.13, 0.22),
+    ("head_w", 0.64, 0.82), ("head_h", 0.86, 0.98), ("head_d", 0.88, 1.00),
+    ("jaw_w", 0.46, 0.68), ("jaw_h", 0.42, 0.60), ("chin_r", 0.12, 0.24),
     ("chin_fwd", -0.06, 0.08), ("cheek", 0.0, 1.0), ("brow_ridge", 0.0, 1.0),
-    ("eye_sep", 0.29, 0.34), ("eye_y", -0.03, 0.04), ("eye_open", 0.24, 0.38),
-    ("eye_w", 0.80, 0.98), ("eye_tilt", -0.12, 0.20), ("nose_len", 0.34, 0.46),
-    ("nose_w", 0.085, 0.135), ("nose_proj", 0.16, 0.30), ("nose_tip_r", 0.065, 0.10),
-    ("mouth_y", -0.74, -0.62), ("lip_w", 0.19, 0.27), ("lip_up", 0.035, 0.065),
+    ("eye_sep", 0.27, 0.36), ("eye_y", -0.07, 0.08), ("eye_open", 0.20, 0.42),
+    ("eye_w", 0.80, 0.98), ("eye_tilt", -0.15, 0.25), ("nose_len", 0.30, 0.54),
+    ("nose_w", 0.08, 0.15), ("nose_proj", 0.14, 0.34), ("nose_tip_r", 0.065, 0.10),
+    ("mouth_y", -0.78, -0.58), ("lip_w", 0.17, 0.31), ("lip_up", 0.035, 0.065),
     ("lip_lo", 0.045, 0.085), ("ear_size", 0.24, 0.31), ("ear_out", 0.0, 1.0),
     ("neck_w", 0.36, 0.50), ("skin_tone", 0.0, 1.0), ("skin_under", 0.0, 1.0),
     ("blush", 0.0, 1.0), ("lip_tint", 0.0, 1.0), ("iris_hue", 0.0, 1.0),
     ("iris_dark", 0.0, 1.0), ("hair_hue", 0.0, 1.0), ("hair_light", 0.0, 1.0),
-    ("brow_thick", 0.024, 0.048), ("brow_arch", 0.0, 0.05), ("brow_dark", 0.0, 1.0),
+    ("brow_thick", 0.024, 0.048), ("brow_arch", 0.0, 0.07), ("brow_dark", 0.0, 1.0),
     ("hair_len", 0.0, 1.0), ("hair_vol", 0.03, 0.13), ("hairline", 0.55, 0.78),
     ("recession", 0.0, 1.0), ("part", -1.0, 1.0), ("beard", 0.0, 1.0),
     ("cloth_hue", 0.0, 1.0), ("cloth_val", 0.0, 1.0), ("fringe", 0.0, 1.0),
-    ("face_len", 0.94, 1.08),
+    ("face_len", 0.90, 1.14),
 )
 IDENTITY_DIM = len(IDENTITY_FIELDS)
 FIELD_INDEX = {name: i for i, (name, _, _) in enumerate(IDENTITY_FIELDS)}
@@ -83,7 +83,7 @@ def build_geometry(identity: Tensor) -> dict[str, Tensor]:
     cy = f["eye_y"] - 0.22
     cx = f["eye_sep"] + 0.10
     g["cheek_c"] = _vec(cx, cy, _face_z(cx, cy, g["face_c"], g["face_r"]) - 0.17, like=z0)
-    g["cheek_r"] = _vec(0.20 + 0.04 * f["cheek"], 0.15, 0.18 + 0.03 * f["cheek"], like=z0)
+    g["cheek_r"] = _vec(0.19 + 0.07 * f["cheek"], 0.15, 0.17 + 0.05 * f["cheek"], like=z0)
     # eyes: eyeball centre set back so ~45% of its radius sits in front of the face surface
     ex, ey = f["eye_sep"], f["eye_y"]
     ez = _face_z(ex, ey, g["face_c"], g["face_r"])

@@ -22,7 +22,6 @@ Conventions (shared with ``icp/data/keys.py`` and the matching code):
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +61,7 @@ def sample_identity(identity_index: int, seed: int) -> Tensor:
     m = torch.rand(1, generator=gen).item()  # shared "masculinity" latent
     for name, sign in hm.MASCULINE.items():
         i = hm.FIELD_INDEX[name]
-        u[i] = 0.55 * u[i] + 0.45 * (m if sign > 0 else 1 - m)
+        u[i] = 0.7 * u[i] + 0.3 * (m if sign > 0 else 1 - m)
     return u
 
 
@@ -98,14 +97,15 @@ def _focal(resolution: int) -> float:
 
 def project(coords: Tensor, pose: Tensor, resolution: int) -> tuple[Tensor, Tensor]:
     """Canonical points (B, 3, ...) seen in pose -> pixel xy (B, 2, ...) and depth (B, 1, ...)."""
-    b = coords.shape[0]
+    if pose.shape != (coords.shape[0], 3) or coords.shape[1] != 3:
+        raise DataError(f"project: coords {tuple(coords.shape)} and pose {tuple(pose.shape)} must "
+                        "be (B, 3, ...) and (B, 3)")
     rot = rotation_matrix(pose.to(coords))
     pw = torch.einsum("bij,bj...->bi...", rot, coords)
     depth = CAM_DIST - pw[:, 2:3]
     f, c = _focal(resolution), (resolution - 1) / 2
     x = c + f * pw[:, 0:1] / depth
     y = c - f * (pw[:, 1:2] - CAM_Y) / depth
-    assert b == pose.shape[0]
     return torch.cat([x, y], 1), depth
 
 
