@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-align", action="store_true",
                    help="skip face detection/alignment (inputs are already aligned crops)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that needs full unpickling: this RUNS PICKLED CODE FROM THE FILE; "
+                        "use only for files from someone you trust")
     p.set_defaults(func=handler)
 
 
@@ -43,7 +46,8 @@ def handler(args: argparse.Namespace) -> int:
     for path in [*args.profile, args.target] + ([args.light] if args.light and "=" not in args.light else []):
         if not Path(path).is_file():
             raise DataError(f"{path}: no such image file")
-    pipe = PortraitPipeline.from_checkpoint(args.checkpoint, device=args.device, align=not args.no_align)
+    pipe = PortraitPipeline.from_checkpoint(args.checkpoint, device=args.device, align=not args.no_align,
+                                         trust_checkpoint=args.trust_checkpoint)
     image = pipe(args.profile, args.target, prompt=args.prompt, steps=args.steps, seed=args.seed,
                  light=args.light, guidance_scale=args.guidance)
     out = save_image(image, args.out)

@@ -38,8 +38,12 @@ RUN_CONFIG = "config.yaml"
 # ------------------------------------------------------------------------------ loading a run
 
 
-def load_task(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[AdaptationTask, DictConfig]:
-    """The adaptation task of a run (dir or .ckpt in it), with its weights and EMA; -> (task, run config)."""
+def load_task(checkpoint: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False
+              ) -> tuple[AdaptationTask, DictConfig]:
+    """The adaptation task of a run (dir or .ckpt in it), with its weights and EMA; -> (task, run config).
+
+    ``trust_checkpoint``: allow a checkpoint that needs full unpickling (it can run code from the file).
+    """
     from icp.tasks import loading
 
     run_dir, _ = loading.locate_run(Path(checkpoint).expanduser())
@@ -48,7 +52,7 @@ def load_task(checkpoint: str | Path, device: str | torch.device = "cpu") -> tup
     if not target.endswith("AdaptationTask"):
         raise WeightsError(f"{run_dir}: is a '{target or 'unknown'}' run; `icp generate` needs an adaptation run "
                            "(experiments/adaptation/*.yaml)")
-    task = loading.load_task(checkpoint, device)
+    task = loading.load_task(checkpoint, device, trust_checkpoint=trust_checkpoint)
     return task, cfg
 
 
@@ -162,10 +166,10 @@ class PortraitPipeline:
         self.mask_ratio, self.patch_size, self.align = mask_ratio, patch_size, align
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, device: str | None = None, align: bool = True
-                        ) -> "PortraitPipeline":
+    def from_checkpoint(cls, checkpoint: str | Path, device: str | None = None, align: bool = True,
+                        trust_checkpoint: bool = False) -> "PortraitPipeline":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        task, cfg = load_task(checkpoint, device)
+        task, cfg = load_task(checkpoint, device, trust_checkpoint=trust_checkpoint)
         return cls(task, resolution=OmegaConf.select(cfg, "data.resolution", default=None),
                    mask_ratio=float(OmegaConf.select(cfg, "data.mask_ratio", default=0.8)),
                    patch_size=int(OmegaConf.select(cfg, "data.patch_size", default=8)), align=align)

@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from icp.errors import ConfigError, IcpError
+from icp.secrets import leaks
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ def render_script(cfg: DictConfig, run_dir: Path, spec: JobSpec, template: Path 
         raise ConfigError(f"sbatch template {template} not found; pass --template PATH or run from a checkout of icp")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     name = spec.job_name or f"icp-{OmegaConf.select(cfg, 'experiment', default='run')}-{run_dir.name}"
-    return env.from_string(template.read_text()).render(
+    script = env.from_string(template.read_text()).render(
         run_dir=run_dir.as_posix(), job_name=re.sub(r"[^\w.-]", "_", name), nodes=spec.nodes,
         tasks_per_node=spec.gpus_per_node, gpus_per_node=None if spec.cpu else spec.gpus_per_node,
         cpus_per_task=spec.cpus_per_task, mem=spec.mem, time=spec.time, partition=spec.partition,
@@ -294,6 +295,12 @@ def render_script(cfg: DictConfig, run_dir: Path, spec: JobSpec, template: Path 
         env_setup=spec.env_setup, icp_command=spec.icp_command,
         config=shlex.quote((run_dir / "config.yaml").as_posix()),
     )
+    leaked = leaks(script)
+    if leaked:
+        # Redacting would silently break the job; sbatch passes the submitting shell's environment on.
+        raise ConfigError(f"the sbatch script would contain the value of {', '.join(leaked)} (from --env-setup, "
+                          "--sbatch or the job name); export it in your shell instead, sbatch passes it on")
+    return script
 
 
 def parse_job_id(sbatch_stdout: str) -> str:

@@ -26,6 +26,7 @@ from icp import config as cfglib
 from icp import rundir
 from icp.checkpointing import AtomicCheckpointIO, resumable_checkpoint
 from icp.errors import ConfigError
+from icp.secrets import redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         # Lightning 2.6 + wandb 0.31: `offline=True` sets a removed mode; pass `mode` instead.
         loggers.append(WandbLogger(
             save_dir=str(run_dir), name=f"{cfg.experiment}/{run_dir.name}", id=wandb_run_id(run_dir),
-            resume="allow", mode=mode, config=json.loads(json.dumps(
-                OmegaConf.to_container(cfg, resolve=True), default=str)), **opts,
+            resume="allow", mode=mode, config=redact_tree(json.loads(json.dumps(
+                OmegaConf.to_container(cfg, resolve=True), default=str))), **opts,
         ))
     return loggers
 

@@ -83,5 +83,5 @@ def test_eval_refuses_a_pickled_checkpoint(measured, repo_root, tmp_path, capsys
     torch.save({"state_dict": NoisyTask(0.1).state_dict(), "extra": Pickled()}, evil / "checkpoints" / "last.ckpt")
     assert _eval(repo_root, root, evil) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "refused" in err and "Pickled" in err and "--trust-checkpoint" in err and "runs pickled code" in err
+    assert "refused" in err and "test_leaderboard_integrity.Pickled" in err and "--trust-checkpoint" in err and "runs pickled code" in err
     assert not (evil / "eval" / "metrics.json").exists()

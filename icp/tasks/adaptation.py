@@ -234,7 +234,7 @@ def _checkpoint_file(path: Path) -> Path | None:
     return None
 
 
-def load_appearance(task: AdaptationTask, path: str | Path) -> None:
+def load_appearance(task: AdaptationTask, path: str | Path, trust_checkpoint: bool = False) -> None:
     """Initialise the Appearance Net (and trained generation-UNet weights) from a stitching run.
 
     ``path``: a stitching run directory (its newest intact checkpoint), a ``.ckpt`` file, or a
@@ -245,7 +245,8 @@ def load_appearance(task: AdaptationTask, path: str | Path) -> None:
         from diffusers import ControlNetModel
 
         try:
-            net = ControlNetModel.from_pretrained(str(path), local_files_only=True)
+            # safetensors only: a pickled .bin in a downloaded folder is refused, not unpickled.
+            net = ControlNetModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
         except Exception as err:  # noqa: BLE001 -- any loader failure means a bad folder
             raise WeightsError(f"{path}: cannot load the exported Appearance Net ({type(err).__name__}); "
                                "re-export it from the stitching run") from None
@@ -264,10 +265,11 @@ def load_appearance(task: AdaptationTask, path: str | Path) -> None:
     if ckpt is None:
         raise WeightsError(f"{path}: no stitching checkpoint here (give model.appearance_from a stitching run "
                            "directory, a .ckpt file or an exported Appearance Net folder)")
-    try:
-        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise WeightsError(f"{ckpt}: cannot read checkpoint ({type(err).__name__}); is the file complete?") from None
+    from icp.tasks.loading import read_checkpoint
+
+    # weights_only: a stitching checkpoint from someone else cannot run code here (our own hold only
+    # tensors and plain values; trust_checkpoint is the explicit opt-out for a pickled one).
+    blob = read_checkpoint(ckpt, trust_checkpoint)
     state = blob.get("state_dict", blob)
     app = {k[len("appearance."):]: v for k, v in state.items() if k.startswith("appearance.")}
     if not app:

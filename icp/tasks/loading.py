@@ -40,7 +40,7 @@ def read_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        what = f"the object {found.group(1)}" if found else "objects that are not tensors or plain containers"
+        what = f"pickled Python objects (first: {found.group(1)})" if found else "pickled Python objects"
         if not trust_checkpoint:
             raise WeightsError(f"{path}: refused, it holds {what}; {TRUST_HINT}") from None
         log.warning("loading %s with full unpickling (trust_checkpoint=True): it can run code", path)
