@@ -63,7 +63,7 @@ def read_image(image: ImageLike, name: str | None = None) -> tuple[Image.Image, 
     if isinstance(image, (str, Path)):
         try:
             return Image.open(image).convert("RGB"), name or str(image)
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read image {image} ({type(err).__name__}); pass a PNG or JPEG file") from None
     if isinstance(image, Tensor):
         arr = ((image.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()

@@ -155,3 +155,13 @@ def test_config_cannot_reach_code_running_targets(tmp_path):
         except ConfigError:
             refused += 1
     assert refused == len(cases)
+
+
+def test_photo_decompression_bomb_is_one_line(tmp_path, monkeypatch):
+    from icp.errors import DataError
+    from icp.pipeline import read_image
+
+    Image.new("L", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px > 2x the cap: PIL raises its bomb error
+    with pytest.raises(DataError, match="DecompressionBombError"):
+        read_image(tmp_path / "big.png")
