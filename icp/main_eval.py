@@ -67,6 +67,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str = "cpu") -> dict:
                             pairs_per_identity=ev.pairs_per_identity, seed=cfg.seed, batch_size=ev.batch_size)
     flow_avg = M.Averages(list(FLOW_KEYS))
     grids, base_grids = [], []
+    model_rows: list[dict] = []
+    base_rows: list[dict] = []
+    ceiling: list[float] = []
     for i, batch in enumerate(take(loader, ev.pairs)):
         batch = _to_device(batch, device)
         generator = torch.Generator(device).manual_seed(cfg.seed + i)
@@ -74,8 +77,12 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str = "cpu") -> dict:
         generator = torch.Generator(device).manual_seed(cfg.seed + i)  # same noise for the baseline
         swapped = other_identity(batch)
         base = task.sample(swapped, num_steps=ev.steps, generator=generator)
-        model_eval.update(out, batch)
-        base_eval.update(base, batch)  # scored against the TRUE profile and target
+        model_rows += model_eval.update(out, batch)
+        base_rows += base_eval.update(base, batch)  # scored against the TRUE profile and target
+        if "icp" in extractors.identity:  # the ceiling: the true render of the target view
+            truth = extractors.identity["icp"](batch[K.TARGET]).embeddings
+            ref = extractors.identity["icp"](batch[K.PROFILE]).embeddings
+            ceiling += M.embedding_cosine(truth, ref).tolist()
         if hasattr(task, "predict_flow") and K.FLOW_GT in batch:
             from icp.tasks.adaptation import flow_metrics, flow_picture
 
@@ -83,7 +90,10 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str = "cpu") -> dict:
             found = flow_metrics(flows, task.match_levels, batch, task.pck_alpha)
             flow_avg.update({k: found[k].reshape(1) for k in FLOW_KEYS})
             if i == 0:
-                save_image(flow_picture(flows, task.match_levels, batch, count=6), out_dir / "flows.png")
+                picture = flow_picture(flows, task.match_levels, batch, count=6)[None]
+                scale = max(1, 96 // batch[K.TARGET].shape[-1])
+                save_image(torch.nn.functional.interpolate(picture, scale_factor=scale, mode="nearest"),
+                           out_dir / "flows.png")
         if i == 0:
             n = min(6, out.shape[0])
             grids = [batch[K.PROFILE][:n], batch[K.TARGET_MASKED][:n], out[:n], batch[K.TARGET][:n]]
@@ -94,13 +104,18 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str = "cpu") -> dict:
     _save_rows(out_dir / "grid.png", grids)
     _save_rows(out_dir / "baseline_grid.png", base_grids)
     relight = relighting_strip(task, cfg, out_dir / "relight.png", device)
-    return _summarise(out_dir, scores, baseline, extractors, relight)
+    paired = paired_difference(model_rows, base_rows, key="id_cos_icp" if "icp" in extractors.identity else None)
+    if ceiling:
+        paired["true_render_id_cos"] = sum(ceiling) / len(ceiling)
+    return _summarise(out_dir, scores, baseline, extractors, relight, paired)
 
 
 def _save_rows(path: Path, rows: list[torch.Tensor]) -> None:
     if rows:
         # One row per sample: its columns are the given image kinds.
         tiles = torch.stack(rows, dim=1).flatten(0, 1)
+        if tiles.shape[-1] < 96:  # tiny renders: enlarge (nearest) so a person can see them
+            tiles = torch.nn.functional.interpolate(tiles.float(), scale_factor=96 // tiles.shape[-1], mode="nearest")
         save_image(make_grid(tiles.float().cpu() * 0.5 + 0.5, nrow=len(rows), padding=2), path)
 
 
@@ -132,7 +147,26 @@ def relighting_strip(task, cfg: DictConfig, path: Path, device: str) -> dict:
     return {"light_err_own_target": float(own), "light_err_other_light": float(other)}
 
 
-def _summarise(out_dir: Path, scores: dict, baseline: dict, extractors, relight: dict) -> dict:
+def paired_difference(model_rows: list[dict], base_rows: list[dict], key: str | None) -> dict:
+    """Per-pair model - baseline differences of ``key``: mean, standard error, win rate.
+
+    Pairs share the masked target and the noise, so the paired difference isolates what the
+    profile contributes, and its standard error says whether +0.09 is more than chance.
+    """
+    if key is None:
+        return {}
+    diffs = [m[key] - b[key] for m, b in zip(model_rows, base_rows)
+             if m.get(key) == m.get(key) and b.get(key) == b.get(key)]  # drop NaN (no valid sample)
+    if len(diffs) < 2:
+        return {}
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    return {"metric": key, "pairs": n, "mean_diff": mean, "stderr": sd / n ** 0.5,
+            "win_rate": sum(d > 0 for d in diffs) / n}
+
+
+def _summarise(out_dir: Path, scores: dict, baseline: dict, extractors, relight: dict, paired: dict) -> dict:
     described = extractors.describe()
     rows = []
     for name in sorted(set(scores) | set(baseline)):
@@ -149,11 +183,17 @@ def _summarise(out_dir: Path, scores: dict, baseline: dict, extractors, relight:
                      "extractor": extractor, "meaning": MEANINGS.get(name, "")})
     for name, why in extractors.unavailable.items():
         rows.append({"name": name, "value": "unavailable", "meaning": why})
-    summary = identity_verdict(scores, baseline)
+    summary = identity_verdict(scores, baseline, paired)
+    if "flow_epe" in scores and "flow_epe_zero" in scores:
+        learned = scores["flow_epe"] < scores["flow_epe_zero"]
+        summary += (f" Matching: flow EPE {scores['flow_epe']:.2f} px vs {scores['flow_epe_zero']:.2f} px for the "
+                    f"zero flow, so the Matching Net {'has' if learned else 'has NOT yet'} learned useful "
+                    "correspondence at this scale.")
     notes = [f"relighting: lighting error of each output vs its own target's light {relight['light_err_own_target']:.4f}, "
              f"vs another light {relight['light_err_other_light']:.4f} (lower own = the output follows the new light)",
              "baseline = the same model, masked targets and noise, with each profile swapped for another held-out identity's"]
-    result = {"summary": summary, "metrics": rows, "extractors": described, "relighting": relight, "notes": notes}
+    result = {"summary": summary, "metrics": rows, "extractors": described, "relighting": relight,
+              "paired_identity": paired, "notes": notes}
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return {"metrics": str(out_dir / "metrics.json"), "summary": summary}
 
@@ -171,14 +211,20 @@ def extractor_of(metric: str, described: dict) -> str:
     return "renderer ground truth"
 
 
-def identity_verdict(scores: dict, baseline: dict) -> str:
+def identity_verdict(scores: dict, baseline: dict, paired: dict | None = None) -> str:
     key = "id_cos_icp" if "id_cos_icp" in scores else next((k for k in scores if k.startswith("id_cos_")), None)
     if key is None:
         return "No identity extractor was available, so identity preservation was not measured."
     ours, base = float(scores[key]), float(baseline[key])
     verdict = "beats" if ours > base else "does NOT beat"
-    return (f"Identity: generated portraits of held-out identities have {key} = {ours:.3f} to their profile; "
-            f"the other-identity baseline has {base:.3f}. icp {verdict} the baseline by {ours - base:+.3f}.")
+    text = (f"Identity: generated portraits of held-out identities have {key} = {ours:.3f} to their profile; "
+            f"the other-identity baseline has {base:.3f}. icp {verdict} the baseline by {ours - base:+.3f}")
+    if paired:
+        text += (f" (paired over {paired['pairs']} pairs: {paired['mean_diff']:+.3f} ± {paired['stderr']:.3f} s.e., "
+                 f"icp closer in {paired['win_rate']:.0%} of pairs)")
+        if "true_render_id_cos" in paired:
+            text += f"; the true render of the target view scores {paired['true_render_id_cos']:.3f} (the ceiling)"
+    return text + "."
 
 
 def _f(value):
