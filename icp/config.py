@@ -45,6 +45,14 @@ DEFAULT_ALLOWED_TARGETS = (
 )
 # Resolvers that only select or reshape config data; anything else (including custom resolvers a
 # third-party package may register) is refused.
+ALLOWED_TARGETS_ENV = "ICP_ALLOWED_TARGETS"
+# Callables inside allowed packages that load pickles, compile or fetch code: never config targets.
+DENIED_TARGETS = ("torch.load", "torch.hub", "torch.utils.cpp_extension", "torch.jit.load", "torch.package",
+                  "torch.serialization", "lightning.pytorch.core.saving",
+                  "transformers.dynamic_module_utils", "diffusers.utils.dynamic_modules_utils")
+# Keyword arguments that switch a safe loader into running code from a file or a hub repository.
+DENIED_KWARGS = {"weights_only": False, "trust_remote_code": True, "allow_pickle": True}
+DENIED_KWARG_NAMES = ("custom_pipeline",)
 SAFE_RESOLVERS = {"oc.select", "oc.dict.keys", "oc.dict.values", "oc.create", "oc.env"}
 SECRET_NAME = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)$|^WANDB_API", re.IGNORECASE)
 _RESOLVER_USE = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:([^}]*)\}")
@@ -207,7 +215,11 @@ def origin_of(cfg: DictConfig, key: str) -> str:
 
 
 def check_interpolations(cfg: DictConfig) -> None:
-    """Refuse resolvers outside the safe set and environment reads of secret-looking names."""
+    """Refuse resolvers outside the safe set, environment reads of secret-looking names, and
+    literal copies of secret environment values (e.g. a shell-expanded ``$WANDB_API_KEY``)."""
+    from icp.secrets import secret_values
+
+    secrets = secret_values()
 
     def walk(node: Any, path: str) -> None:
         if isinstance(node, DictConfig):
@@ -217,6 +229,10 @@ def check_interpolations(cfg: DictConfig) -> None:
             for i in range(len(node)):
                 walk(node._get_node(i)._value(), f"{path}[{i}]")
         elif isinstance(node, str):
+            for value, env_name in secrets.items():
+                if value in node:
+                    raise ConfigError(f"config key '{path}' holds the value of the secret ${env_name}; secrets must "
+                                      "stay out of configs (they are saved in every run directory)")
             for name, args in _RESOLVER_USE.findall(node):
                 if name not in SAFE_RESOLVERS:
                     raise ConfigError(f"config key '{path}' uses resolver '{name}', which is not allowed "
@@ -250,8 +266,17 @@ def save(cfg: DictConfig, path: str | Path) -> None:
 
 
 def allowed_targets(cfg: DictConfig | None) -> tuple[str, ...]:
-    extra = OmegaConf.select(cfg, "security.allowed_targets", default=None) if cfg is not None else None
-    return DEFAULT_ALLOWED_TARGETS + tuple(extra or ())
+    """Module prefixes ``_target_`` may name: the defaults, ``$ICP_ALLOWED_TARGETS`` (comma
+    separated) and ``security.allowed_targets`` when it was set on the command line.
+
+    A config file cannot widen the list itself: a downloaded YAML that trusted ``os`` would
+    otherwise run any command it likes.
+    """
+    env = tuple(p.strip() for p in os.environ.get(ALLOWED_TARGETS_ENV, "").split(",") if p.strip())
+    extra: tuple[str, ...] = ()
+    if cfg is not None and origin_of(cfg, "security.allowed_targets") == "command line":
+        extra = tuple(OmegaConf.select(cfg, "security.allowed_targets", default=None) or ())
+    return DEFAULT_ALLOWED_TARGETS + env + extra
 
 
 def locate(name: str, allowed: Iterable[str] = DEFAULT_ALLOWED_TARGETS, where: str = "the config") -> Any:
@@ -259,9 +284,12 @@ def locate(name: str, allowed: Iterable[str] = DEFAULT_ALLOWED_TARGETS, where: s
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", name):
         raise ConfigError(f"{where}: _target_ {name!r} is not a dotted import path like 'torch.optim.AdamW'")
     allowed = tuple(allowed)
+    if any(name == p or name.startswith(p + ".") for p in DENIED_TARGETS):
+        raise ConfigError(f"{where}: _target_ '{name}' can load or compile code and is never allowed in a config")
     if not any(name == p or name.startswith(p + ".") for p in allowed):
         raise ConfigError(f"{where}: _target_ '{name}' is outside the allowed modules ({', '.join(allowed)}); "
-                          "add its package to security.allowed_targets if you trust it")
+                          f"if you trust it, pass security.allowed_targets=[{name.split('.')[0]}] on the command "
+                          f"line or set {ALLOWED_TARGETS_ENV} (a config file cannot extend the list itself)")
     parts = name.split(".")
     for split in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:split])
@@ -328,6 +356,10 @@ def _build(node: Any, cfg: DictConfig | None, path: str, allowed: tuple[str, ...
     target = locate(node["_target_"], allowed, where)
     partial = bool(node.get("_partial_", False))
     kwargs = {k: v for k, v in node.items() if k not in ("_target_", "_partial_")}
+    for key, value in kwargs.items():
+        if key in DENIED_KWARG_NAMES or (key in DENIED_KWARGS and value == DENIED_KWARGS[key]):
+            raise ConfigError(f"config key '{path}.{key}' (set in {origin_of(cfg, f'{path}.{key}') if cfg is not None else 'the config'}) "
+                              "would let a loader run code from a file or hub; it is refused in configs")
     names, var_kw = accepted_keys(target)
     if not var_kw:
         for key in list(kwargs) + list(runtime):

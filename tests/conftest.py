@@ -9,6 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Test configs build objects from tests/ (toy tasks); a config file cannot trust a module itself.
+os.environ.setdefault("ICP_ALLOWED_TARGETS", "tests")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # makes `tests.toy` importable as a config target
 
@@ -16,3 +18,12 @@ sys.path.insert(0, str(ROOT))  # makes `tests.toy` importable as a config target
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(autouse=True)
+def close_wandb_runs():
+    """A test that opens a W&B run without closing it would make later WandbLoggers reuse it."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

@@ -86,8 +86,24 @@ def test_targets_outside_the_allow_list_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="outside the allowed modules"):
         cfglib.instantiate(cfg.x, cfg, "x")
     f2 = write(tmp_path / "ok.yaml", "security: {allowed_targets: [collections]}\nx: {_target_: collections.OrderedDict}\n")
-    cfg2 = cfglib.load(f2)
+    with pytest.raises(ConfigError, match="cannot extend the list itself"):  # the file cannot trust a module
+        cfglib.instantiate(cfglib.load(f2).x, cfglib.load(f2), "x")
+    cfg2 = cfglib.load(f2, ["security.allowed_targets=[collections]"])  # the person running it can
     assert cfglib.instantiate(cfg2.x, cfg2, "x") == {}
+
+
+def test_code_running_targets_and_switches_are_refused(tmp_path, monkeypatch):
+    for text, needle in [
+        ("x: {_target_: torch.hub.load, repo_or_dir: a/b, model: m}\n", "never allowed"),
+        ("x: {_target_: torch.nn.Linear, in_features: 1, out_features: 1, weights_only: false}\n", "run code"),
+        ("x: {_target_: diffusers.DiffusionPipeline.from_pretrained, custom_pipeline: evil}\n", "run code"),
+    ]:
+        cfg = cfglib.load(write(tmp_path / "c.yaml", text))
+        with pytest.raises(ConfigError, match=needle):
+            cfglib.validate(cfg.x, cfg, "x")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-1234567")
+    with pytest.raises(ConfigError, match="MY_SERVICE_TOKEN"):
+        cfglib.load(write(tmp_path / "s.yaml", "notes: run with tok-1234567\n"))
 
 
 def test_unsafe_resolvers_and_secret_env_reads_are_refused(tmp_path, monkeypatch):

@@ -136,8 +136,6 @@ def test_appearance_sources_are_safe(tmp_path):
     assert all(torch.equal(task.appearance.state_dict()[k], v) for k, v in ref.items())
 
 
-@pytest.mark.xfail(strict=True, reason="gap in icp/config.py (reported): a config may widen its own allow-list, "
-                   "and allowed packages contain code-running callables such as torch.load(weights_only=False)")
 def test_config_cannot_reach_code_running_targets(tmp_path):
     from icp.errors import ConfigError
 
