@@ -78,4 +78,3 @@ def test_wandb_offline_run_lives_in_the_run_dir_and_is_closed(toy):
     from icp.train import wandb_run_id
 
     assert len(offline) == 1 and offline[0].name.endswith(wandb_run_id(run))  # stable id: resumes append
-    assert list(offline[0].glob("*.wandb"))
