@@ -15,6 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # makes `tests.toy` importable as a config target
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models on a shared 2-core machine: several OpenMP threads per op only spin-wait."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT

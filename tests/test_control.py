@@ -7,13 +7,7 @@ from icp.models import backbone as B
 from icp.models.control import ControlUNet, split_halves, stitch, unstitch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small models on a shared 2-core machine: several OpenMP threads per op only spin-wait.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

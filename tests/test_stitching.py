@@ -12,13 +12,7 @@ from icp.tasks.grids import SampleGrid
 from icp.tasks.stitching import StitchingTask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small models on a shared 2-core machine: several OpenMP threads per op only spin-wait.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RES = 32
