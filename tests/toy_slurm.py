@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import lightning as L
+
+from tests.toy import ToyData
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -40,13 +42,11 @@ class ResumableLoader(DataLoader):
         self._skip = int(state["consumed"])
 
 
-class ResumableData(L.LightningDataModule):
+class ResumableData(ToyData):
+    """ToyData whose loader remembers its position, so a mid-epoch resume skips what was seen."""
+
     def __init__(self, n: int = 28, batch_size: int = 4, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, 4, generator=g)
-        self.data = TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5, 3.0]))
-        self.batch_size = batch_size
+        super().__init__(n=n, batch_size=batch_size, seed=seed)
 
     def train_dataloader(self):
         return ResumableLoader(self.data, batch_size=self.batch_size, shuffle=False)
