@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
 
 from icp.data import keys as K
 from icp.eval import metrics as M
@@ -70,7 +71,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str = "cpu") -> dict:
     model_rows: list[dict] = []
     base_rows: list[dict] = []
     ceiling: list[float] = []
-    for i, batch in enumerate(take(loader, ev.pairs)):
+    batches = tqdm(take(loader, ev.pairs), total=-(-ev.pairs // ev.batch_size), desc="evaluate", unit="batch")
+    for i, batch in enumerate(batches):
         batch = _to_device(batch, device)
         generator = torch.Generator(device).manual_seed(cfg.seed + i)
         out = task.sample(batch, num_steps=ev.steps, generator=generator)
