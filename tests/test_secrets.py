@@ -76,8 +76,10 @@ def test_wandb_config_is_redacted(planted, repo_root, monkeypatch):
             seen.update(kwargs)
 
     monkeypatch.setattr("lightning.pytorch.loggers.WandbLogger", Recorder)
-    cfg = cfglib.load(repo_root / "tests/configs/toy.yaml",
-                      ["+logger.wandb={mode: offline}", f"+notes={PLANTED['ICP_TEST_API_KEY']}"])
+    with pytest.raises(ConfigError, match="ICP_TEST_API_KEY"):  # first line of defence: refused at load
+        cfglib.load(repo_root / "tests/configs/toy.yaml", [f"+notes={PLANTED['ICP_TEST_API_KEY']}"])
+    cfg = cfglib.load(repo_root / "tests/configs/toy.yaml", ["+logger.wandb={mode: offline}"])
+    cfg.notes = PLANTED["ICP_TEST_API_KEY"]  # one that got in some other way is still scrubbed
     build_loggers(cfg, Path("runs/x"))
     assert seen["config"]["notes"] == "<redacted:ICP_TEST_API_KEY>" and not leaks(str(seen))
 
