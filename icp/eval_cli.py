@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", default=None, help="protocol YAML (default: eval/protocol.yaml)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--out", default=None, help="where to write metrics.json (default: RUN_DIR/eval/metrics.json)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that needs full unpickling: this RUNS CODE stored in the file; "
+                        "only for checkpoints from people you trust")
     p.set_defaults(func=run_eval)
 
     q = sub.add_parser("leaderboard", help="rank runs evaluated under one protocol -> Markdown + HTML + plot",
@@ -33,7 +36,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     protocol = load_protocol(args.protocol, args.overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = evaluate_run(args.target, protocol, device=device, out=args.out)
+    path = evaluate_run(args.target, protocol, device=device, out=args.out, trust_checkpoint=args.trust_checkpoint)
     import json
 
     record = json.loads(path.read_text())
