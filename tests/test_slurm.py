@@ -145,6 +145,9 @@ def test_slurm_requeue_resumes_to_the_same_weights(slurm_cluster, repo_root, tmp
     while cluster.job_field(pre, "Restarts") != "1" or cluster.job_field(pre, "JobState") != "PENDING":
         assert time.monotonic() < deadline, f"job {pre} was not requeued:\n{cluster.logs()}"
         time.sleep(0.3)
+    # slurmd refuses a relaunch whose credential is from the same second as the kill's revocation
+    # ("Job credential revoked"); a real cluster's BeginTime hold is far longer than this.
+    time.sleep(2.5)
     cluster.run("scontrol", "update", f"JobId={pre}", "StartTime=now")
     for job in jobs.values():
         assert cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"), 150) == "COMPLETED", cluster.logs()
