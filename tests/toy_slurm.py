@@ -14,7 +14,7 @@ import lightning as L
 
 from tests.toy import ToyData
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 
 class ResumableLoader(DataLoader):
