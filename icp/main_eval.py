@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
@@ -21,6 +22,7 @@ from icp.data import keys as K
 from icp.eval import metrics as M
 from icp.eval.evaluator import Evaluator, build_extractors
 from icp.eval.heldout import heldout_loader, take
+from icp.mainjob import shards_dirs
 from icp.tasks.loading import load_task
 
 MEANINGS = {
@@ -50,10 +52,6 @@ def other_identity(batch: dict) -> dict:
     return swapped
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def evaluate(cfg: DictConfig, run_dir: Path, device: str = "cpu") -> dict:
     ev = cfg.evaluate
     state = json.loads((run_dir / "stages.json").read_text())
@@ -63,7 +61,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str = "cpu") -> dict:
     embedder = Path(state["embedder"]["result"]["run_dir"]) / "embedder.pt"
     extractors = build_extractors(identity=tuple(ev.identity), embedder=str(embedder), fid=bool(ev.fid), device=device)
     model_eval, base_eval = Evaluator(extractors).to(device), Evaluator(extractors).to(device)
-    heldout = str(Path(cfg.data.out) / "heldout")
+    heldout = str(shards_dirs(cfg)[1])
     loader = heldout_loader(heldout, resolution=cfg.data.resolution, mask_ratio=ev.mask_ratio, patch_size=ev.patch_size,
                             pairs_per_identity=ev.pairs_per_identity, seed=cfg.seed, batch_size=ev.batch_size)
     flow_avg = M.Averages(list(FLOW_KEYS))
@@ -73,7 +71,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str = "cpu") -> dict:
     ceiling: list[float] = []
     batches = tqdm(take(loader, ev.pairs), total=-(-ev.pairs // ev.batch_size), desc="evaluate", unit="batch")
     for i, batch in enumerate(batches):
-        batch = _to_device(batch, device)
+        batch = move_data_to_device(batch, device)
         generator = torch.Generator(device).manual_seed(cfg.seed + i)
         out = task.sample(batch, num_steps=ev.steps, generator=generator)
         generator = torch.Generator(device).manual_seed(cfg.seed + i)  # same noise for the baseline
@@ -138,7 +136,7 @@ def relighting_strip(task, cfg: DictConfig, path: Path, device: str) -> dict:
     n = lights.shape[0]
     targets = R.render(ident.expand(n, -1), pose_t[None].expand(n, -1), lights, bg_t[None].expand(n, -1), res)["rgb"] * 2 - 1
     keep = random_patch_mask((1, res, res), ev.mask_ratio, ev.patch_size, generator=g).expand(n, -1, -1, -1)
-    batch = _to_device({K.PROFILE: profile.expand(n, -1, -1, -1), K.TARGET: targets,
+    batch = move_data_to_device({K.PROFILE: profile.expand(n, -1, -1, -1), K.TARGET: targets,
                         K.TARGET_MASKED: apply_mask(targets, keep), K.TARGET_KEEP: keep}, device)
     out = task.sample(batch, num_steps=ev.steps, generator=torch.Generator(device).manual_seed(cfg.seed))
     _save_rows(path, [batch[K.PROFILE], batch[K.TARGET_MASKED], out, batch[K.TARGET]])

@@ -22,15 +22,12 @@ from typing import Callable, Iterable
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torchvision.utils import make_grid, save_image
 
 from icp.data import keys as K
 from icp.eval.evaluator import Evaluator, build_extractors, per_identity
 from icp.eval.heldout import heldout_loader, take
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def grid(batch: dict, generated: torch.Tensor, n: int) -> torch.Tensor:
@@ -57,7 +54,7 @@ def evaluate(sample: Callable, batches: Iterable[dict], evaluator: Evaluator, de
     evaluator.reset()
     rows, grid_img = [], None
     for batch in batches:
-        batch = _to(batch, device)
+        batch = move_data_to_device(batch, device)
         # Seeded by the batch's first identity, not the step or rank: same noise every evaluation.
         first = int(batch[K.IDENTITY][0]) if K.IDENTITY in batch else 0
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first)
