@@ -1,37 +1,87 @@
-"""Performance switches: pure functions and context managers, each kept only where measured to pay.
+"""Performance switches of the training tasks (issue 9): one config node, ``model.perf``.
 
-Numbers behind every default are in eval/results/bench_train.md (made by eval/bench_train.py on
-an H100); the reasons are in docs/decisions/performance.md. Nothing here changes *what* is
-computed, only in which precision / memory layout / kernel; tests/test_perf.py checks each switch
-against the plain path on CPU (loss within bf16 tolerance).
+A task takes ``perf`` as a plain mapping (YAML ``model.perf``); :func:`settings` merges it over
+:data:`DEFAULTS` and checks it; :func:`configure_task` applies the training-side switches once
+(``DiffusionTask.setup``); the task reads the sampling-side ones in ``sample()``. Nothing here
+changes *what* is computed, only in which precision / memory layout / kernel / batching;
+tests/test_perf.py checks every switch against the plain path on CPU.
 
-- :func:`bf16_frozen`     -- frozen parts (VAE, text encoder, frozen generation UNet) stored in
-                             bf16: no per-step fp32->bf16 weight casts under autocast, half the
-                             weight memory, no grads kept for them;
-- :func:`channels_last`   -- NHWC memory format for conv nets (cuDNN's fast layout on tensor cores);
-- :func:`sdpa_backend` / :func:`set_sdpa_backend` -- choose the attention kernel (flash, cudnn, ...);
-- :func:`compile_module`  -- torch.compile, whole module or "regional" (each repeated ResNet /
-                             transformer block compiled once: fuses GroupNorm+SiLU, compiles fast);
-- :func:`graphed`         -- CUDA-graph capture of a fixed-shape inference call (sampling loops);
-- :func:`memoize_text`    -- cache the frozen text encoder's states of repeated prompts;
-- :func:`configure_task`  -- the one call a task makes to apply the configured switches.
+=====================  =========  ===================================================================
+key                    default    what
+=====================  =========  ===================================================================
+bf16_frozen            true       frozen parts (codec, text encoder, frozen UNet / control nets)
+                                  stored in bf16 without grads -- only under a bf16 trainer precision
+compile                default    torch.compile mode for the UNet, control nets and codec; CUDA only
+                                  (on CPU the C++ compile costs minutes for nothing measured); none=off
+compile_regional       true       compile each repeated ResNet / transformer block, not whole nets
+compile_dynamic        false      symbolic shapes (one graph for many block sizes: shorter compile)
+sdpa                   auto       attention kernel family (auto = cuDNN on H100, the fastest measured)
+channels_last          false      NHWC weights (measured slower with eager GroupNorm)
+fused_optimizer        true       fused AdamW/Adam on CUDA unless the optimizer node sets fused/foreach
+batched_cfg            true       sample(): cond + uncond in one UNet call (uncond = zero residuals)
+cuda_graph_sampling    true       sample(): the guided prediction of a step replayed as a CUDA graph
+sample_bf16            true       sample() outside a bf16 trainer autocasts to bf16 on CUDA
+=====================  =========  ===================================================================
+
+The figures behind every default are in eval/results/bench_train*.md (eval/bench_train.py on an
+H100) and the reasons in docs/decisions/performance.md. :data:`OFF` is the plain path: what a
+task did before these switches existed (the benchmark's "settings off" rows).
+
+Building blocks, usable on their own: :func:`bf16_frozen`, :func:`channels_last`,
+:func:`sdpa_backend` / :func:`set_sdpa_backend`, :func:`compile_module`, :func:`graphed` (capture
+now) and :class:`GraphedStep` (capture after warm-up calls), :func:`fused_optimizer`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable
+import functools
+import logging
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from icp.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 COMPILE_MODES = (None, "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Blocks that repeat through the SD UNet / ControlNet / VAE: compiling these "regionally" gives the
 # GroupNorm+SiLU+conv fusions of a whole-model compile at a fraction of the compile time.
 REGIONAL_BLOCKS = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock")
+
+DEFAULTS: dict[str, Any] = {
+    "bf16_frozen": True, "compile": "default", "compile_regional": True, "compile_dynamic": False,
+    "sdpa": "auto", "channels_last": False, "fused_optimizer": True, "batched_cfg": True,
+    "cuda_graph_sampling": True, "sample_bf16": True,
+}
+OFF: dict[str, Any] = {
+    "bf16_frozen": False, "compile": "none", "compile_regional": True, "compile_dynamic": False,
+    "sdpa": "auto", "channels_last": False, "fused_optimizer": False, "batched_cfg": False,
+    "cuda_graph_sampling": False, "sample_bf16": False,
+}
+
+
+def settings(node: Mapping[str, Any] | None = None, where: str = "model.perf") -> dict[str, Any]:
+    """``node`` merged over :data:`DEFAULTS`, checked: unknown keys and bad values are ConfigErrors."""
+    node = dict(node or {})
+    unknown = sorted(set(node) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]} is not a performance switch; known: {', '.join(DEFAULTS)}")
+    out = {**DEFAULTS, **node}
+    if out["compile"] is False:  # YAML `compile: false` reads as off
+        out["compile"] = "none"
+    if out["compile"] not in COMPILE_MODES:
+        raise ConfigError(f"{where}.compile='{out['compile']}' is not one of "
+                          f"{', '.join(str(m) for m in COMPILE_MODES)}")
+    if out["sdpa"] not in SDPA_BACKENDS:
+        raise ConfigError(f"{where}.sdpa='{out['sdpa']}' is not one of {', '.join(SDPA_BACKENDS)}")
+    for key, value in out.items():
+        if key not in ("compile", "sdpa") and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key}={value!r} must be true or false")
+    return out
 
 
 # ------------------------------------------------------------------------------ precision
@@ -42,7 +92,7 @@ def bf16_frozen(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
 
     Only for modules that never train. Under bf16 autocast the result is the same computation
     (autocast casts fp32 weights to bf16 anyway, every step); without autocast, callers must feed
-    inputs of ``dtype`` (the codec and task wrappers in icp do).
+    inputs of ``dtype`` (the codec does; DiffusionTask.sample autocasts).
     """
     module.requires_grad_(False)
     for param in module.parameters():
@@ -124,12 +174,15 @@ def set_sdpa_backend(name: str = "auto") -> None:
 
 
 def compile_module(module: nn.Module, mode: str | None = "default", regional: bool = True,
-                   backend: str = "inductor", blocks: Iterable[str] = REGIONAL_BLOCKS) -> int:
+                   backend: str = "inductor", blocks: Iterable[str] = REGIONAL_BLOCKS,
+                   dynamic: bool = False) -> int:
     """torch.compile ``module`` in place; returns how many (sub)modules were compiled.
 
     ``regional=True`` compiles each repeated block (``blocks`` by class name) instead of the whole
     model: the SD UNet's blocks share code, so compile time is a few graphs instead of one huge
     one, and a graph break in glue code costs nothing. ``mode`` None/"none" is a no-op.
+    ``dynamic=True`` traces symbolic shapes: blocks that differ only in size share one graph.
+    State-dict keys do not change (``nn.Module.compile`` compiles in place).
     """
     if mode not in COMPILE_MODES:
         raise ConfigError(f"perf.compile='{mode}' is not one of {', '.join(str(m) for m in COMPILE_MODES)}")
@@ -143,7 +196,7 @@ def compile_module(module: nn.Module, mode: str | None = "default", regional: bo
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
         torch._dynamo.config.accumulated_cache_size_limit = max(
             torch._dynamo.config.accumulated_cache_size_limit, 4096)
-    kwargs: dict[str, Any] = {"backend": backend, "dynamic": False}
+    kwargs: dict[str, Any] = {"backend": backend, "dynamic": bool(dynamic)}
     if backend == "inductor":
         kwargs["mode"] = mode
     if not regional:
@@ -166,7 +219,7 @@ def compile_module(module: nn.Module, mode: str | None = "default", regional: bo
 
 
 def graphed(fn: Callable[..., torch.Tensor], *example: torch.Tensor, warmup: int = 2) -> Callable[..., torch.Tensor]:
-    """Capture ``fn(*example)`` (no grad, fixed shapes) in a CUDA graph; returns a replaying callable.
+    """Capture ``fn(*example)`` (no grad, fixed shapes) in a CUDA graph now; returns a replaying callable.
 
     The callable copies its tensor arguments into the captured inputs and replays: the per-kernel
     launch cost of a sampling loop's many small kernels disappears. The returned output tensor is
@@ -195,37 +248,128 @@ def graphed(fn: Callable[..., torch.Tensor], *example: torch.Tensor, warmup: int
     return replay
 
 
+class GraphedStep:
+    """``fn(*tensors) -> tensor`` that becomes a CUDA-graph replay after ``warmup`` real calls.
+
+    For a loop calling ``fn`` with fixed shapes (a sampler's guided prediction): the first
+    ``warmup`` calls run eagerly on a side stream, as CUDA graph capture requires (they are real
+    steps, so no work is thrown away; compilation and cuDNN algorithm choice happen here); the
+    next call captures ``fn`` once, and every call from then on copies its arguments into the
+    captured inputs and replays. Each call returns a fresh tensor (schedulers may keep past
+    predictions). Inputs that ``fn`` closes over must stay alive and in place for the loop.
+    Off CUDA it just calls ``fn``; if capture fails (an op that waits for the host) it logs
+    why once and stays eager. Under autocast, the autocast weight cache must be off
+    (``torch.autocast(..., cache_enabled=False)``): cached casts would outlive the capture.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], warmup: int = 2):
+        self.fn, self.warmup = fn, warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = False
+        self._static_in: list[torch.Tensor] = []
+        self._static_out: torch.Tensor | None = None
+        self._side: torch.cuda.Stream | None = None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.failed or not args or not args[0].is_cuda:
+            return self.fn(*args)
+        if self.graph is None:
+            if self.calls < self.warmup:
+                self.calls += 1
+                return self._side_call(args)
+            if not self._capture(args):
+                return self.fn(*args)
+        for dst, src in zip(self._static_in, args):
+            dst.copy_(src)
+        self.graph.replay()
+        return self._static_out.clone()
+
+    def _side_call(self, args) -> torch.Tensor:
+        main = torch.cuda.current_stream()
+        self._side = self._side or torch.cuda.Stream()
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            out = self.fn(*args)
+        main.wait_stream(self._side)
+        out.record_stream(main)
+        return out
+
+    def _capture(self, args) -> bool:
+        self._static_in = [a.clone() for a in args]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = self.fn(*self._static_in)
+        except Exception as err:  # noqa: BLE001 -- any capture failure: run eagerly instead
+            self.failed = True
+            log.warning("CUDA graph capture failed (%s: %s); sampling continues without it (set "
+                        "model.perf.cuda_graph_sampling=false to skip the attempt)", type(err).__name__,
+                        str(err).splitlines()[0][:200] if str(err) else "")
+            return False
+        self.graph, self._static_out = graph, out
+        return True
+
+
+# ------------------------------------------------------------------------------ optimizer
+
+
+FUSABLE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam)
+
+
+def fused_optimizer(factory: Callable[..., torch.optim.Optimizer], params: list[torch.nn.Parameter]
+                    ) -> Callable[..., torch.optim.Optimizer]:
+    """``factory`` with ``fused=True`` where that is the same optimizer, only one kernel per step.
+
+    Applies to ``functools.partial(AdamW | Adam, ...)`` (a ``_partial_: true`` config node) that
+    chose neither ``fused`` nor ``foreach`` itself, when every parameter is a CUDA float tensor;
+    anything else is returned unchanged.
+    """
+    if not params or not all(p.is_cuda and p.is_floating_point() for p in params):
+        return factory
+    if (isinstance(factory, functools.partial) and factory.func in FUSABLE_OPTIMIZERS
+            and not {"fused", "foreach"} & set(factory.keywords)):
+        return functools.partial(factory, fused=True)
+    return factory
+
+
 # ------------------------------------------------------------------------------ task wiring
 
 
-def configure_task(task: nn.Module, bf16_frozen_weights: bool = True, channels_last_layout: bool = False,
-                   compile: str | None = "default", compile_regional: bool = True, sdpa: str = "auto",
-                   memo_text: bool = True, precision: str | None = None) -> dict[str, Any]:
-    """Apply the switches to a task (a LightningModule holding ``backbone`` and control nets).
+def configure_task(task: nn.Module, perf: Mapping[str, Any] | None = None, precision: str | None = None,
+                   device: torch.device | str | None = None) -> dict[str, Any]:
+    """Apply the training-side switches of ``perf`` (see :func:`settings`) to a task, in place.
 
     Call once, after the trainable parts are decided (requires_grad set) and before the
-    optimizer is built, e.g. at the start of ``DiffusionTask.setup``. ``precision`` is the
-    trainer's precision string: bf16 frozen weights need a bf16 autocast ("bf16-mixed") since
-    fp32 activations would otherwise meet bf16 weights. Returns what was applied.
+    optimizer is built (``DiffusionTask.setup``). ``precision``: the trainer's precision string;
+    bf16 frozen weights need a bf16 autocast ("bf16-mixed"), since fp32 activations would
+    otherwise meet bf16 weights (None = unknown: weights stay as they are). ``device``: where the
+    task will run (default: where its parameters are); compilation happens only for CUDA.
+    Returns what was applied.
     """
-    applied: dict[str, Any] = {"bf16_frozen": 0, "channels_last": False, "compiled": 0, "sdpa": sdpa}
-    if bf16_frozen_weights and (precision is None or str(precision).startswith("bf16")):
+    s = settings(perf)
+    applied: dict[str, Any] = {"bf16_frozen": 0, "channels_last": False, "compiled": 0, "sdpa": s["sdpa"]}
+    if s["bf16_frozen"] and precision is not None and str(precision).startswith("bf16"):
         for part in frozen_children(task):
             bf16_frozen(part)
             applied["bf16_frozen"] += sum(p.numel() for p in part.parameters())
-    if channels_last_layout:
+    if s["channels_last"]:
         channels_last(task)
         applied["channels_last"] = True
-    set_sdpa_backend(sdpa)
-    if memo_text and getattr(task, "backbone", None) is not None:
-        memoize_text(task.backbone)
-        applied["memo_text"] = True
+    set_sdpa_backend(s["sdpa"])
+    if device is None:
+        first = next(task.parameters(), None)
+        device = first.device if first is not None else "cpu"
     # Compile only where Triton/inductor pays (CUDA): on CPU (tests, CI) it costs minutes of
     # C++ compilation for nothing measured.
-    if not torch.cuda.is_available():
-        compile = None
-    for part in _compile_targets(task):
-        applied["compiled"] += compile_module(part, compile, regional=compile_regional)
+    if torch.device(device).type == "cuda":
+        for part in _compile_targets(task):
+            applied["compiled"] += compile_module(part, s["compile"], regional=s["compile_regional"],
+                                                  dynamic=s["compile_dynamic"])
     return applied
 
 
@@ -239,35 +383,3 @@ def _compile_targets(task: nn.Module) -> list[nn.Module]:
             targets.append(module)
             seen.add(id(module))
     return targets
-
-
-# ------------------------------------------------------------------------------ text cache
-
-
-def memoize_text(backbone: nn.Module, max_entries: int = 16) -> nn.Module:
-    """Cache ``backbone.encode_text`` for a frozen text encoder (in place; returns the backbone).
-
-    Tasks re-encode the same default prompt and the empty CFG prompt every step; with a frozen
-    encoder the states never change, so two text-encoder passes and two tokenisations per step
-    become dictionary look-ups. A trainable encoder bypasses the cache.
-    """
-    from collections import OrderedDict
-
-    original = backbone.encode_text
-    cache: OrderedDict = OrderedDict()
-
-    def encode_text(prompts: list[str]) -> torch.Tensor:
-        encoder = backbone.text_encoder
-        first = next(encoder.parameters())
-        if any(p.requires_grad for p in encoder.parameters()):
-            return original(prompts)
-        key = (tuple(prompts), first.device, first.dtype, torch.is_autocast_enabled(first.device.type))
-        if key not in cache:
-            cache[key] = original(prompts).detach()
-            if len(cache) > max_entries:
-                cache.popitem(last=False)
-        cache.move_to_end(key)
-        return cache[key]
-
-    backbone.encode_text = encode_text
-    return backbone

@@ -1,22 +1,33 @@
-"""icp.perf switches give the plain path's results (within bf16 tolerance) on CPU."""
+"""icp.perf switches give the plain path's results (within bf16 tolerance) on CPU, and the task
+wiring (``model.perf``) applies them: per switch the loss on the same batch and noise, batched
+CFG against two UNet calls, the all-off path against the sampling loop as it was before."""
 
 from __future__ import annotations
 
+import functools
+import types
+
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from icp import perf
 from icp.data import keys as K
 from icp.errors import ConfigError
 from icp.models.backbone import tiny
 
+RES = 32
+
 
 @pytest.fixture(autouse=True)
 def _threads():
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     perf.set_sdpa_backend("auto")
+    torch.set_num_threads(before)
 
 
 def _unet_loss(unet, seed=0, memory_format=torch.contiguous_format, autocast=True, return_pred=False):
@@ -37,6 +48,9 @@ def _norm_rel(a, b):
 
 def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+# ------------------------------------------------------------------------------ building blocks
 
 
 def test_bf16_frozen_matches_fp32_weights_under_autocast():
@@ -64,9 +78,7 @@ def test_channels_last_same_loss_and_grads():
     la.backward()
     lb.backward()
     assert torch.allclose(la, lb, rtol=1e-4, atol=1e-6)
-    ga = ref.conv_in.weight.grad
-    gb = fast.conv_in.weight.grad
-    assert _rel(gb, ga) < 1e-3
+    assert _rel(fast.conv_in.weight.grad, ref.conv_in.weight.grad) < 1e-3
 
 
 @pytest.mark.parametrize("backend", ["math", "flash"])
@@ -81,77 +93,230 @@ def test_sdpa_backend_same_attention(backend):
     assert _rel(F.scaled_dot_product_attention(q, k, v), ref) < 1e-4
 
 
-def test_bad_names_are_config_errors():
-    with pytest.raises(ConfigError, match="perf.sdpa"):
-        perf.set_sdpa_backend("fastest")
-    with pytest.raises(ConfigError, match="perf.compile"):
-        perf.compile_module(torch.nn.Linear(2, 2), mode="turbo")
-
-
 def test_regional_compile_counts_blocks_and_keeps_results():
     ref = tiny(resolution=32, width=32, seed=4).unet.eval()
     fast = tiny(resolution=32, width=32, seed=4).unet.eval()
+    keys = set(fast.state_dict())
     # aot_eager traces forward and backward like inductor but generates no code: fast on CPU.
     n = perf.compile_module(fast, mode="default", regional=True, backend="aot_eager")
     blocks = [m for m in ref.modules() if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")]
     assert n == len(blocks) > 0
+    assert set(fast.state_dict()) == keys  # checkpoints of a compiled task load into a plain one
     assert perf.compile_module(fast, mode="none") == 0
     with torch.no_grad():
         a, b = _unet_loss(ref, autocast=False), _unet_loss(fast, autocast=False)
     assert torch.allclose(a, b, rtol=1e-5)
 
 
-def test_graphed_is_identity_off_cuda():
+def test_graphs_are_plain_calls_off_cuda():
     fn = torch.nn.Linear(3, 3)
     assert perf.graphed(fn, torch.randn(2, 3)) is fn
+    step = perf.GraphedStep(fn)
+    x = torch.randn(2, 3)
+    for _ in range(4):
+        assert torch.equal(step(x), fn(x))
+    assert not step.captured
 
 
-def _batch(n=2, res=32, seed=0):
+def test_settings_merge_over_defaults_and_refuse_bad_keys():
+    assert perf.settings(None) == perf.DEFAULTS
+    assert perf.settings({"compile": False})["compile"] == "none"
+    assert set(perf.OFF) == set(perf.DEFAULTS)
+    with pytest.raises(ConfigError, match="model.perf.turbo"):
+        perf.settings({"turbo": True})
+    with pytest.raises(ConfigError, match="model.perf.compile"):
+        perf.settings({"compile": "fastest"})
+    with pytest.raises(ConfigError, match="model.perf.sdpa"):
+        perf.settings({"sdpa": "fastest"})
+    with pytest.raises(ConfigError, match="model.perf.batched_cfg"):
+        perf.settings({"batched_cfg": "yes"})
+    with pytest.raises(ConfigError, match="perf.sdpa"):
+        perf.set_sdpa_backend("fastest")
+    with pytest.raises(ConfigError, match="perf.compile"):
+        perf.compile_module(torch.nn.Linear(2, 2), mode="turbo")
+
+
+def test_fused_optimizer_only_for_unset_adam_on_cuda():
+    cuda = [types.SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)]
+    cpu = [torch.nn.Parameter(torch.zeros(2))]
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-3)
+    fused = perf.fused_optimizer(adamw, cuda)
+    assert fused.keywords == {"lr": 1e-3, "fused": True} and fused.func is torch.optim.AdamW
+    assert perf.fused_optimizer(adamw, cpu) is adamw  # fused AdamW needs CUDA tensors
+    chosen = functools.partial(torch.optim.AdamW, lr=1e-3, foreach=False)
+    assert perf.fused_optimizer(chosen, cuda) is chosen  # the user's explicit choice stands
+    sgd = functools.partial(torch.optim.SGD, lr=1e-3)
+    assert perf.fused_optimizer(sgd, cuda) is sgd
+
+
+# ------------------------------------------------------------------------------ task wiring
+
+
+def _batch(n=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    target = torch.rand(n, 3, res, res, generator=gen) * 2 - 1
-    keep = (torch.rand(n, 1, res, res, generator=gen) > 0.8).float()
-    return {K.PROFILE: torch.rand(n, 3, res, res, generator=gen) * 2 - 1, K.TARGET: target,
+    target = torch.rand(n, 3, RES, RES, generator=gen) * 2 - 1
+    keep = (torch.rand(n, 1, RES, RES, generator=gen) > 0.8).float()
+    return {K.PROFILE: torch.rand(n, 3, RES, RES, generator=gen) * 2 - 1, K.TARGET: target,
             K.TARGET_MASKED: target * keep, K.TARGET_KEEP: keep}
 
 
-def test_configure_task_loss_within_bf16_tolerance_of_plain_path():
+def _stitching(perf_node=None, **kwargs):
     from icp.tasks.stitching import StitchingTask
 
-    def loss(task):
-        gen = torch.Generator().manual_seed(7)
-        task.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return float(task.losses(_batch(), generator=gen)["loss"].detach())
-
-    plain = StitchingTask(tiny(resolution=32, width=32, seed=5), cond_drop_prob=0.0)
-    fast = StitchingTask(tiny(resolution=32, width=32, seed=5), cond_drop_prob=0.0)
-    applied = perf.configure_task(fast, precision="bf16-mixed")
-    # The frozen generation UNet and text encoder went to bf16; the trained Appearance Net did not.
-    assert applied["bf16_frozen"] > 0
-    assert fast.backbone.unet.conv_in.weight.dtype == torch.bfloat16
-    assert fast.appearance.net.conv_in.weight.dtype == torch.float32
-    assert fast.appearance.net.conv_in.weight.requires_grad
-    a, b = loss(plain), loss(fast)
-    assert abs(a - b) / a < 3e-2
-    # A 32-true run keeps fp32 weights (bf16 weights would meet fp32 activations).
-    other = StitchingTask(tiny(resolution=32, width=32, seed=5))
-    assert perf.configure_task(other, precision="32-true")["bf16_frozen"] == 0
+    torch.manual_seed(0)
+    task = StitchingTask(tiny(resolution=RES, width=32, seed=5), cond_drop_prob=0.0, perf=perf_node, **kwargs)
+    with torch.no_grad():  # zero-initialised projections would make every residual zero
+        for p in [*task.appearance.proj_down.parameters(), *task.appearance.proj_mid.parameters()]:
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    return task
 
 
-def test_memoize_text_returns_same_states_and_skips_the_encoder():
-    backbone = tiny(resolution=32, width=32, seed=6)
-    backbone.text_encoder.requires_grad_(False)
-    ref = backbone.encode_text(["a photo of a person", ""])
-    calls = []
-    backbone.text_encoder.register_forward_hook(lambda *a: calls.append(1))
-    perf.memoize_text(backbone)
-    first = backbone.encode_text(["a photo of a person", ""])
-    second = backbone.encode_text(["a photo of a person", ""])
-    assert torch.equal(first, ref) and torch.equal(second, ref)
-    assert len(calls) == 1
-    backbone.encode_text(["a face"])
-    assert len(calls) == 2
-    # A trainable encoder is never cached.
-    backbone.text_encoder.requires_grad_(True)
-    backbone.encode_text(["a photo of a person", ""])
-    assert len(calls) == 3
+def _loss_and_grads(task, seed=0):
+    """Loss on a fixed batch, noise and timesteps under bf16 autocast, and the trained weights' gradient."""
+    task.train()
+    task.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = task.losses(_batch(seed=seed), generator=torch.Generator().manual_seed(7 + seed))["loss"]
+    loss.backward()
+    grads = torch.cat([p.grad.flatten().float() for p in task.trainable_parameters()])
+    return float(loss.detach()), grads
+
+
+# One row per switch: the plain path with only that switch at its project default.
+SWITCHES = [k for k in perf.DEFAULTS if perf.DEFAULTS[k] != perf.OFF[k]] + ["sdpa=math", "channels_last=on"]
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_each_switch_keeps_the_loss_within_bf16_tolerance(switch):
+    key, _, value = switch.partition("=")
+    node = {**perf.OFF, key: {"on": True, "": perf.DEFAULTS[key]}.get(value, value)}
+    plain, fast = _stitching(perf.OFF), _stitching(node)
+    plain.configure_perf(precision="bf16-mixed", device="cpu")
+    applied = fast.configure_perf(precision="bf16-mixed", device="cpu")
+    assert applied["compiled"] == 0  # compilation is for CUDA only
+    if key == "bf16_frozen":
+        assert applied["bf16_frozen"] > 0 and fast.backbone.unet.conv_in.weight.dtype == torch.bfloat16
+        assert fast.appearance.net.conv_in.weight.dtype == torch.float32  # trained: stays fp32
+    (a, ga), (b, gb) = _loss_and_grads(plain), _loss_and_grads(fast)
+    assert abs(a - b) / a < 1e-2, (a, b)
+    assert _norm_rel(gb, ga) < 5e-2
+    # Not vacuous: another batch moves the gradient far more than the switch does.
+    assert _norm_rel(_loss_and_grads(fast, seed=1)[1], gb) > 0.3
+
+
+def test_bf16_frozen_only_under_a_bf16_precision():
+    task = _stitching()
+    assert task.configure_perf(precision="32-true", device="cpu")["bf16_frozen"] == 0
+    assert task.backbone.unet.conv_in.weight.dtype == torch.float32
+
+
+def _old_sample(task, batch, num_steps, guidance, generator):
+    """DiffusionTask.sample as it was before model.perf (two UNet calls, no graphs, no autocast)."""
+    b, _, h, w = batch[K.PROFILE].shape
+    f = task.backbone.downscale
+    task.eval()
+    with torch.no_grad():
+        latents = torch.randn((b, task.backbone.latent_channels, h // f, w // f), generator=generator)
+        scheduler = task.backbone.sampling_scheduler(task.sampler)
+        scheduler.set_timesteps(num_steps)
+        latents = latents * scheduler.init_noise_sigma
+        state = task.prepare_condition(batch)
+        text = task.text_states(batch, b)
+        uncond = task.empty_text_states(b)
+        for t in scheduler.timesteps:
+            x = scheduler.scale_model_input(latents, t)
+            tb = t.expand(b)
+            pred = task.unet(x, tb, text, task.condition(state, x, tb, text)).float()
+            pred_u = task.unet(x, tb, uncond).float()
+            pred = pred_u + guidance * (pred - pred_u)
+            latents = scheduler.step(pred, t, latents).prev_sample
+        return task.backbone.codec.decode(latents).float().clamp(-1, 1)
+
+
+def _sample(task, batch, steps=3, guidance=3.0):
+    return task.sample(batch, num_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(3))
+
+
+def test_sampling_settings_off_is_the_old_loop_and_batched_cfg_equals_it():
+    batch = _batch()
+    off, fast = _stitching(perf.OFF), _stitching()
+    old = _old_sample(off, batch, 3, 3.0, torch.Generator().manual_seed(3))
+    assert torch.equal(_sample(off, batch), old)
+    batched = _sample(fast, batch)  # project defaults on CPU: batched CFG, fp32
+    assert _rel(batched, old) < 1e-5
+    # Not vacuous: the condition matters (the residuals are not zero).
+    swapped = {**batch, K.PROFILE: batch[K.PROFILE].flip(0)}
+    assert _rel(_sample(fast, swapped), batched) > 1e-3
+
+
+def test_batched_cfg_with_adaptation_and_extra_profiles():
+    from icp.tasks.adaptation import EXTRA_PROFILES, AdaptationTask
+
+    def task(node):
+        torch.manual_seed(0)
+        t = AdaptationTask(tiny(resolution=RES, width=16, seed=6), cond_drop_prob=0.0, perf=node)
+        with torch.no_grad():
+            for p in t.fusion.parameters():
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+        return t
+
+    batch = {**_batch(), EXTRA_PROFILES: [_batch(seed=2)[K.PROFILE]]}
+    a, b = _sample(task(perf.OFF), batch, steps=2), _sample(task(None), batch, steps=2)
+    assert _rel(b, a) < 1e-5
+
+
+def test_sample_with_bf16_frozen_weights_outside_a_trainer():
+    batch = _batch()
+    ref = _sample(_stitching(), batch)
+    fast = _stitching()
+    fast.configure_perf(precision="bf16-mixed", device="cpu")  # as a bf16-mixed fit leaves it
+    assert fast.backbone.unet.conv_in.weight.dtype == torch.bfloat16 and fast._trainer is None
+    out = _sample(fast, batch)  # autocasts by itself: fp32 latents never meet bf16 weights
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert _norm_rel(out, ref) < 5e-2
+
+
+def test_bf16_task_checkpoint_loads_into_an_fp32_task():
+    from icp.tasks.adaptation import AdaptationTask
+
+    def task():
+        torch.manual_seed(0)
+        return AdaptationTask(tiny(resolution=RES, width=16, seed=7), train_appearance=False)
+
+    trained = task()
+    trained.configure_perf(precision="bf16-mixed", device="cpu")
+    assert trained.appearance.net.conv_in.weight.dtype == torch.bfloat16  # a frozen task net
+    ckpt = {"state_dict": trained.state_dict()}
+    trained.on_save_checkpoint(ckpt)
+    fresh = task()
+    fresh.on_load_checkpoint(ckpt)
+    fresh.load_state_dict(ckpt["state_dict"])
+    for name, p in fresh.named_parameters():
+        q = dict(trained.named_parameters())[name]
+        assert p.dtype == torch.float32 and torch.equal(p.to(q.dtype), q), name
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {k: v[0] for k, v in _batch(1, seed=i).items()}
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_trainer_applies_perf_once_in_setup(tmp_path, precision):
+    task = _stitching(train_unet="frozen")
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, precision=precision, default_root_dir=tmp_path,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(task, DataLoader(_Pairs(), batch_size=2))
+    applied = task.perf_applied
+    assert (applied["bf16_frozen"] > 0) == (precision == "bf16-mixed") and applied["compiled"] == 0
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults.get("fused")  # CPU: not fused
+    assert task.perf_applied is applied  # a second setup (validate) does not apply twice
+    trainer.validate(task, DataLoader(_Pairs(), batch_size=2), verbose=False)
+    assert task.perf_applied is applied
+    images = _sample(task, _batch(), steps=2)  # still attached to the trainer: its precision
+    assert torch.isfinite(images).all()

@@ -81,9 +81,11 @@ def test_sampler_recovers_the_target_with_an_oracle_model(prediction_type):
     alphas = task.backbone.noise_scheduler.alphas_cumprod
 
     def oracle(latents, timesteps, text_states, residuals=None):
+        # Batched CFG (model.perf.batched_cfg) calls it with [cond | uncond]: x0 for both halves.
+        target = x0.repeat(latents.shape[0] // x0.shape[0], 1, 1, 1)
         a = alphas[timesteps].view(-1, 1, 1, 1)
-        eps = (latents - a.sqrt() * x0) / (1 - a).sqrt()
-        return {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction_type]
+        eps = (latents - a.sqrt() * target) / (1 - a).sqrt()
+        return {"epsilon": eps, "sample": target, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * target}[prediction_type]
 
     task.unet = oracle
     out = task.sample(batch, num_steps=10, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
@@ -157,7 +159,10 @@ def test_lightning_fit_writes_grids_and_lean_checkpoints(tmp_path, precision):
     # Reload into a fresh task built from the same backbone path: trained weights and EMA come back.
     fresh = StitchingTask.load_from_checkpoint(ckpt, backbone=B.tiny(resolution=RES, width=16))
     for name, p in fresh.named_parameters():
-        assert torch.equal(p, dict(task.named_parameters())[name]), name
+        # Under bf16-mixed the frozen parts trained in bf16 (model.perf.bf16_frozen); the reload
+        # has them in fp32 again from the backbone path: equal once rounded to bf16.
+        trained_p = dict(task.named_parameters())[name]
+        assert p.dtype == torch.float32 and torch.equal(p.to(trained_p.dtype), trained_p), name
     assert all(torch.equal(a, b) for a, b in zip(fresh._ema.shadow_params, task._ema.shadow_params))
 
 

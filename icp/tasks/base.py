@@ -4,8 +4,9 @@ It owns what every IC-Portrait stage has in common: the backbone (generation UNe
 encoder), text conditioning with a default prompt, noise + timestep sampling and the denoising
 loss, classifier-free-guidance dropout, which backbone parts train (frozen / LoRA / full), an
 EMA of the trained weights (swapped in for validation and sampling, stored in checkpoints),
-optimizer + scheduler from ``_partial_`` config nodes, gradient checkpointing, and ``sample()``
--- the only door evaluation uses.
+optimizer + scheduler from ``_partial_`` config nodes, gradient checkpointing, the performance
+switches of ``perf`` (icp.perf: bf16 frozen weights, compilation, fused AdamW, batched CFG and
+CUDA graphs in sampling), and ``sample()`` -- the only door evaluation uses.
 
 A subclass supplies the condition through two hooks:
 
@@ -22,7 +23,8 @@ and its residuals are zeroed, i.e. the generation UNet runs unconditioned -- exa
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from diffusers import ModelMixin
 from diffusers.training_utils import EMAModel
 
+from icp import perf as perflib
 from icp.data import keys as K
 from icp.errors import ConfigError, WeightsError
 from icp.models.backbone import Backbone
@@ -56,6 +59,7 @@ class DiffusionTask(L.LightningModule):
         guidance_scale: float = 2.0,
         sampler: str = "ddim",
         save_frozen_weights: bool = False,
+        perf: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if train_unet not in TRAIN_UNET_MODES:
@@ -75,6 +79,10 @@ class DiffusionTask(L.LightningModule):
         self.guidance_scale = guidance_scale
         self.sampler = sampler
         self.save_frozen_weights = save_frozen_weights
+        # Performance switches (icp.perf.DEFAULTS merged with the config's model.perf); the
+        # training-side ones are applied once in setup(), the sampling-side ones in sample().
+        self.perf_config = perflib.settings(perf)
+        self.perf_applied: dict[str, Any] | None = None
         # The codec and text encoder never train here (paper: only the control nets and the
         # generation UNet's adapters learn).
         backbone.codec.requires_grad_(False)
@@ -191,7 +199,9 @@ class DiffusionTask(L.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ConfigError("nothing to train: every part is frozen (check model.train_unet and the task's nets)")
-        factory = self.optimizer_factory or (lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=1e-2))
+        factory = self.optimizer_factory or functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=1e-2)
+        if self.perf_config["fused_optimizer"]:
+            factory = perflib.fused_optimizer(factory, params)  # same AdamW, one kernel (CUDA only)
         optimizer = factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
@@ -199,6 +209,7 @@ class DiffusionTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
+        self.configure_perf()
         if self.gradient_checkpointing:
             # Also the frozen generation UNet: gradients flow through it to the injected residuals.
             # (Parts run under no_grad, the codec and text encoder, are unaffected by the flag.)
@@ -206,6 +217,19 @@ class DiffusionTask(L.LightningModule):
                 if isinstance(module, ModelMixin) and module._supports_gradient_checkpointing:
                     module.enable_gradient_checkpointing()
         self._ensure_ema()
+
+    def configure_perf(self, precision: str | None = None, device: torch.device | str | None = None
+                       ) -> dict[str, Any]:
+        """Apply the training-side ``perf`` switches once (bf16 frozen parts, layout, attention
+        kernel, compilation). Defaults: the attached trainer's precision and device."""
+        if self.perf_applied is None:
+            trainer = self._trainer
+            if precision is None and trainer is not None:
+                precision = str(trainer.precision)
+            if device is None and trainer is not None:
+                device = trainer.strategy.root_device
+            self.perf_applied = perflib.configure_task(self, self.perf_config, precision=precision, device=device)
+        return self.perf_applied
 
     # -- EMA of the trained weights
     def _ensure_ema(self) -> EMAModel | None:
@@ -281,11 +305,48 @@ class DiffusionTask(L.LightningModule):
 
     # ------------------------------------------------------------------------------- sampling
 
-    def _precision_context(self):
+    def _precision_context(self, graphs: bool = False):
+        """Autocast for sampling. bf16 when the trainer trains in bf16, when frozen weights are
+        stored in bf16 (any device: fp32 latents cannot meet bf16 weights), or outside a bf16
+        trainer on CUDA with ``perf.sample_bf16``; otherwise the trainer's own precision."""
         trainer = self._trainer
+        precision = str(trainer.precision) if trainer is not None else ""
+        bf16_weights = bool(self.perf_applied and self.perf_applied.get("bf16_frozen"))
+        if (precision.startswith("bf16") or bf16_weights
+                or (self.perf_config["sample_bf16"] and self.device.type == "cuda")):
+            # No weight-cast cache under CUDA graphs: cached casts would outlive the capture.
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not graphs)
         if trainer is not None:
             return trainer.precision_plugin.forward_context()
         return contextlib.nullcontext()
+
+    def guided_prediction(self, state: Any, text: torch.Tensor, uncond: torch.Tensor | None,
+                          guidance: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """(x, t) -> classifier-free-guided model output (fp32) for one denoising step.
+
+        The unconditional branch is the generation UNet with the empty prompt and no residuals
+        (as CFG dropout trains it). ``perf.batched_cfg`` runs both branches in one UNet call of
+        twice the batch, the uncond half with zero residuals (adding zero changes nothing).
+        """
+        batched = self.perf_config["batched_cfg"]
+
+        def predict(x: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+            residuals = self.condition(state, x, tb, text)
+            if uncond is None:
+                return self.unet(x, tb, text, residuals).float()
+            if batched:
+                down, mid = residuals
+                pair = (tuple(torch.cat([r, torch.zeros_like(r)]) for r in down),
+                        torch.cat([mid, torch.zeros_like(mid)]))
+                both = self.unet(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([text, uncond.to(text.dtype)]),
+                                 pair).float()
+                pred, pred_u = both.chunk(2)
+            else:
+                pred = self.unet(x, tb, text, residuals).float()
+                pred_u = self.unet(x, tb, uncond).float()
+            return pred_u + guidance * (pred - pred_u)
+
+        return predict
 
     @torch.no_grad()
     def sample(self, batch: dict, num_steps: int = 20, guidance_scale: float | None = None,
@@ -296,10 +357,11 @@ class DiffusionTask(L.LightningModule):
         b, _, h, w = ref.shape
         f = self.backbone.downscale
         shape = (b, self.backbone.latent_channels, h // f, w // f)
+        graphs = self.perf_config["cuda_graph_sampling"] and self.device.type == "cuda"
         was_training = self.training
         self.eval()
         try:
-            with self.ema_weights(), self._precision_context():
+            with self.ema_weights(), self._precision_context(graphs):
                 noise_device = generator.device if generator is not None else self.device
                 latents = torch.randn(shape, generator=generator, device=noise_device).to(self.device)
                 scheduler = self.backbone.sampling_scheduler(self.sampler)
@@ -308,13 +370,13 @@ class DiffusionTask(L.LightningModule):
                 state = self.prepare_condition(batch)
                 text = self.text_states(batch, b)
                 uncond = self.empty_text_states(b) if guidance != 1.0 else None
+                predict = self.guided_prediction(state, text, uncond, guidance)
+                if graphs:
+                    # The step's model calls replayed as one CUDA graph (scheduler.step stays outside).
+                    predict = perflib.GraphedStep(predict)
                 for t in scheduler.timesteps:
                     x = scheduler.scale_model_input(latents, t)
-                    tb = t.expand(b).to(self.device)
-                    pred = self.unet(x, tb, text, self.condition(state, x, tb, text)).float()
-                    if uncond is not None:
-                        pred_u = self.unet(x, tb, uncond).float()
-                        pred = pred_u + guidance * (pred - pred_u)
+                    pred = predict(x, t.expand(b).to(self.device))
                     latents = scheduler.step(pred, t, latents).prev_sample
                 images = self.backbone.codec.decode(latents)
         finally:
