@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import lightning as L
 import torch
 from torch import Tensor
 
@@ -36,6 +37,7 @@ from icp.tasks.base import DiffusionTask, Residuals
 # Their injections are averaged with the main profile's (icp generate --profile A --profile B).
 EXTRA_PROFILES = "extra_profiles"
 MATCHING_MODES = ("argmax", "soft")
+MATCHING_INITS = ("base", "random")
 
 
 class AdaptationTask(DiffusionTask):
@@ -49,15 +51,20 @@ class AdaptationTask(DiffusionTask):
     flow of the matched level nearest in resolution; warp_identity: False = unwarped ablation;
     aux_flow_weight: weight of the ground-truth flow loss (0 = off, the paper's setting);
     flow_eval_timestep: timestep at which validation measures the flow; pck_alpha: PCK threshold
-    as a fraction of the image size; flow_images: how many pairs the flow picture shows.
+    as a fraction of the image size; flow_images: how many pairs the flow picture shows;
+    matching_init: "base" (the Matching Net is a copy of the base UNet's encoder, the paper's
+    setting) or "random" (diffusers' default init: the fast-learner ablation, claim a).
     """
 
     def __init__(self, backbone: Backbone, appearance_from: str | None = None, train_appearance: bool = False,
                  matching_mode: str = "argmax", temperature: float = 0.1, chunk_rows: int | None = None,
                  match_levels: Sequence[int] | None = None, warp_identity: bool = True,
                  aux_flow_weight: float = 0.0, flow_eval_timestep: int = 200, pck_alpha: float = 0.05,
-                 flow_images: int = 4, cond_embedding_channels: int = 64, **kwargs: Any):
+                 flow_images: int = 4, cond_embedding_channels: int = 64, matching_init: str = "base",
+                 **kwargs: Any):
         super().__init__(backbone=backbone, **kwargs)
+        if matching_init not in MATCHING_INITS:
+            raise ConfigError(f"model.matching_init='{matching_init}' is not one of {', '.join(MATCHING_INITS)}")
         if matching_mode not in MATCHING_MODES:
             raise ConfigError(f"model.matching_mode='{matching_mode}' is not one of {', '.join(MATCHING_MODES)}")
         if temperature <= 0:
@@ -65,7 +72,10 @@ class AdaptationTask(DiffusionTask):
         if aux_flow_weight < 0:
             raise ConfigError(f"model.aux_flow_weight={aux_flow_weight} must be >= 0 (0 disables it)")
         self.appearance = ControlUNet(backbone.unet, cond_embedding_channels=cond_embedding_channels)
-        self.matching = ControlUNet(backbone.unet, cond_embedding_channels=cond_embedding_channels)
+        # Built before load_appearance, so "base" copies the backbone as loaded (the pretrained
+        # base), not the generation-UNet weights a stitching run trained.
+        self.matching = ControlUNet(backbone.unet, cond_embedding_channels=cond_embedding_channels,
+                                    copy_weights=matching_init == "base")
         levels = self.appearance.num_levels
         self.match_levels = sorted(set(range(levels) if match_levels is None else (int(l) for l in match_levels)))
         if not self.match_levels or not all(0 <= l < levels for l in self.match_levels):
@@ -358,3 +368,95 @@ def write_flow_images(trainer, flows: list[Tensor], levels: Sequence[int], batch
             logger.log_image(key="val/flow", images=[arr], step=trainer.global_step,
                              caption=["profile / target / true flow / predicted flow / warped profile"])
     return path
+
+
+# ------------------------------------------------------------------- flow over training steps
+
+
+class FlowCurve(L.Callback):
+    """Held-out flow EPE / PCK of the Matching Net at given optimizer steps, 0 = before training.
+
+    The paper's claim (a) is about *how fast* matching is learned, so the flow is measured on a
+    fixed set of held-out pairs (``shards``, built like validation pairs) at each of ``steps``,
+    with the target noised to the task's ``flow_eval_timestep`` by a fixed generator: every
+    point of the curve sees the same pairs and the same noise. Results go to
+    ``<run_dir>/<out>`` (a JSON list, rewritten after each point, so a resumed run keeps them)
+    and to the trainer's loggers as ``heldout/flow_*``.
+    """
+
+    def __init__(self, shards: str, steps: Sequence[int] = (0, 50, 100, 200), pairs: int = 64,
+                 pairs_per_identity: int = 4, batch_size: int = 16, resolution: int | None = None,
+                 mask_ratio: float = 0.8, patch_size: int = 4, seed: int = 0, out: str = "flow_curve.json"):
+        self.shards, self.steps = shards, sorted({int(s) for s in steps})
+        self.pairs, self.pairs_per_identity, self.batch_size = pairs, pairs_per_identity, batch_size
+        self.resolution, self.mask_ratio, self.patch_size, self.seed = resolution, mask_ratio, patch_size, seed
+        self.out = out
+        self._batches: list[dict] | None = None
+        self.points: list[dict] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import json
+
+        path = Path(trainer.default_root_dir) / self.out
+        if path.is_file():  # a resumed run: keep the points already measured
+            self.points = json.loads(path.read_text())
+
+    def _load(self) -> list[dict]:
+        if self._batches is None:
+            from torch.utils.data import DataLoader
+
+            from icp.data.datamodule import PairMaker
+            from icp.data.shards_read import ShardStream
+
+            maker = PairMaker(self.resolution, self.mask_ratio, self.patch_size, self.pairs_per_identity,
+                              seed=self.seed, fixed=True)
+            stream = ShardStream(self.shards, maker, seed=self.seed, shardshuffle=False, shuffle_buffer=0,
+                                 resampled=False)
+            self._batches, seen = [], 0
+            for batch in DataLoader(stream, batch_size=self.batch_size, num_workers=0):
+                keep = min(len(batch[K.TARGET]), self.pairs - seen)
+                self._batches.append({k: v[:keep] for k, v in batch.items()})
+                seen += keep
+                if seen >= self.pairs:
+                    break
+        return self._batches
+
+    @torch.no_grad()
+    def measure(self, task: AdaptationTask) -> dict[str, float]:
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        sums: dict[str, float] = {}
+        count = 0
+        with task.ema_weights():
+            for i, batch in enumerate(self._load()):
+                batch = move_data_to_device(batch, task.device)
+                generator = torch.Generator(task.device).manual_seed(self.seed + 1000 + i)
+                found = flow_metrics(task.predict_flow(batch, generator=generator), task.match_levels, batch,
+                                     task.pck_alpha)
+                n = len(batch[K.TARGET])
+                for key in ("flow_epe", "flow_pck", "flow_epe_zero"):
+                    sums[key] = sums.get(key, 0.0) + float(found[key]) * n
+                count += n
+        return {k: v / max(count, 1) for k, v in sums.items()} | {"pairs": count}
+
+    def _maybe_measure(self, trainer, task) -> None:
+        step = int(trainer.global_step)
+        if step not in self.steps or any(p["step"] == step for p in self.points) or not trainer.is_global_zero:
+            return
+        point = {"step": step, **self.measure(task)}
+        self.points.append(point)
+        self.points.sort(key=lambda p: p["step"])
+        import json
+
+        path = Path(trainer.default_root_dir) / self.out
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.points, indent=2))
+        tmp.replace(path)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"heldout/{k}": v for k, v in point.items() if k.startswith("flow_")}, step=step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._maybe_measure(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._maybe_measure(trainer, pl_module)
