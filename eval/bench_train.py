@@ -1,19 +1,36 @@
-"""GPU training / sampling / loader benchmark (issue 9), one run, one table.
+"""GPU training / sampling / loader benchmark (issue 9): one run, one table.
 
-    python eval/bench_train.py                      # full SD1.5 sizes (GPU)
-    python eval/bench_train.py --tiny --out /tmp/b  # seconds on CPU: every code path, tiny sizes
+    python eval/bench_train.py --plan h100 --budget 530 --out DIR   # one <= 9-minute H100 call
+    python eval/bench_train.py --plan h100b --budget 530 --out DIR  # the rows call 1 had no time for
+    python eval/bench_train.py --tiny --out /tmp/bench_tiny         # every code path, tiny, CPU, ~1 min
 
-Sections (``--only a,b,...``): peak (bf16 matmul rate, the MFU denominator); a (plain diffusers
-train step = baseline, + the same loop with single switches); b (the same step through icp's
-task + lightning.Trainer, perf settings off / on); c (full Lighting-Aware Stitching step at 512
-px, and View-Consistent Adaptation when that task exists); d (sampling: plain diffusers loops vs
-icp's task.sample, and task.sample with CUDA graphs); vae (encode at 512 px); e (shard loader
-samples/s with this machine's cores vs what c consumes). Writes bench_train.{json,md} to --out.
+Rows (``--only`` takes row names or section letters, run in the given order):
+
+- peak: bf16 matmul rate, the MFU denominator;
+- a: the plain diffusers train step (the baseline, ``a_plain``), its 64x128 canvas version, and
+  the same loop with single switches (``a_variants``: channels_last, SDPA kernels; ``a_compile``);
+- b: the same denoising step through icp's task and ``lightning.Trainer``: ``b_task_off``
+  (``model.perf`` all off: the framework alone), ``b_task_defaults`` (the project's defaults, read
+  from experiments/stitching/sd15.yaml's ``model.perf``) and ``b_task_defaults_big`` (defaults at a
+  larger batch, from the memory they save);
+- c: the full Lighting-Aware Stitching / View-Consistent Adaptation steps at 512 px, off / defaults;
+- d: sampling (30 DDIM steps, CFG): plain diffusers loops (``d_plain_unet``, ``d_plain_controlnet``
+  = the same models as StitchingTask.sample) vs ``task.sample`` as evaluation calls it (no
+  trainer) with perf off / defaults / defaults without the CUDA graph;
+- vae: VAE encode at 512 px; e: the shard loader's samples/s with this machine's cores.
+
+Each task row is built the way a config builds it: ``perf=<the model.perf node>`` and an AdamW
+``_partial_`` optimizer ("off" rows set ``fused: true`` in it, as (a) does, so that they do the
+same work as the baseline; "defaults" rows leave it to ``perf.fused_optimizer``). FLOPs are counted
+eagerly before anything is compiled or graphed. ``--budget`` skips a row whose estimated time
+(compile included, see ROW_COST_S) no longer fits, so a run under a hard time limit keeps every
+finished row; the table is rewritten after each row. Writes bench_train[_TAG].{json,md} to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -32,24 +49,62 @@ from bench.report import write_report  # noqa: E402
 from icp import perf  # noqa: E402
 from icp.models import backbone as bb  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
-    "full": dict(res=512, batch=32, canvas_batch=16, task_batch=16, sample_batch=8, steps=30, vae_batch=32,
-                 warmup=3, iters=10, sample_iters=2, loader_ids=16, loader_views=4, loader_batch=16,
+    "full": dict(res=512, batch=32, big_batch=48, canvas_batch=16, task_batch=16, sample_batch=8, steps=30,
+                 vae_batch=32, warmup=3, iters=10, sample_iters=2, loader_ids=16, loader_views=4, loader_batch=16,
                  loader_batches=12),
-    "tiny": dict(res=32, batch=2, canvas_batch=2, task_batch=2, sample_batch=2, steps=3, vae_batch=2,
+    "tiny": dict(res=32, batch=2, big_batch=3, canvas_batch=2, task_batch=2, sample_batch=2, steps=3, vae_batch=2,
                  warmup=1, iters=2, sample_iters=1, loader_ids=2, loader_views=3, loader_batch=2,
                  loader_batches=2),
 }
-# The project's performance defaults (what "settings on" means); see docs/decisions/performance.md.
-DEFAULT_ON = "bf16_frozen=1,memo_text=1,compile=default,regional=1,sdpa=auto,channels_last=0"
+# Estimated seconds per row on an H100 with 16 cores (build + warm-up + timing; compile rows
+# include torch.compile of their block shapes, ~3 min for the UNet's fwd+bwd in the last run).
+# c_adaptation_defaults after c_stitching_defaults reuses the frozen-UNet, VAE and trainable
+# control-net graphs (same shapes), so it compiles far less.
+ROW_COST_S = {
+    "peak": 10, "a_plain": 25, "a_plain_canvas": 25, "a_variants": 110, "a_compile": 240,
+    "b_task_off": 30, "b_task_defaults": 230, "b_task_defaults_big": 250,
+    "c_stitching_off": 35, "c_stitching_defaults": 320, "c_adaptation_off": 45, "c_adaptation_defaults": 200,
+    "d_plain_unet": 20, "d_plain_controlnet": 25, "d_task_off": 40, "d_task_defaults": 25,
+    "d_task_defaults_nograph": 25, "vae": 45, "e": 100,
+}
+SECTIONS = {
+    "peak": ["peak"], "a": ["a_plain", "a_plain_canvas", "a_variants"], "late": ["a_compile"],
+    "b": ["b_task_off", "b_task_defaults", "b_task_defaults_big"],
+    "c": ["c_stitching_off", "c_stitching_defaults", "c_adaptation_off", "c_adaptation_defaults"],
+    "d": ["d_plain_unet", "d_plain_controlnet", "d_task_off", "d_task_defaults_nograph", "d_task_defaults"],
+    "vae": ["vae"], "e": ["e"],
+}
+# Ordered by what each call must not miss; rows that no longer fit the budget are skipped.
+PLANS = {
+    # Call 1: baseline, framework overhead, sampling target, stitching with compile (new), then
+    # adaptation with compile reusing stitching's graphs.
+    "h100": ["peak", "a_plain", "b_task_off", "d_plain_controlnet", "d_task_defaults", "c_stitching_off",
+             "c_stitching_defaults", "c_adaptation_off", "c_adaptation_defaults", "d_task_off",
+             "d_task_defaults_nograph"],
+    # Call 2: (b) with compile at the larger batch and at the baseline's batch, loader.
+    "h100b": ["peak", "a_plain", "b_task_defaults_big", "b_task_defaults", "e"],
+    "all": ["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "a_compile"],
+}
+# Where the time goes, for the rows with targets (a few extra steps each under torch.profiler).
+PLAN_PROFILES = {"h100": "b_task_off,c_stitching_defaults", "h100b": "b_task_defaults_bs48"}
 
 
 def parse_settings(spec: str) -> dict:
     out = {}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        out[key] = {"1": True, "0": False}.get(value, None if value == "none" else value)
+        out[key] = {"1": True, "0": False, "true": True, "false": False}.get(value, None if value == "none" else value)
     return out
+
+
+def project_defaults() -> dict:
+    """``model.perf`` as a user's SD1.5 config has it (experiments/stitching/sd15.yaml)."""
+    from icp import config as cfglib
+
+    cfg = cfglib.load(ROOT / "experiments" / "stitching" / "sd15.yaml", ["model.backbone.path=null"])
+    return perf.settings(dict(cfg.model.perf))
 
 
 class Bench:
@@ -59,19 +114,24 @@ class Bench:
         self.size = dict(SIZES["tiny" if args.tiny else "full"])
         if args.batch:
             self.size["batch"] = args.batch
+        if args.big_batch:
+            self.size["big_batch"] = args.big_batch
         self.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-        self.on = parse_settings(args.on)
-        self.task_modes = [m == "on" for m in args.task_modes.split(",") if m]
+        self.defaults = perf.settings({**project_defaults(), **parse_settings(args.perf)})
         self.results: list[common.Result] = []
         self.peak = float("nan")
         self.loader: dict = {}
         self.profiles: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.notes: list[str] = []
-        self.tag = f"_{args.tag}" if args.tag else ""
+        self.tag = f"_{args.tag}" if args.tag else (f"_{args.plan}" if args.plan and not args.tiny else "")
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
+        self._d_flops: float | None = None
+        profile = args.profile if args.profile is not None else PLAN_PROFILES.get(args.plan, "")
+        self.profile_rows = set(filter(None, profile.split(",")))
+        self.on = self.defaults  # the report prints it as "settings 'on'"
 
     # -------------------------------------------------------------------------------- building
     def backbone(self, latent_codec: bool = False) -> bb.Backbone:
@@ -90,23 +150,38 @@ class Bench:
     def latent(self) -> int:
         return self.size["res"] // (4 if self.tiny else 8)
 
+    def perf_node(self, mode: str) -> dict:
+        return dict(perf.OFF) if mode == "off" else dict(self.defaults)
+
+    def optimizer(self, mode: str):
+        """The config's ``optimizer: {_target_: torch.optim.AdamW, _partial_: true, ...}``."""
+        extra = {"fused": True} if mode == "off" and self.device.type == "cuda" else {}
+        return functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=1e-2, **extra)
+
     # -------------------------------------------------------------------------------- recording
     def record(self, name, section, batch, timing, flops, settings=None, **extra) -> common.Result:
         result = common.Result(name, section, batch, timing["ms"], flops, common.peak_memory_gib(self.device),
                                settings or {}, {"ms_min": timing["ms_min"], "ms_max": timing["ms_max"], **extra})
         self.results.append(result)
         row = result.row(self.peak, None)
-        print(f"[{time.time() - self.started:6.0f}s] {name:28s} {row['samples_per_s']:9.2f} samples/s "
+        print(f"[{self.elapsed:6.0f}s] {name:28s} {row['samples_per_s']:9.2f} samples/s "
               f"{row['tflops']:7.1f} TFLOP/s  mfu {row['mfu']:.2f}  {row['peak_gib']:.1f} GiB", flush=True)
         self.save()
         return result
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started
 
     def save(self) -> None:
         write_report(self.out, self)
 
     def guarded(self, name: str, fn) -> None:
-        if self.args.deadline and time.time() - self.started > self.args.deadline:
-            self.errors[name] = "skipped: --deadline reached"
+        cost = ROW_COST_S.get(name, 60)
+        if self.args.budget and not self.tiny and self.elapsed + cost > self.args.budget:
+            self.errors[name] = (f"skipped: {self.args.budget - self.elapsed:.0f} s of the --budget left, "
+                                 f"the row needs ~{cost} s")
+            print(f"[{self.elapsed:6.0f}s] {name}: {self.errors[name]}", flush=True)
             return
         try:
             fn()
@@ -118,13 +193,13 @@ class Bench:
             self.save()
 
     def maybe_profile(self, name: str, step) -> None:
-        if name in self.args.profile.split(","):
+        if name in self.profile_rows:
             from bench.report import profile_table
 
             self.profiles[name] = profile_table(step, self.device)
 
-    # -------------------------------------------------------------------------------- sections
-    def sec_peak(self) -> None:
+    # -------------------------------------------------------------------------------- (peak), (a)
+    def row_peak(self) -> None:
         self.peak = common.matmul_peak_tflops(self.device, size=1024 if self.tiny else 8192)
         print(f"bf16 matmul peak: {self.peak:.1f} TFLOP/s", flush=True)
 
@@ -138,158 +213,145 @@ class Bench:
             perf.channels_last(parts.unet)
             step.latents = step.latents.contiguous(memory_format=torch.channels_last)
         perf.set_sdpa_backend(switches.get("sdpa", "auto"))
-        perf.compile_module(parts.unet, switches.get("compile"), regional=switches.get("regional", True))
+        if self.device.type == "cuda":
+            perf.compile_module(parts.unet, switches.get("compile"), regional=switches.get("regional", True))
         common.reset_memory(self.device)
         timing = common.time_steps(step, self.device, self.size["warmup"], self.size["iters"])
         self.record(name, "a", batch, timing, flops, switches)
         self.maybe_profile(name, step)
         perf.set_sdpa_backend("auto")
 
-    def sec_a(self) -> None:
+    def row_a_plain(self) -> None:
         n, b = self.latent, self.size["batch"]
-        self.guarded("a_plain", lambda: self.plain_train("a_plain", b, (n, n), {}))
-        self.guarded("a_plain_canvas", lambda: self.plain_train("a_plain_canvas", self.size["canvas_batch"],
-                                                                (n, 2 * n), {}))
+        self.plain_train("a_plain", b, (n, n), {})
+
+    def row_a_plain_canvas(self) -> None:
+        n = self.latent
+        self.plain_train("a_plain_canvas", self.size["canvas_batch"], (n, 2 * n), {})
+
+    def row_a_variants(self) -> None:
+        n, b = self.latent, self.size["batch"]
         for spec in filter(None, self.args.plain_variants.split(";")):
             name = "a_" + spec.replace("=", "").replace(",", "_")
             self.guarded(name, lambda spec=spec, name=name: self.plain_train(name, b, (n, n), parse_settings(spec)))
 
-    def sec_late(self) -> None:
-        """Slow-to-build plain-loop variants (torch.compile), last so they cannot starve the rest."""
+    def row_a_compile(self) -> None:
         n, b = self.latent, self.size["batch"]
-        for spec in filter(None, self.args.late_variants.split(";")):
-            name = "a_" + spec.replace("=", "").replace(",", "_")
-            self.guarded(name, lambda spec=spec, name=name: self.plain_train(name, b, (n, n), parse_settings(spec)))
+        self.plain_train("a_compiledefault", b, (n, n), {"compile": "default"})
 
-    def task_settings(self, task, on: bool) -> dict:
-        if not on:
-            return {}
-        s = self.on
-        applied = perf.configure_task(task, bf16_frozen_weights=bool(s.get("bf16_frozen", True)),
-                                      channels_last_layout=bool(s.get("channels_last", False)),
-                                      compile=s.get("compile"), compile_regional=bool(s.get("regional", True)),
-                                      sdpa=s.get("sdpa") or "auto", memo_text=bool(s.get("memo_text", True)),
-                                      precision="bf16-mixed")
-        return {**s, "applied": applied}
-
-    def fit_task(self, name, section, task, batch, n_samples, on: bool) -> None:
-        flops = common.count_flops(lambda: tasks.manual_step(task, batch, self.device))  # eager, see plain_train
-        settings = self.task_settings(task, on)
+    # -------------------------------------------------------------------------------- (b), (c)
+    def fit_task(self, name, section, task, batch, n_samples) -> None:
+        # FLOPs eagerly, before setup() compiles anything (see plain_train).
+        flops = common.count_flops(lambda: tasks.manual_step(task, batch, self.device))
         common.reset_memory(self.device)
         timing = tasks.fit_and_time(task, batch, self.device, self.size["warmup"], self.size["iters"])
-        self.record(name, section, n_samples, timing, flops, settings)
-        if self.args.profile and name in self.args.profile.split(","):
-            self.maybe_profile(name, lambda: tasks.manual_step(task, batch, self.device))
+        settings = {"perf": task.perf_config, "applied": task.perf_applied,
+                    "optimizer_fused": bool(timing.pop("optimizer_fused", False))}
+        self.record(name, section, n_samples, timing, flops, settings, first_steps_s=timing.get("first_steps_s"))
+        self.maybe_profile(name, lambda: tasks.manual_step(task, batch, self.device))
         perf.set_sdpa_backend("auto")
 
-    def sec_b(self) -> None:
+    def denoise_row(self, name: str, mode: str, batch_size: int) -> None:
         from bench.tasks import DenoiseTask
 
-        n, b = self.latent, int(self.size["batch"])
-        for on in self.task_modes:
-            name = "b_task_" + ("on" if on else "off")
+        n = self.latent
+        parts = self.backbone(latent_codec=True)
+        task = DenoiseTask(parts, optimizer=self.optimizer(mode), train_unet="full", perf=self.perf_node(mode))
+        batch = tasks.image_batch(batch_size, parts.unet.config.in_channels, (n, n), self.device)
+        self.fit_task(name, "b", task, batch, batch_size)
 
-            def run(on=on, name=name):
-                parts = self.backbone(latent_codec=True)
-                task = DenoiseTask(parts, optimizer=tasks.fused_adamw(self.device), train_unet="full")
-                batch = tasks.image_batch(b, parts.unet.config.in_channels, (n, n), self.device)
-                self.fit_task(name, "b", task, batch, b, on)
+    def row_b_task_off(self) -> None:
+        self.denoise_row("b_task_off", "off", self.size["batch"])
 
-            self.guarded(name, run)
-        scale = float(self.on.get("batch_scale") or 1)
-        if scale != 1:
-            bigger = int(b * scale)
+    def row_b_task_defaults(self) -> None:
+        self.denoise_row("b_task_defaults", "defaults", self.size["batch"])
 
-            def run_big():
-                parts = self.backbone(latent_codec=True)
-                task = DenoiseTask(parts, optimizer=tasks.fused_adamw(self.device), train_unet="full")
-                batch = tasks.image_batch(bigger, parts.unet.config.in_channels, (n, n), self.device)
-                self.fit_task(f"b_task_on_bs{bigger}", "b", task, batch, bigger, True)
+    def row_b_task_defaults_big(self) -> None:
+        big = self.size["big_batch"]
+        self.denoise_row(f"b_task_defaults_bs{big}", "defaults", big)
 
-            self.guarded("b_task_on_big", run_big)
-
-    def sec_c(self) -> None:
-        from icp.tasks.stitching import StitchingTask
-
+    def task_row(self, kind: str, mode: str) -> None:
         r, b = self.size["res"], self.size["task_batch"]
-        for on in self.task_modes:
-            name = "c_stitching_" + ("on" if on else "off")
+        if kind == "stitching":
+            from icp.tasks.stitching import StitchingTask as Task
+        else:
+            from icp.tasks.adaptation import AdaptationTask as Task
+        task = Task(self.backbone(), optimizer=self.optimizer(mode), train_unet="frozen", perf=self.perf_node(mode))
+        self.fit_task(f"c_{kind}_{mode}", "c", task, tasks.image_batch(b, 3, (r, r), self.device), b)
 
-            def run(on=on, name=name):
-                task = StitchingTask(self.backbone(), optimizer=tasks.fused_adamw(self.device), train_unet="frozen")
-                self.fit_task(name, "c", task, tasks.image_batch(b, 3, (r, r), self.device), b, on)
+    def row_c_stitching_off(self) -> None:
+        self.task_row("stitching", "off")
 
-            self.guarded(name, run)
-        try:
-            from icp.tasks.adaptation import AdaptationTask
-        except ImportError as err:
-            self.errors["c_adaptation"] = f"not run: icp.tasks.adaptation is not available yet ({err})"
-            return
-        for on in self.task_modes:
-            name = "c_adaptation_" + ("on" if on else "off")
+    def row_c_stitching_defaults(self) -> None:
+        self.task_row("stitching", "defaults")
 
-            def run_ad(on=on, name=name):
-                task = AdaptationTask(self.backbone(), optimizer=tasks.fused_adamw(self.device), train_unet="frozen")
-                self.fit_task(name, "c", task, tasks.image_batch(b, 3, (r, r), self.device), b, on)
+    def row_c_adaptation_off(self) -> None:
+        self.task_row("adaptation", "off")
 
-            self.guarded(name, run_ad)
+    def row_c_adaptation_defaults(self) -> None:
+        self.task_row("adaptation", "defaults")
 
-    def sample_case(self, name, fn, batch, settings, flops=None) -> None:
+    # -------------------------------------------------------------------------------- (d)
+    def sample_case(self, name, fn, batch, settings, flops, warmup: int, iters: int) -> None:
         common.reset_memory(self.device)
-        # Task rows pass FLOPs counted eagerly before any switch (graph replays and compiled code
-        # are invisible to / broken by the counter).
-        flops = common.count_flops(fn) if flops is None else flops
-        timing = common.time_steps(fn, self.device, 1, self.size["sample_iters"])
+        timing = common.time_steps(fn, self.device, warmup, iters)
         self.record(name, "d", batch, timing, flops, settings, steps=self.size["steps"])
         self.maybe_profile(name, fn)
 
-    def sec_d(self) -> None:
+    def row_d_plain_unet(self) -> None:
+        n, b = self.latent, self.size["sample_batch"]
+        sampler = plain.PlainSampler(self.backbone(), b, (n, n), self.device, steps=self.size["steps"], guidance=7.5)
+        self.sample_case("d_plain_unet", sampler, b, {"weights": "fp32", "autocast": "bf16"},
+                         common.count_flops(sampler), 1, self.size["sample_iters"])
+
+    def row_d_plain_controlnet(self) -> None:
         from diffusers import ControlNetModel
 
-        from bench.sampling import graphed_sample
+        n, b = self.latent, self.size["sample_batch"]
+        parts = self.backbone()
+        net = ControlNetModel.from_unet(parts.unet, conditioning_channels=parts.unet.config.in_channels,
+                                        conditioning_embedding_out_channels=(64,))
+        sampler = plain.PlainSampler(parts, b, (n, n), self.device, steps=self.size["steps"], guidance=7.5,
+                                     controlnet=net)
+        self.sample_case("d_plain_controlnet", sampler, b, {"weights": "fp32", "autocast": "bf16"},
+                         common.count_flops(sampler), 1, self.size["sample_iters"])
+
+    def task_sample_row(self, mode: str) -> None:
+        """``task.sample`` as evaluation calls it (icp.tasks.loading: no trainer, no setup())."""
         from icp.tasks.stitching import StitchingTask
 
-        n, b, steps, g = self.latent, self.size["sample_batch"], self.size["steps"], 7.5
+        b, steps = self.size["sample_batch"], self.size["steps"]
+        node = self.perf_node("off" if mode == "off" else "defaults")
+        if mode == "defaults_nograph":
+            node["cuda_graph_sampling"] = False
+        task = StitchingTask(self.backbone(), perf=node).to(self.device).eval()
+        batch = tasks.image_batch(b, 3, (self.size["res"],) * 2, self.device)
+        fn = lambda: task.sample(batch, num_steps=steps, guidance_scale=7.5)  # noqa: E731
+        counted_here = self._d_flops is None
+        if counted_here:
+            # Same work in every mode (batched CFG runs the same UNet FLOPs); counted eagerly: a
+            # graph replay is invisible to the counter. This call doubles as a warm-up.
+            graphs = task.perf_config["cuda_graph_sampling"]
+            task.perf_config["cuda_graph_sampling"] = False
+            self._d_flops = common.count_flops(fn)
+            task.perf_config["cuda_graph_sampling"] = graphs
+        # The fp32 "off" loop is slow (~12 s per call on an H100): one timed call, and no extra
+        # warm-up when the FLOP count already ran it.
+        warmup = 0 if (mode == "off" and counted_here) else 1
+        iters = 1 if mode == "off" else self.size["sample_iters"]
+        self.sample_case(f"d_task_{mode}", fn, b, {"perf": node}, self._d_flops, warmup, iters)
 
-        def plain_unet():
-            sampler = plain.PlainSampler(self.backbone(), b, (n, n), self.device, steps=steps, guidance=g)
-            self.sample_case("d_plain_unet", sampler, b, {"weights": "fp32", "autocast": "bf16"})
+    def row_d_task_off(self) -> None:
+        self.task_sample_row("off")
 
-        def plain_control():
-            parts = self.backbone()
-            net = ControlNetModel.from_unet(parts.unet, conditioning_channels=parts.unet.config.in_channels,
-                                            conditioning_embedding_out_channels=(64,))
-            sampler = plain.PlainSampler(parts, b, (n, n), self.device, steps=steps, guidance=g, controlnet=net)
-            self.sample_case("d_plain_controlnet", sampler, b, {"weights": "fp32", "autocast": "bf16"})
+    def row_d_task_defaults(self) -> None:
+        self.task_sample_row("defaults")
 
-        def task_sample(mode: str):
-            task = StitchingTask(self.backbone()).to(self.device)
-            batch = tasks.image_batch(b, 3, (self.size["res"],) * 2, self.device)
-            settings = {"mode": mode}
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=mode != "as_is"):
-                flops = common.count_flops(lambda: task.sample(batch, num_steps=steps, guidance_scale=g))
-            if mode != "as_is":
-                task.backbone.unet.requires_grad_(False)
-                task.appearance.requires_grad_(False)  # sampling trains nothing: every part is frozen
-                settings.update(self.task_settings(task, True))
-            ac = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=mode != "as_is")
+    def row_d_task_defaults_nograph(self) -> None:
+        self.task_sample_row("defaults_nograph")
 
-            def plain_fn():
-                with ac:
-                    return task.sample(batch, num_steps=steps, guidance_scale=g)
-
-            if mode == "graphed":
-                fn = lambda: graphed_sample(task, batch, steps, g)  # noqa: E731
-                self.sample_case(f"d_task_{mode}", fn, b, settings, flops=flops)
-            else:
-                self.sample_case(f"d_task_{mode}", plain_fn, b, settings, flops=flops)
-
-        self.guarded("d_plain_unet", plain_unet)
-        self.guarded("d_plain_controlnet", plain_control)
-        for mode in self.args.sample_modes.split(","):
-            self.guarded(f"d_task_{mode}", lambda mode=mode: task_sample(mode))
-
-    def sec_vae(self) -> None:
+    # -------------------------------------------------------------------------------- vae, (e)
+    def row_vae(self) -> None:
         r, b = self.size["res"], self.size["vae_batch"]
         for name, dtype, cl in (("vae_fp32_autocast", torch.float32, False), ("vae_bf16", torch.bfloat16, False),
                                 ("vae_bf16_cl", torch.bfloat16, True)):
@@ -303,7 +365,7 @@ class Bench:
 
             self.guarded(name, run)
 
-    def sec_e(self) -> None:
+    def row_e(self) -> None:
         from bench import loader
 
         cores = common._cpu_count()
@@ -314,38 +376,53 @@ class Bench:
         self.loader["cores"] = cores
         print("loader:", json.dumps(self.loader), flush=True)
 
+    # -------------------------------------------------------------------------------- driver
+    def rows(self) -> list[str]:
+        if self.args.only:
+            names = []
+            for item in filter(None, self.args.only.split(",")):
+                names += SECTIONS.get(item, [item])
+            if "peak" not in names:
+                names.insert(0, "peak")
+        else:
+            names = PLANS[self.args.plan or "all"]
+        unknown = [n for n in names if n not in ROW_COST_S]
+        if unknown:
+            raise SystemExit(f"bench_train: unknown row/section '{unknown[0]}'; rows: {', '.join(ROW_COST_S)}; "
+                             f"sections: {', '.join(SECTIONS)}")
+        return names
+
     def run(self) -> None:
         self.env = common.environment(self.device)
         print(json.dumps(self.env), flush=True)
-        order = ["a", "b", "c", "d", "vae", "e", "late"]
-        if self.args.only:  # the given order: run what matters most first under a --deadline
-            order = [s for s in self.args.only.split(",") if s in order]
-        for section in ["peak", *order]:
-            self.guarded(section, getattr(self, f"sec_{section}"))
+        print("perf defaults measured:", json.dumps(self.defaults), flush=True)
+        for name in self.rows():
+            self.guarded(name, getattr(self, f"row_{name}"))
+        self.notes.append(f"total wall time {self.elapsed:.0f} s")
         self.save()
         print((self.out / f"bench_train{self.tag}.md").read_text())
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke run)")
+    p.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke run of every row)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even where a GPU exists")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--only", default="", help="comma list of sections, run in this order: a,b,c,d,vae,e,late")
+    p.add_argument("--plan", default="", choices=["", *PLANS], help="an ordered row list (default: all)")
+    p.add_argument("--only", default="", help="comma list of rows or sections (a,b,c,d,vae,e,late), in order")
+    p.add_argument("--budget", type=float, default=0, help="seconds: skip rows whose estimate no longer fits")
     p.add_argument("--batch", type=int, default=0, help="override the (a)/(b) batch size")
-    p.add_argument("--on", default=DEFAULT_ON, help="the 'settings on' of b/c/d, key=value list")
+    p.add_argument("--big-batch", type=int, default=0, help="override the batch of b_task_defaults_big")
+    p.add_argument("--perf", default="", help="key=value list over the config's model.perf for 'defaults' rows")
     p.add_argument("--plain-variants", default="channels_last=1;sdpa=flash;sdpa=cudnn;sdpa=efficient",
-                   help="';'-separated switch sets timed on the plain loop (a)")
-    p.add_argument("--late-variants", default="compile=default",
-                   help="';'-separated switch sets timed last on the plain loop (slow to build)")
-    p.add_argument("--task-modes", default="off,on", help="b/c variants: settings off and/or on")
-    p.add_argument("--tag", default="", help="suffix of the result file names")
-    p.add_argument("--sample-modes", default="as_is,autocast,on,graphed")
-    p.add_argument("--profile", default="", help="comma list of row names to profile (torch.profiler table)")
-    p.add_argument("--deadline", type=float, default=0, help="skip sections starting after this many seconds")
+                   help="';'-separated switch sets timed on the plain loop (row a_variants)")
+    p.add_argument("--tag", default="", help="suffix of the result file names (default: the plan's name)")
+    p.add_argument("--profile", default=None, help="comma list of rows to profile (torch.profiler table); "
+                                                   "default: the plan's slowest-vs-target row")
     args = p.parse_args(argv)
     if args.tiny:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+        args.plan = args.plan or "all"
     Bench(args).run()
 
 

@@ -28,8 +28,8 @@ H100) and the reasons in docs/decisions/performance.md. :data:`OFF` is the plain
 task did before these switches existed (the benchmark's "settings off" rows).
 
 Building blocks, usable on their own: :func:`bf16_frozen`, :func:`channels_last`,
-:func:`sdpa_backend` / :func:`set_sdpa_backend`, :func:`compile_module`, :func:`graphed` (capture
-now) and :class:`GraphedStep` (capture after warm-up calls), :func:`fused_optimizer`.
+:func:`sdpa_backend` / :func:`set_sdpa_backend`, :func:`compile_module`, :class:`GraphedStep`
+(a call replayed from a CUDA graph after warm-up calls), :func:`fused_optimizer`.
 """
 
 from __future__ import annotations
@@ -218,36 +218,6 @@ def compile_module(module: nn.Module, mode: str | None = "default", regional: bo
 # ------------------------------------------------------------------------------ CUDA graphs
 
 
-def graphed(fn: Callable[..., torch.Tensor], *example: torch.Tensor, warmup: int = 2) -> Callable[..., torch.Tensor]:
-    """Capture ``fn(*example)`` (no grad, fixed shapes) in a CUDA graph now; returns a replaying callable.
-
-    The callable copies its tensor arguments into the captured inputs and replays: the per-kernel
-    launch cost of a sampling loop's many small kernels disappears. The returned output tensor is
-    reused by every call (clone it to keep it). Off CUDA, returns ``fn`` unchanged.
-    """
-    if not example or not all(isinstance(t, torch.Tensor) for t in example) or not example[0].is_cuda:
-        return fn
-    static_in = [t.clone() for t in example]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for _ in range(warmup):  # let cuDNN/cuBLAS pick algorithms and allocate workspaces first
-            fn(*static_in)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        static_out = fn(*static_in)
-
-    def replay(*args: torch.Tensor) -> torch.Tensor:
-        for dst, src in zip(static_in, args):
-            dst.copy_(src)
-        graph.replay()
-        return static_out
-
-    replay.graph = graph  # keep the graph (and its memory pool) alive with the callable
-    return replay
-
-
 class GraphedStep:
     """``fn(*tensors) -> tensor`` that becomes a CUDA-graph replay after ``warmup`` real calls.
 
@@ -303,7 +273,9 @@ class GraphedStep:
         self._static_in = [a.clone() for a in args]
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: other threads (a DataLoader's pin-memory thread while a training run
+            # samples its grids) may keep using CUDA during the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = self.fn(*self._static_in)
         except Exception as err:  # noqa: BLE001 -- any capture failure: run eagerly instead
             self.failed = True

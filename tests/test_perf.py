@@ -110,7 +110,6 @@ def test_regional_compile_counts_blocks_and_keeps_results():
 
 def test_graphs_are_plain_calls_off_cuda():
     fn = torch.nn.Linear(3, 3)
-    assert perf.graphed(fn, torch.randn(2, 3)) is fn
     step = perf.GraphedStep(fn)
     x = torch.randn(2, 3)
     for _ in range(4):
@@ -320,3 +319,22 @@ def test_trainer_applies_perf_once_in_setup(tmp_path, precision):
     assert task.perf_applied is applied
     images = _sample(task, _batch(), steps=2)  # still attached to the trainer: its precision
     assert torch.isfinite(images).all()
+
+
+def test_benchmark_rows_run_tiny_on_cpu(tmp_path, repo_root, monkeypatch):
+    """eval/bench_train.py builds its task rows from model.perf (off / the config's defaults)."""
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(repo_root / "eval"))
+    sys.modules.pop("bench_train", None)
+    import bench_train
+
+    bench_train.main(["--tiny", "--out", str(tmp_path), "--only", "b_task_off,b_task_defaults,d_task_defaults"])
+    data = json.loads((tmp_path / "bench_train.json").read_text())
+    assert not data["errors"], data["errors"]
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(rows) == {"b_task_off", "b_task_defaults", "d_task_defaults"}
+    assert rows["b_task_off"]["settings"]["perf"] == perf.OFF
+    assert rows["b_task_defaults"]["settings"]["perf"] == perf.DEFAULTS  # what experiments/*/sd15.yaml give
+    assert all(r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0 for r in rows.values())

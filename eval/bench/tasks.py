@@ -6,8 +6,8 @@ marks every batch start with a CUDA event and counts the FLOPs of one warm-up st
 
 from __future__ import annotations
 
-import functools
 import gc
+import time
 from typing import Any
 
 import lightning as L
@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from icp.data import keys as K
 from icp.tasks.base import DiffusionTask
 
+from . import common
 from .common import StepClock, summarize
 
 
@@ -72,9 +73,17 @@ class StepTimer(L.Callback):
         self.clock = StepClock(device)
         self.warmup, self.flop_step = warmup, flop_step
         self.flops = float("nan")
+        self.started = self.warmup_s = float("nan")
         self._counter: FlopCounterMode | None = None
 
+    def on_train_start(self, trainer, pl_module):
+        self.started = time.perf_counter()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            # Host time of the warm-up steps: torch.compile happens in the first of them.
+            common.sync(self.clock.device)
+            self.warmup_s = time.perf_counter() - self.started
         if batch_idx == self.flop_step:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
@@ -91,10 +100,6 @@ class StepTimer(L.Callback):
         self.clock.mark()
 
 
-def fused_adamw(device: torch.device):
-    return functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=1e-2, fused=device.type == "cuda")
-
-
 def fit_and_time(task: L.LightningModule, batch: dict, device: torch.device, warmup: int, iters: int,
                  precision: str = "bf16-mixed") -> dict[str, Any]:
     """Train ``warmup + iters`` steps with a real Trainer; returns timing and FLOPs per step."""
@@ -108,6 +113,8 @@ def fit_and_time(task: L.LightningModule, batch: dict, device: torch.device, war
     trainer.fit(task, train_dataloaders=loader)
     out = summarize(timer.clock.deltas_ms())
     out["flops"] = timer.flops
+    out["first_steps_s"] = timer.warmup_s  # the warm-up steps, compilation included
+    out["optimizer_fused"] = bool(trainer.optimizers[0].defaults.get("fused"))
     del trainer
     return out
 
