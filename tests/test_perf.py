@@ -338,3 +338,40 @@ def test_benchmark_rows_run_tiny_on_cpu(tmp_path, repo_root, monkeypatch):
     assert rows["b_task_off"]["settings"]["perf"] == perf.OFF
     assert rows["b_task_defaults"]["settings"]["perf"] == perf.DEFAULTS  # what experiments/*/sd15.yaml give
     assert all(r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0 for r in rows.values())
+
+
+def test_perf_nodes_of_the_configs_are_the_defaults(repo_root):
+    from icp import config as cfglib
+
+    for stage in ("stitching", "adaptation"):
+        cfg = cfglib.load(repo_root / "experiments" / stage / "tiny.yaml")
+        assert perf.settings(dict(cfg.model.perf)) == perf.DEFAULTS, stage
+
+
+def test_ddp_wraps_a_task_with_bf16_frozen_parts(tmp_path):
+    """DDP (gloo, one process) over mixed fp32-trained / bf16-frozen weights: sync, step, grads."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    class Step(torch.nn.Module):  # DDP wraps forward(); the task's step is losses()
+        def __init__(self, task):
+            super().__init__()
+            self.task = task
+
+        def forward(self, batch, generator):
+            return self.task.losses(batch, generator=generator)["loss"]
+
+    task = _stitching(train_unet="frozen")
+    task.configure_perf(precision="bf16-mixed", device="cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(Step(task))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ddp(_batch(), torch.Generator().manual_seed(0))
+        loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert task.backbone.unet.conv_in.weight.dtype == torch.bfloat16
+    trained = task.trainable_parameters()
+    assert trained and all(p.grad is not None and p.dtype == torch.float32 for p in trained)
+    assert all(p.grad is None for p in task.parameters() if not p.requires_grad)
