@@ -1,7 +1,7 @@
 """GPU training / sampling / loader benchmark (issue 9): one run, one table.
 
-    python eval/bench_train.py --plan h100 --budget 530 --out DIR   # one <= 9-minute H100 call
-    python eval/bench_train.py --plan h100b --budget 530 --out DIR  # the rows call 1 had no time for
+    python eval/bench_train.py --plan h100 --budget 500 --out DIR   # one <= 9-minute H100 call
+    python eval/bench_train.py --plan h100b --budget 500 --out DIR  # the rows call 1 had no time for
     python eval/bench_train.py --tiny --out /tmp/bench_tiny         # every code path, tiny, CPU, ~1 min
 
 Rows (``--only`` takes row names or section letters, run in the given order):
@@ -80,9 +80,8 @@ SECTIONS = {
 PLANS = {
     # Call 1: baseline, framework overhead, sampling target, stitching with compile (new), then
     # adaptation with compile reusing stitching's graphs.
-    "h100": ["peak", "a_plain", "b_task_off", "d_plain_controlnet", "d_task_defaults", "c_stitching_off",
-             "c_stitching_defaults", "c_adaptation_off", "c_adaptation_defaults", "d_task_off",
-             "d_task_defaults_nograph"],
+    "h100": ["peak", "a_plain", "b_task_off", "d_plain_controlnet", "d_task_defaults", "d_task_defaults_nograph",
+             "c_stitching_off", "c_stitching_defaults", "c_adaptation_off", "c_adaptation_defaults", "d_task_off"],
     # Call 2: (b) with compile at the larger batch and at the baseline's batch, loader.
     "h100b": ["peak", "a_plain", "b_task_defaults_big", "b_task_defaults", "e"],
     "all": ["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "a_compile"],
