@@ -1,0 +1,119 @@
+"""Reproduce IC-Portrait's claims at small scale (issue 10): one command, one report.
+
+    python eval/paper_claims.py                                   # GPU size, eval/paper_claims.yaml
+    python eval/paper_claims.py --config tests/configs/paper_claims_ci.yaml root=/tmp/pc
+    python eval/paper_claims.py --jobs 4 claims.warping.pairs_per_bucket=64
+
+Phases: synthetic shards -> identity embedder + pretrained base (``experiments/base_pretrain.yaml``)
+-> Lighting-Aware Stitching at each mask ratio -> View-Consistent Adaptation (Matching Net from the
+base / from random weights / without the warp) -> held-out evaluations -> ``<report>.md`` / ``.json``
+and PNGs in a folder beside it. Every fit is an ordinary ``icp fit`` run under ``<root>/fits``
+(cached: a re-run skips finished fits and evaluations), independent ones run as parallel
+sub-processes (``--jobs``; default 4 on CUDA, 1 on CPU), and the report is rewritten after every
+job, so a run that is cut short still leaves its tables. Device: ``device=auto|cpu|cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from claims import plan as planlib  # noqa: E402
+from claims import runner  # noqa: E402
+
+from icp import config as cfglib  # noqa: E402
+from icp.errors import IcpError  # noqa: E402
+from icp.mainjob import resolve_device, stage_data  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "paper_claims.yaml"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", help="dotlist overrides of the config, e.g. claims.masking.pairs=32")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="claims config (default: eval/paper_claims.yaml)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel sub-processes (default: config `jobs`, "
+                                                          "else 4 on CUDA and 1 on CPU; 1 runs all in this process)")
+    p.add_argument("--run-job", default=None, help=argparse.SUPPRESS)  # internal: one job in a sub-process
+    return p.parse_args(argv)
+
+
+def execute(cfg, job: planlib.Job, device: str) -> None:
+    """Run one job in this process."""
+    if job.kind == "fit":
+        from icp.train import fit
+
+        fit(job.cfg)
+        if not planlib.is_done(cfg, job):
+            raise RuntimeError(f"fit {job.name} ended without reaching trainer.max_steps ({job.run_dir})")
+        return
+    from claims import measure
+
+    out_dir = Path(cfg.root) / "evals"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = measure.CLAIMS[job.spec["claim"]](cfg, job.spec, out_dir, job.name, device)
+    result["key"] = planlib.eval_key(cfg, job)
+    path = planlib.eval_path(cfg, job)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, default=float))
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        cfg = cfglib.load(args.config, args.overrides)
+        device = resolve_device(cfg)
+        jobs = planlib.build(cfg)
+        if args.run_job:
+            execute(cfg, jobs[args.run_job], device)
+            return 0
+        return coordinate(cfg, args, jobs, device)
+    except IcpError as err:
+        print(f"paper_claims: error: {err}", file=sys.stderr)
+        return 2
+
+
+def coordinate(cfg, args, jobs: dict[str, planlib.Job], device: str) -> int:
+    from claims import report
+
+    parallel = args.jobs or cfg.get("jobs") or (4 if device == "cuda" else 1)
+    timeline = runner.Timeline()
+    print(f"paper_claims: {len(jobs)} jobs on {device}, {parallel} at a time, runs under {cfg.root}", flush=True)
+    timeline.start("data")
+    stage_data(cfg, Path(cfg.root))  # shards: skipped per shard when already rendered
+    timeline.end("data", "done")
+    status: dict[str, str] = {"data": "done"}
+
+    config_name = os.path.relpath(args.config) if not os.path.relpath(args.config).startswith("..") else args.config
+
+    def write(final: bool = False) -> Path:
+        return report.write(cfg, jobs, timeline.spans, status, device, final, config_name,
+                            wall=time.time() - timeline.t0)
+
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    command = [sys.executable, str(Path(__file__).resolve()), "--config", str(args.config), *args.overrides]
+    found = runner.run(
+        jobs, is_done=lambda j: planlib.is_done(cfg, j), execute=lambda j: execute(cfg, j, device),
+        command=lambda j: [*command, "--run-job", j.name], parallel=parallel,
+        log_dir=Path(cfg.root) / "logs", timeline=timeline, on_change=write,
+        env={"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
+    status.update(found)
+    path = write(final=True)
+    print("paper_claims: phase timings (s since start):")
+    for name, span in timeline.spans.items():
+        print(f"  {name:24s} {span.get('status', ''):8s} start {span['start']:7.1f}  took {span.get('seconds', 0):7.1f}")
+    print(f"paper_claims: total {time.time() - timeline.t0:.0f} s; report {path}")
+    return 0 if all(s in ("done", "cached") for s in status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
