@@ -281,7 +281,7 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: dict, status: dict, d
         md += [f"Note: {plot_note}.", ""]
     md += ["## Run", "", f"Jobs (status, seconds; wall clock since start):", ""]
     md += _table(["job", "status", "start s", "seconds"],
-                 [[n, status.get(n, "pending"), _f(t.get("start"), 0), _f(t.get("seconds"), 0)]
+                 [[n, status.get(n) or t.get("status", "running"), _f(t.get("start"), 0), _f(t.get("seconds"), 0)]
                   for n, t in timeline.items()]) + [""]
     md += [f"Sizes: fits {', '.join(f'{k}: {_steps(cfg, k)} steps' for k in cfg.fits)}; config `{config_name}`"
            f"{'' if wall is None else f'; wall time of this invocation {wall:.0f} s'}"
