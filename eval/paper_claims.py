@@ -9,7 +9,7 @@ Phases: synthetic shards -> identity embedder + pretrained base (``experiments/b
 base / from random weights / without the warp) -> held-out evaluations -> ``<report>.md`` / ``.json``
 and PNGs in a folder beside it. Every fit is an ordinary ``icp fit`` run under ``<root>/fits``
 (cached: a re-run skips finished fits and evaluations), independent ones run as parallel
-sub-processes (``--jobs``; default 5 on CUDA, 1 on CPU), and the report is rewritten after every
+sub-processes (``--jobs``; default 7 on CUDA, 1 on CPU), and the report is rewritten after every
 job, so a run that is cut short still leaves its tables. Device: ``device=auto|cpu|cuda``.
 """
 
@@ -41,7 +41,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="dotlist overrides of the config, e.g. claims.masking.pairs=32")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="claims config (default: eval/paper_claims.yaml)")
     p.add_argument("--jobs", type=int, default=None, help="parallel sub-processes (default: config `jobs`, "
-                                                          "else 5 on CUDA and 1 on CPU; 1 runs all in this process)")
+                                                          "else 7 on CUDA and 1 on CPU; 1 runs all in this process)")
     p.add_argument("--run-job", default=None, help=argparse.SUPPRESS)  # internal: one job in a sub-process
     return p.parse_args(argv)
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 def coordinate(cfg, args, jobs: dict[str, planlib.Job], device: str) -> int:
     from claims import report
 
-    parallel = args.jobs or cfg.get("jobs") or (5 if device == "cuda" else 1)
+    parallel = args.jobs or cfg.get("jobs") or (7 if device == "cuda" else 1)
     timeline = runner.Timeline()
     print(f"paper_claims: {len(jobs)} jobs on {device}, {parallel} at a time, runs under {cfg.root}", flush=True)
     timeline.start("data")
