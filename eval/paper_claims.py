@@ -30,8 +30,8 @@ from claims import plan as planlib  # noqa: E402
 from claims import runner  # noqa: E402
 
 from icp import config as cfglib  # noqa: E402
-from icp.errors import IcpError  # noqa: E402
-from icp.mainjob import resolve_device, stage_data  # noqa: E402
+from icp.errors import DataError, IcpError  # noqa: E402
+from icp.mainjob import resolve_device, shards_dirs, stage_data  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "paper_claims.yaml"
 
@@ -42,6 +42,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="claims config (default: eval/paper_claims.yaml)")
     p.add_argument("--jobs", type=int, default=None, help="parallel sub-processes (default: config `jobs`, "
                                                           "else 7 on CUDA and 1 on CPU; 1 runs all in this process)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the report from what <root> holds (fits, evaluations, timeline.json); run nothing")
     p.add_argument("--run-job", default=None, help=argparse.SUPPRESS)  # internal: one job in a sub-process
     return p.parse_args(argv)
 
@@ -76,28 +78,54 @@ def main(argv: list[str] | None = None) -> int:
         if args.run_job:
             execute(cfg, jobs[args.run_job], device)
             return 0
+        if args.report_only:
+            return report_only(cfg, args, jobs, device)
         return coordinate(cfg, args, jobs, device)
     except IcpError as err:
         print(f"paper_claims: error: {err}", file=sys.stderr)
         return 2
 
 
+def _config_name(path: str, overrides: list[str]) -> str:
+    """The config file (relative where it is inside the checkout) and the overrides that shaped the results."""
+    rel = os.path.relpath(path)
+    shown = [o for o in overrides if not o.startswith(("report=", "root="))]
+    return " ".join([path if rel.startswith("..") else rel, *shown])
+
+
+def report_only(cfg, args, jobs: dict[str, planlib.Job], device: str) -> int:
+    """The report of a root fetched from elsewhere (a cluster, a GPU machine), without running a job."""
+    from claims import report
+
+    root = Path(cfg.root)
+    if not (root / "timeline.json").is_file():
+        raise DataError(f"{root / 'timeline.json'} not found: --report-only needs a root that eval/paper_claims.py "
+                       "ran in (set root=...)")
+    timeline = runner.Timeline(root / "timeline.json", record=False)
+    status = {name: "cached" if planlib.has_result(cfg, job) else "missing" for name, job in jobs.items()}
+    final = all(s == "cached" for s in status.values())
+    path = report.write(cfg, jobs, timeline, status, device, final, _config_name(args.config, args.overrides))
+    missing = sorted(n for n, s in status.items() if s != "cached")
+    print(f"paper_claims: report {path}" + (f" (PARTIAL: {', '.join(missing)} missing)" if missing else ""))
+    return 0 if final else 1
+
+
 def coordinate(cfg, args, jobs: dict[str, planlib.Job], device: str) -> int:
     from claims import report
 
     parallel = args.jobs or cfg.get("jobs") or (7 if device == "cuda" else 1)
-    timeline = runner.Timeline()
+    timeline = runner.Timeline(Path(cfg.root) / "timeline.json")  # kept across invocations
     print(f"paper_claims: {len(jobs)} jobs on {device}, {parallel} at a time, runs under {cfg.root}", flush=True)
     timeline.start("data")
-    stage_data(cfg, Path(cfg.root))  # shards: skipped per shard when already rendered
-    timeline.end("data", "done")
-    status: dict[str, str] = {"data": "done"}
+    rendered = all((d / "manifest.json").is_file() for d in shards_dirs(cfg))
+    stage_data(cfg, Path(cfg.root))  # shards: skipped per shard when already rendered (the manifest checks the config)
+    timeline.end("data", "cached" if rendered else "done")
+    status: dict[str, str] = {"data": timeline.spans["data"]["status"]}
 
-    config_name = os.path.relpath(args.config) if not os.path.relpath(args.config).startswith("..") else args.config
+    config_name = _config_name(args.config, args.overrides)
 
     def write(final: bool = False) -> Path:
-        return report.write(cfg, jobs, timeline.spans, status, device, final, config_name,
-                            wall=time.time() - timeline.t0)
+        return report.write(cfg, jobs, timeline, status, device, final, config_name)
 
     threads = max(1, (os.cpu_count() or 1) // parallel)
     command = [sys.executable, str(Path(__file__).resolve()), "--config", str(args.config), *args.overrides]
@@ -107,6 +135,7 @@ def coordinate(cfg, args, jobs: dict[str, planlib.Job], device: str) -> int:
         log_dir=Path(cfg.root) / "logs", timeline=timeline, on_change=write,
         env={"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
     status.update(found)
+    timeline.finish()
     path = write(final=True)
     print("paper_claims: phase timings (s since start):")
     for name, span in timeline.spans.items():

@@ -74,7 +74,11 @@ def test_ci_config_runs_end_to_end_and_caches(tmp_path, capsys, one_thread):
     # A second run finds every fit and evaluation finished and skips them.
     capsys.readouterr()
     assert paper_claims.main(args) == 0
-    assert capsys.readouterr().out.count("up to date, skipped") == 16
+    assert capsys.readouterr().out.count("up to date, skipped") == 17
+    # ... and its report still says which invocation ran each job, and for how long.
+    run = _tables((tmp_path / "out/paper_claims.md").read_text())["## Run"]
+    assert {r[0]: r[2] for r in run}["pretrain"] == "#1" and {r[0]: r[1] for r in run}["pretrain"] == "cached"
+    assert len(json.loads((tmp_path / "out/paper_claims.json").read_text())["timeline"]) == 2
 
 
 def part_of(md: str, section: str) -> str:
@@ -131,7 +135,7 @@ def test_gpu_config_builds_a_valid_plan():
     cfg = cfglib.load(ROOT / "eval/paper_claims.yaml", ["device=cpu"])
     jobs = plan.build(cfg)
     ordered = runner.order(jobs)
-    assert len(jobs) == 16 and ordered[0] == "pretrain"
+    assert len(jobs) == 17 and ordered[0] == "pretrain"
     assert all(ordered.index(d) < ordered.index(n) for n, j in jobs.items() for d in j.deps)
     for job in jobs.values():
         if job.kind == "fit":
@@ -140,6 +144,37 @@ def test_gpu_config_builds_a_valid_plan():
     curve = jobs["adapt_base"].cfg.callbacks.flow_curve
     assert list(curve.steps) == [0, 50, 100, 200, 500, 1000] and max(curve.steps) <= jobs["adapt_base"].cfg.trainer.max_steps
     assert jobs["adapt_random"].cfg.model.matching_init == "random" and not jobs["adapt_nowarp"].cfg.model.warp_identity
+    assert jobs["adapt_flowsup"].cfg.model.aux_flow_weight == 1.0 and jobs["adapt_base"].cfg.model.aux_flow_weight == 0.0
     backbone = jobs["stitch_m080"].cfg.model.backbone
     assert backbone._target_ == "icp.models.backbone.pretrained" and backbone.path == str(jobs["pretrain"].run_dir / "backbone")
     assert {float(j.cfg.data.mask_ratio) for n, j in jobs.items() if n.startswith("stitch_")} == {0.0, 0.5, 0.8, 0.95}
+
+
+def test_timeline_keeps_the_spans_of_an_invocation_that_was_cut_short(tmp_path):
+    path = tmp_path / "timeline.json"
+    first = runner.Timeline(path)
+    first.start("fit_a"), first.end("fit_a", "done"), first.start("fit_b")  # then killed: never finish()
+    second = runner.Timeline(path)
+    second.start("fit_b"), second.end("fit_b", "done"), second.finish()
+    again = runner.Timeline(path)
+    runs = again.invocations()
+    assert [r["finished"] for r in runs] == [False, True, False]
+    history = again.history()
+    assert history["fit_a"]["invocation"] == 1 and history["fit_b"]["invocation"] == 2
+    assert history["fit_b"]["status"] == "done"
+    path.write_text('{"invocations": [{"spans"')  # torn by a kill mid-write: a new history, no crash
+    assert runner.Timeline(path).invocations()[0]["spans"] == {}
+
+
+def test_fast_learner_verdict_needs_useful_matching():
+    from claims import verdicts as V
+
+    def curve(epes, zero=4.0):
+        return [{"step": s, "flow_epe": e, "flow_pck": 0.1, "flow_epe_zero": zero} for s, e in zip((0, 100, 200), epes)]
+
+    # A head start over random weights without ever beating the zero flow is no partial success.
+    assert V.fast_learner({"base": curve([9, 8, 7]), "random": curve([9, 9, 9])})[0] == "DOES NOT HOLD"
+    assert V.fast_learner({"base": curve([9, 3, 2]), "random": curve([9, 2, 1])})[0] == "PARTLY HOLDS"
+    verdict, why = V.fast_learner({"base": curve([9, 3, 2]), "random": curve([9, 5, 4]), "supervised": curve([9, 2, 1])})
+    assert verdict == "HOLDS" and "true flow as supervision" in why and "1.00 px" in why
+    assert V.fast_learner({"base": curve([9, 3, 2])})[0] == "NOT MEASURED"

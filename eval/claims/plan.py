@@ -92,6 +92,9 @@ def build(cfg: DictConfig) -> dict[str, Job]:
     variants = {"adapt_base": ["+model.matching_init=base", curve],
                 "adapt_random": ["+model.matching_init=random", curve],
                 "adapt_nowarp": ["+model.matching_init=base", "model.warp_identity=false"]}
+    weight = float(fl.get("supervised_weight", 0.0))
+    if weight > 0:  # a reference, not the paper's method: what the same Matching Net reaches with the true flow
+        variants["adapt_flowsup"] = ["+model.matching_init=base", f"model.aux_flow_weight={weight}", curve]
     for name, extra in variants.items():
         add(Job(name, "fit", deps=[main.name], cost=4,
                 cfg=fit_config(cfg, "adaptation", "claims_adaptation", base_adapt + extra)))
@@ -138,3 +141,12 @@ def is_done(cfg: DictConfig, job: Job) -> bool:
     if job.name == "embedder" and not (run / "embedder.pt").is_file():
         return False
     return True
+
+
+def has_result(cfg: DictConfig, job: Job) -> bool:
+    """What the report reads is there: a fit's final metrics (checkpoints may be left behind when a
+    root is fetched from another machine), an evaluation with the same key."""
+    if job.kind == "eval":
+        return is_done(cfg, job)
+    metrics = job.run_dir / "fit_metrics.json"
+    return metrics.is_file() and json.loads(metrics.read_text()).get("global_step", -1) >= int(job.cfg.trainer.max_steps)

@@ -10,6 +10,7 @@ is always reported.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -20,20 +21,65 @@ from claims.plan import Job
 
 
 class Timeline:
-    """When each job (and phase) started and ended, in seconds since the run began."""
+    """When each job (and phase) started and ended, in seconds since this invocation began.
 
-    def __init__(self) -> None:
+    With a ``path`` the spans are kept in a JSON file across invocations: a re-run (after a time
+    limit cut the first one short, say) skips the finished jobs, and the report still shows how
+    long each of them took in the invocation that ran it (:meth:`history`).
+    """
+
+    def __init__(self, path: Path | None = None, record: bool = True) -> None:
         self.t0 = time.time()
         self.spans: dict[str, dict] = {}
+        self.path = path
+        self.record = record  # False: read the history only (a report rebuilt later adds no invocation)
+        self.earlier: list[dict] = []
+        if path is not None and path.is_file():
+            try:
+                self.earlier = list(json.loads(path.read_text()).get("invocations", []))
+            except (ValueError, AttributeError):  # a torn file from a killed run: start a new history
+                self.earlier = []
 
     def start(self, name: str) -> None:
         self.spans[name] = {"start": round(time.time() - self.t0, 1)}
+        self._save()
 
     def end(self, name: str, status: str) -> None:
         span = self.spans.setdefault(name, {"start": round(time.time() - self.t0, 1)})
         span["end"] = round(time.time() - self.t0, 1)
         span["seconds"] = round(span["end"] - span["start"], 1)
         span["status"] = status
+        self._save()
+
+    def finish(self) -> None:
+        """Mark this invocation as ended normally (one that was killed stays unfinished)."""
+        self._save(finished=True)
+
+    def invocations(self, finished: bool = False) -> list[dict]:
+        """Every invocation so far, this one last: {started, wall, finished, spans}."""
+        if not self.record:
+            return list(self.earlier)
+        now = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t0)),
+               "wall": round(time.time() - self.t0, 1), "finished": finished, "spans": self.spans}
+        return [*self.earlier, now]
+
+    def history(self) -> dict[str, dict]:
+        """job -> the span of its latest invocation that ran it (not just found it cached), with
+        ``invocation`` (1-based); a job only ever cached is absent."""
+        out: dict[str, dict] = {}
+        for i, inv in enumerate(self.invocations(), 1):
+            for name, span in inv["spans"].items():
+                if span.get("status") != "cached":
+                    out[name] = {**span, "invocation": i}
+        return out
+
+    def _save(self, finished: bool = False) -> None:
+        if self.path is None or not self.record:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"invocations": self.invocations(finished)}, indent=1))
+        tmp.replace(self.path)
 
 
 def order(jobs: dict[str, Job]) -> list[str]:
