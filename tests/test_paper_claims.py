@@ -79,6 +79,19 @@ def test_ci_config_runs_end_to_end_and_caches(tmp_path, capsys, one_thread):
     run = _tables((tmp_path / "out/paper_claims.md").read_text())["## Run"]
     assert {r[0]: r[2] for r in run}["pretrain"] == "#1" and {r[0]: r[1] for r in run}["pretrain"] == "cached"
     assert len(json.loads((tmp_path / "out/paper_claims.json").read_text())["timeline"]) == 2
+    # --report-only rebuilds the report from the root alone (a root fetched from a GPU machine) ...
+    (tmp_path / "out/paper_claims.md").unlink()
+    assert paper_claims.main([*args, "--report-only"]) == 0
+    assert "PARTIAL" not in (tmp_path / "out/paper_claims.md").read_text().splitlines()[0]
+    assert len(json.loads((tmp_path / "out/paper_claims.json").read_text())["timeline"]) == 2  # adds no invocation
+    # ... says PARTIAL when a result is missing, and refuses a root the script never ran in.
+    (tmp_path / "runs/evals/eval_relighting.json").unlink()
+    assert paper_claims.main([*args, "--report-only"]) == 1
+    assert "PARTIAL" in (tmp_path / "out/paper_claims.md").read_text().splitlines()[0]
+    capsys.readouterr()
+    elsewhere = [a for a in args if not a.startswith("root=")] + [f"root={tmp_path}/nowhere", "--report-only"]
+    assert paper_claims.main(elsewhere) == 2
+    assert "timeline.json not found" in capsys.readouterr().err
 
 
 def part_of(md: str, section: str) -> str:
