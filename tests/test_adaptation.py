@@ -161,3 +161,41 @@ def test_bad_settings_are_config_errors():
         make_task(matching_mode="nearest")
     with pytest.raises(ConfigError, match="match_levels"):
         make_task(match_levels=[99])
+
+
+def test_true_flow_source_warps_with_the_ground_truth_and_leaves_the_matching_net_out():
+    """flow_source=ground_truth (the warping claim's oracle): the warp uses the batch's flow averaged to each
+    level, the Matching Net gets no gradient, and a batch without the flow is a one-line error."""
+    from icp.errors import DataError
+
+    batch = shifted_pairs(2, 5)
+    task = make_task(flow_source="ground_truth")
+    for proj in task.fusion.proj:
+        torch.nn.init.normal_(proj.weight, std=0.1)
+    state = task.prepare_condition(batch)
+    feats = [torch.zeros(2, 1, RES // 4 // 2 ** k, RES // 4 // 2 ** k) for k in range(2)]
+    flows = task.true_flows(state, feats)
+    shift = batch[K.FLOW_GT][:, :, 0, 0]  # the whole-image shift, pixels
+    for f, k in zip(flows, range(2)):  # valid cells: the shift in the level's pixels
+        ok = F.adaptive_avg_pool2d(batch[K.FLOW_VALID], f.shape[-2:]) == 1
+        expect = (shift / (4 * 2 ** k)).view(2, 2, 1, 1).expand_as(f)
+        assert torch.allclose(f[ok.expand_as(f)], expect[ok.expand_as(f)])
+    task.losses(batch)["loss"].backward()
+    assert all(p.grad is None for p in task.matching.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.fusion.parameters())
+    # The oracle changes the conditioning (vs the Matching Net's flow), on the same weights.
+    matched = make_task()
+    matched.load_state_dict(task.state_dict())
+    noisy = torch.randn(2, task.backbone.latent_channels, RES // 4, RES // 4)
+    t, text = torch.tensor([10, 500]), task.text_states(batch, 2)
+    with torch.no_grad():
+        a = task.condition(task.prepare_condition(batch), noisy, t, text)[1]
+        b = matched.condition(matched.prepare_condition(batch), noisy, t, text)[1]
+    assert not torch.allclose(a, b)
+    assert task.sample(batch, num_steps=2).shape == batch[K.TARGET].shape
+    with pytest.raises(DataError, match="flow_source=ground_truth needs the true flow"):
+        task.prepare_condition({k: v for k, v in batch.items() if k != K.FLOW_GT})
+    for bad in ({"flow_source": "oracle"}, {"flow_source": "ground_truth", "warp_identity": False},
+                {"flow_source": "ground_truth", "aux_flow_weight": 1.0}):
+        with pytest.raises(ConfigError, match="flow_source"):
+            make_task(**bad)

@@ -95,6 +95,9 @@ def build(cfg: DictConfig) -> dict[str, Job]:
     weight = float(fl.get("supervised_weight", 0.0))
     if weight > 0:  # a reference, not the paper's method: what the same Matching Net reaches with the true flow
         variants["adapt_flowsup"] = ["+model.matching_init=base", f"model.aux_flow_weight={weight}", curve]
+    oracle = bool(claims.warping.get("true_flow", False))
+    if oracle:  # the warp with the renderer's flow: what warping is worth when the matching is right
+        variants["adapt_truewarp"] = ["+model.matching_init=base", "+model.flow_source=ground_truth"]
     for name, extra in variants.items():
         add(Job(name, "fit", deps=[main.name], cost=4,
                 cfg=fit_config(cfg, "adaptation", "claims_adaptation", base_adapt + extra)))
@@ -102,7 +105,7 @@ def build(cfg: DictConfig) -> dict[str, Job]:
     for ratio, job in stitch.items():
         add(Job(f"eval_masking_{ratio_tag(ratio)}", "eval", deps=[job.name, "embedder"], cost=0.5,
                 spec={"claim": "masking", "run": str(job.run_dir), "embedder": emb, "mask_ratio": ratio}))
-    for name, run in (("warp", "adapt_base"), ("nowarp", "adapt_nowarp")):
+    for name, run in (("warp", "adapt_base"), ("nowarp", "adapt_nowarp"), *([("truewarp", "adapt_truewarp")] * oracle)):
         add(Job(f"eval_warping_{name}", "eval", deps=[run, "embedder"], cost=0.8,
                 spec={"claim": "warping", "run": str(jobs[run].run_dir), "embedder": emb,
                       "mask_ratio": float(claims.masking.main_ratio)}))
@@ -113,10 +116,16 @@ def build(cfg: DictConfig) -> dict[str, Job]:
     return jobs
 
 
+# Claim settings that only decide whether a reference job exists (so toggling one keeps the cache)
+PLAN_ONLY = {"warping": ("true_flow",), "fast_learner": ("supervised_weight",)}
+
+
 def eval_key(cfg: DictConfig, job: Job) -> str:
     """What an evaluation's result depends on: its spec, the evaluation settings, the data, the seed."""
-    data = {"spec": job.spec, "evaluate": OmegaConf.to_container(cfg.evaluate, resolve=True),
-            "claim": OmegaConf.to_container(cfg.claims[job.spec["claim"]], resolve=True),
+    claim = OmegaConf.to_container(cfg.claims[job.spec["claim"]], resolve=True)
+    for key in PLAN_ONLY.get(job.spec["claim"], ()):  # they add jobs, they do not change this one
+        claim.pop(key, None)
+    data = {"spec": job.spec, "evaluate": OmegaConf.to_container(cfg.evaluate, resolve=True), "claim": claim,
             "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed)}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -119,7 +119,12 @@ def _plots(out_dir: Path, found: dict, cfg: DictConfig) -> tuple[dict, str | Non
         fig, ax = plt.subplots(figsize=(5, 3.2))
         labels = [b["label"] for b in warp["buckets"]]
         ax.errorbar(range(len(labels)), [b["delta"]["mean"] for b in warp["buckets"]],
-                    yerr=[b["delta"]["se"] for b in warp["buckets"]], marker="o", capsize=3)
+                    yerr=[b["delta"]["se"] for b in warp["buckets"]], marker="o", capsize=3, label="matched-flow warp")
+        if "true_delta" in warp:
+            ax.errorbar([i + 0.05 for i in range(len(labels))], [b["true_delta"]["mean"] for b in warp["buckets"]],
+                        yerr=[b["true_delta"]["se"] for b in warp["buckets"]], marker="s", capsize=3, ls=":",
+                        label="true-flow warp (oracle)")
+            ax.legend(fontsize=7)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(range(len(labels)), labels)
         ax.set(xlabel="|yaw(profile) - yaw(target)|", ylabel="id_cos(warp) - id_cos(no warp)")
@@ -154,7 +159,16 @@ def _warp_table(found: dict) -> dict | None:
                         "warp": warp["buckets"].get(str(k)), "nowarp": nowarp["buckets"].get(str(k)),
                         "delta": mean_se([r["id_cos"] - other[r["pair"]]["id_cos"] for r in rows])})
     rows = [r for r in warp["rows"] if r["pair"] in other]
-    return {"buckets": buckets, "delta": mean_se([r["id_cos"] - other[r["pair"]]["id_cos"] for r in rows])}
+    out = {"buckets": buckets, "delta": mean_se([r["id_cos"] - other[r["pair"]]["id_cos"] for r in rows])}
+    true = found["evals"].get("eval_warping_truewarp")
+    if true:  # the oracle: the same pairs, masks and noise, warped with the renderer's flow
+        oracle = {r["pair"]: r for r in true["rows"]}
+        for k, b in enumerate(buckets):
+            both = [r for r in nowarp["rows"] if r["bucket"] == k and r["pair"] in oracle]
+            b["true"] = true["buckets"].get(str(k))
+            b["true_delta"] = mean_se([oracle[r["pair"]]["id_cos"] - r["id_cos"] for r in both])
+        out["true_delta"] = mean_se([oracle[p]["id_cos"] - r["id_cos"] for p, r in other.items() if p in oracle])
+    return out
 
 
 def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dict, device: str, final: bool,
@@ -238,7 +252,8 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dic
     # 3 -----------------------------------------------------------------------------------------
     warp = _warp_table(found)
     verdicts["warping"] = V.warping(warp["delta"] if warp else {},
-                                    {b["label"]: b["delta"] for b in warp["buckets"]} if warp else {})
+                                    {b["label"]: b["delta"] for b in warp["buckets"]} if warp else {},
+                                    (warp or {}).get("true_delta"))
     md += ["## 3. Warping by the matching flow vs unwarped concatenation", "", f"> {V.CLAIMS['warping']}", "",
            "Measured: two adaptation fits from the same stitching run, pretrained base and seed, with the flow warp "
            "(`warp_identity: true`) and without (`false`); held-out pairs rendered with "
@@ -246,20 +261,28 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dic
            f"{c.warping.pairs_per_bucket} per bucket; both models see the same pairs, masks and noise, so "
            "*warp - no warp* is paired.", ""]
     if warp:
+        oracle = "true_delta" in warp
         md += _table(["yaw difference", "pairs", "id_cos warp", "id_cos no warp", "warp - no warp",
+                      *(["id_cos true-flow warp", "true-flow warp - no warp"] if oracle else []),
                       "gain over swapped: warp", "no warp", "PSNR warp / no warp", "SSIM warp / no warp"],
                      [[b["label"], str(b["n"]), _ms(b["warp"]["id_cos"]), _ms(b["nowarp"]["id_cos"]), _ms(b["delta"]),
+                       *([_ms((b.get("true") or {}).get("id_cos")), _ms(b.get("true_delta"))] if oracle else []),
                        _ms(b["warp"]["id_paired"]), _ms(b["nowarp"]["id_paired"]),
                        f"{_f(b['warp']['psnr']['mean'], 2)} / {_f(b['nowarp']['psnr']['mean'], 2)}",
                        f"{_f(b['warp']['ssim']['mean'])} / {_f(b['nowarp']['ssim']['mean'])}"]
                       for b in warp["buckets"]]) + [""]
+        if oracle:
+            md += ["*True-flow warp* is not the method: a third adaptation fit that warps with the renderer's flow "
+                   "(`flow_source: ground_truth`) instead of the Matching Net's, on the same pairs, masks and noise -- what "
+                   "the warp is worth when the matching is right (its swapped-profile baseline keeps the pair's own "
+                   f"flow). Over all pairs, true-flow warp - no warp: {_ms(warp['true_delta'])}.", ""]
         if "warping" in plots:
             md += [f"![warp minus no warp by yaw difference]({rel}/{plots['warping']})", ""]
-        for name in ("warp", "nowarp"):
-            res = found["evals"][f"eval_warping_{name}"]
-            if res.get("grid"):
-                md += [f"{'With' if name == 'warp' else 'Without'} warp ({res['grid_columns']}):", "",
-                       f"![{name}]({rel}/{Path(res['grid']).name})", ""]
+        titles = {"warp": "With warp", "nowarp": "Without warp", "truewarp": "With the true-flow warp"}
+        for name, title in titles.items():
+            res = found["evals"].get(f"eval_warping_{name}")
+            if res and res.get("grid"):
+                md += [f"{title} ({res['grid_columns']}):", "", f"![{name}]({rel}/{Path(res['grid']).name})", ""]
     md += [f"**{verdicts['warping'][0]}** at this scale: {verdicts['warping'][1]}.",
            "Rule: HOLDS if id_cos(warp) - id_cos(no warp) over all pairs exceeds 2 s.e.", ""]
     # 4 -----------------------------------------------------------------------------------------

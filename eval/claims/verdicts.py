@@ -88,12 +88,16 @@ def masking(summaries: dict[float, dict], main: float) -> tuple[str, str]:
     return ("PARTLY HOLDS" if id_ok or light_ok else "DOES NOT HOLD"), why
 
 
-def warping(delta: dict, per_bucket: dict[str, dict]) -> tuple[str, str]:
+def warping(delta: dict, per_bucket: dict[str, dict], true_delta: dict | None = None) -> tuple[str, str]:
     if not delta or delta.get("n", 0) < 2:
         return "NOT MEASURED", "a warping evaluation is missing"
     d, se = delta["mean"], delta["se"]
     trend = ", ".join(f"{k}: {v['mean']:+.3f} ± {v['se']:.3f}" for k, v in per_bucket.items())
     why = f"id_cos(warp) - id_cos(no warp), paired over {delta['n']} pairs: {d:+.3f} ± {se:.3f}; per yaw bucket: {trend}"
+    if true_delta and true_delta.get("n"):
+        t = true_delta
+        why += (f"; warping with the TRUE flow instead (oracle, not the method): {t['mean']:+.3f} ± {t['se']:.3f}, "
+                f"{'significantly better than' if _sig(t['mean'], t['se']) else 'not significantly better than'} no warp")
     if _sig(d, se):
         return "HOLDS", why
     if d > 0:

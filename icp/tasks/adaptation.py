@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from icp.data import keys as K
-from icp.errors import ConfigError, WeightsError
+from icp.errors import ConfigError, DataError, WeightsError
 from icp.models import matching as M
 from icp.models.backbone import Backbone
 from icp.models.control import ControlUNet, split_halves, stitch
@@ -38,6 +38,9 @@ from icp.tasks.base import DiffusionTask, Residuals
 EXTRA_PROFILES = "extra_profiles"
 MATCHING_MODES = ("argmax", "soft")
 MATCHING_INITS = ("base", "random")
+# Where the warp's flow comes from: the Matching Net (the method), or the renderer's true flow (an
+# oracle for synthetic pairs only: what the warp is worth when the matching is right).
+FLOW_SOURCES = ("matched", "ground_truth")
 
 
 class AdaptationTask(DiffusionTask):
@@ -53,7 +56,9 @@ class AdaptationTask(DiffusionTask):
     flow_eval_timestep: timestep at which validation measures the flow; pck_alpha: PCK threshold
     as a fraction of the image size; flow_images: how many pairs the flow picture shows;
     matching_init: "base" (the Matching Net is a copy of the base UNet's encoder, the paper's
-    setting) or "random" (diffusers' default init: the fast-learner ablation, claim a).
+    setting) or "random" (diffusers' default init: the fast-learner ablation, claim a);
+    flow_source: "matched" (the Matching Net's flow, the method) or "ground_truth" (the batch's
+    flow, averaged down to each level: an oracle for the warping ablation on synthetic pairs).
     """
 
     def __init__(self, backbone: Backbone, appearance_from: str | None = None, train_appearance: bool = False,
@@ -61,8 +66,14 @@ class AdaptationTask(DiffusionTask):
                  match_levels: Sequence[int] | None = None, warp_identity: bool = True,
                  aux_flow_weight: float = 0.0, flow_eval_timestep: int = 200, pck_alpha: float = 0.05,
                  flow_images: int = 4, cond_embedding_channels: int = 64, matching_init: str = "base",
-                 **kwargs: Any):
+                 flow_source: str = "matched", **kwargs: Any):
         super().__init__(backbone=backbone, **kwargs)
+        if flow_source not in FLOW_SOURCES:
+            raise ConfigError(f"model.flow_source='{flow_source}' is not one of {', '.join(FLOW_SOURCES)}")
+        if flow_source == "ground_truth" and (not warp_identity or aux_flow_weight > 0):
+            raise ConfigError("model.flow_source=ground_truth warps with the true flow: it needs warp_identity=true "
+                              "and aux_flow_weight=0 (the Matching Net is not used)")
+        self.flow_source = flow_source
         if matching_init not in MATCHING_INITS:
             raise ConfigError(f"model.matching_init='{matching_init}' is not one of {', '.join(MATCHING_INITS)}")
         if matching_mode not in MATCHING_MODES:
@@ -99,7 +110,22 @@ class AdaptationTask(DiffusionTask):
     def prepare_condition(self, batch: dict) -> dict[str, Any]:
         masked = self.encode_images(batch[K.TARGET_MASKED])
         profiles = [batch[K.PROFILE], *batch.get(EXTRA_PROFILES, [])]
-        return {"profiles": [self.encode_images(p) for p in profiles], "masked": masked}
+        state = {"profiles": [self.encode_images(p) for p in profiles], "masked": masked}
+        if self.flow_source == "ground_truth":
+            if K.FLOW_GT not in batch or len(profiles) > 1:
+                raise DataError("model.flow_source=ground_truth needs the true flow of one profile per target "
+                                f"(batch key '{K.FLOW_GT}', synthetic pairs only); use flow_source=matched")
+            state["flow_gt"] = batch[K.FLOW_GT].float()
+            state["flow_valid"] = batch[K.FLOW_VALID].float() if K.FLOW_VALID in batch else None
+        return state
+
+    def true_flows(self, state: dict, target_feats: list[Tensor]) -> list[Tensor]:
+        """The ground-truth flow averaged down to each level (in that level's pixels; 0 where no
+        target pixel of the cell sees the profile)."""
+        valid = state["flow_valid"]
+        return [M.downsample_flow(state["flow_gt"], tuple(f.shape[-2:]),
+                                  None if valid is None else valid[:, None] if valid.dim() == 3 else valid)[0]
+                for f in target_feats]
 
     def _canvas_features(self, net: ControlUNet, profile: Tensor, masked: Tensor, noisy: Tensor,
                          timesteps: Tensor, text: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -153,7 +179,9 @@ class AdaptationTask(DiffusionTask):
             ident, light = self._canvas_features(self.appearance, profile, state["masked"], noisy_latents,
                                                  timesteps, text_states)
             flows = None
-            if self.fusion.warp_identity or (i == 0 and self.aux_flow_weight > 0):
+            if self.flow_source == "ground_truth":
+                flows = [f.to(noisy_latents.dtype) for f in self.true_flows(state, light)]
+            elif self.fusion.warp_identity or (i == 0 and self.aux_flow_weight > 0):
                 prof_m, targ_m = self._canvas_features(self.matching, profile, state["masked"], noisy_latents,
                                                        timesteps, text_states)
                 flows = self.match_flows(prof_m, targ_m)
