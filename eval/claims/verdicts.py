@@ -96,8 +96,9 @@ def warping(delta: dict, per_bucket: dict[str, dict], true_delta: dict | None = 
     why = f"id_cos(warp) - id_cos(no warp), paired over {delta['n']} pairs: {d:+.3f} ± {se:.3f}; per yaw bucket: {trend}"
     if true_delta and true_delta.get("n"):
         t = true_delta
-        why += (f"; warping with the TRUE flow instead (oracle, not the method): {t['mean']:+.3f} ± {t['se']:.3f}, "
-                f"{'significantly better than' if _sig(t['mean'], t['se']) else 'not significantly better than'} no warp")
+        cmp = ("significantly better than" if _sig(t["mean"], t["se"]) else
+               "significantly worse than" if _sig(-t["mean"], t["se"]) else "no significant difference to")
+        why += f"; warping with the TRUE flow instead (oracle, not the method): {t['mean']:+.3f} ± {t['se']:.3f}, {cmp} no warp"
     if _sig(d, se):
         return "HOLDS", why
     if d > 0:
