@@ -196,3 +196,15 @@ def test_fast_learner_verdict_needs_useful_matching():
     verdict, why = V.fast_learner({"base": curve([9, 3, 2]), "random": curve([9, 5, 4]), "supervised": curve([9, 2, 1])})
     assert verdict == "HOLDS" and "true flow as supervision" in why and "1.00 px" in why
     assert V.fast_learner({"base": curve([9, 3, 2])})[0] == "NOT MEASURED"
+
+
+def test_warping_verdict_names_the_oracle_without_letting_it_decide():
+    from claims import verdicts as V
+
+    method = {"mean": -0.01, "se": 0.01, "n": 40}
+    for oracle, words in (({"mean": 0.05, "se": 0.01, "n": 40}, "significantly better than"),
+                          ({"mean": -0.05, "se": 0.01, "n": 40}, "significantly worse than"),
+                          ({"mean": 0.01, "se": 0.01, "n": 40}, "no significant difference to")):
+        verdict, why = V.warping(method, {}, oracle)
+        assert verdict == "DOES NOT HOLD" and words in why and "TRUE flow" in why
+    assert V.warping({"mean": 0.05, "se": 0.01, "n": 40}, {}, None)[0] == "HOLDS"
