@@ -30,6 +30,7 @@ from claims import plan as planlib  # noqa: E402
 from claims import runner  # noqa: E402
 
 from icp import config as cfglib  # noqa: E402
+from icp.data.shards import MANIFEST  # noqa: E402
 from icp.errors import DataError, IcpError  # noqa: E402
 from icp.mainjob import resolve_device, shards_dirs, stage_data  # noqa: E402
 
@@ -117,7 +118,7 @@ def coordinate(cfg, args, jobs: dict[str, planlib.Job], device: str) -> int:
     timeline = runner.Timeline(Path(cfg.root) / "timeline.json")  # kept across invocations
     print(f"paper_claims: {len(jobs)} jobs on {device}, {parallel} at a time, runs under {cfg.root}", flush=True)
     timeline.start("data")
-    rendered = all((d / "manifest.json").is_file() for d in shards_dirs(cfg))
+    rendered = all((d / MANIFEST).is_file() for d in shards_dirs(cfg))
     stage_data(cfg, Path(cfg.root))  # shards: skipped per shard when already rendered (the manifest checks the config)
     timeline.end("data", "cached" if rendered else "done")
     status: dict[str, str] = {"data": timeline.spans["data"]["status"]}

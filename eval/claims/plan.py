@@ -105,7 +105,8 @@ def build(cfg: DictConfig) -> dict[str, Job]:
     for ratio, job in stitch.items():
         add(Job(f"eval_masking_{ratio_tag(ratio)}", "eval", deps=[job.name, "embedder"], cost=0.5,
                 spec={"claim": "masking", "run": str(job.run_dir), "embedder": emb, "mask_ratio": ratio}))
-    for name, run in (("warp", "adapt_base"), ("nowarp", "adapt_nowarp"), *([("truewarp", "adapt_truewarp")] * oracle)):
+    warp_evals = [("warp", "adapt_base"), ("nowarp", "adapt_nowarp")] + ([("truewarp", "adapt_truewarp")] if oracle else [])
+    for name, run in warp_evals:
         add(Job(f"eval_warping_{name}", "eval", deps=[run, "embedder"], cost=0.8,
                 spec={"claim": "warping", "run": str(jobs[run].run_dir), "embedder": emb,
                       "mask_ratio": float(claims.masking.main_ratio)}))
@@ -140,10 +141,7 @@ def is_done(cfg: DictConfig, job: Job) -> bool:
         path = eval_path(cfg, job)
         return path.is_file() and json.loads(path.read_text()).get("key") == eval_key(cfg, job)
     run = job.run_dir
-    metrics = run / "fit_metrics.json"
-    if not metrics.is_file() or not (run / "checkpoints" / "last.ckpt").is_file():
-        return False
-    if json.loads(metrics.read_text()).get("global_step", -1) < int(job.cfg.trainer.max_steps):
+    if not _reached_max_steps(job) or not (run / "checkpoints" / "last.ckpt").is_file():
         return False
     if job.name == "pretrain" and not (run / "backbone" / "unet").is_dir():
         return False
@@ -155,7 +153,9 @@ def is_done(cfg: DictConfig, job: Job) -> bool:
 def has_result(cfg: DictConfig, job: Job) -> bool:
     """What the report reads is there: a fit's final metrics (checkpoints may be left behind when a
     root is fetched from another machine), an evaluation with the same key."""
-    if job.kind == "eval":
-        return is_done(cfg, job)
+    return is_done(cfg, job) if job.kind == "eval" else _reached_max_steps(job)
+
+
+def _reached_max_steps(job: Job) -> bool:
     metrics = job.run_dir / "fit_metrics.json"
     return metrics.is_file() and json.loads(metrics.read_text()).get("global_step", -1) >= int(job.cfg.trainer.max_steps)

@@ -315,21 +315,21 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dic
     md += ["## Limitations", "", *[f"- {x}" for x in LIMITATIONS], ""]
     if plot_note:
         md += [f"Note: {plot_note}.", ""]
-    md += run_section(cfg, timeline, status, final, config_name)
+    md += run_section(cfg, timeline, status, config_name)
     out.with_suffix(".md").write_text("\n".join(md))
     result = {"final": final, "device": device, "seed": int(cfg.seed), "verdicts": {k: {"verdict": v[0], "why": v[1]}
               for k, v in verdicts.items()}, "fast_learner": found["curves"],
               "masking": {str(r): s for r, s in masks}, "warping": warp,
               "relighting": {k: v["summary"] for k, v in (relight or {}).get("models", {}).items()},
-              "embedder_auc": found["embedder_auc"], "timeline": timeline.invocations(final), "status": status,
+              "embedder_auc": found["embedder_auc"], "timeline": timeline.invocations(), "status": status,
               "config": OmegaConf.to_container(cfg, resolve=True)}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     return out.with_suffix(".md")
 
 
-def run_section(cfg: DictConfig, timeline: Timeline, status: dict, final: bool, config_name: str) -> list[str]:
+def run_section(cfg: DictConfig, timeline: Timeline, status: dict, config_name: str) -> list[str]:
     """Where the time went: each job's span in the invocation that ran it, and every invocation."""
-    invocations = timeline.invocations(final)
+    invocations = timeline.invocations()
     history = timeline.history()
     md = ["## Run", "", "Jobs (status now; the invocation that ran the job, its start in seconds since that "
           "invocation began, and its duration):", ""]

@@ -33,6 +33,7 @@ class Timeline:
         self.spans: dict[str, dict] = {}
         self.path = path
         self.record = record  # False: read the history only (a report rebuilt later adds no invocation)
+        self.finished = False  # set by finish(); an invocation that was killed stays unfinished
         self.earlier: list[dict] = []
         if path is not None and path.is_file():
             try:
@@ -53,14 +54,15 @@ class Timeline:
 
     def finish(self) -> None:
         """Mark this invocation as ended normally (one that was killed stays unfinished)."""
-        self._save(finished=True)
+        self.finished = True
+        self._save()
 
-    def invocations(self, finished: bool = False) -> list[dict]:
+    def invocations(self) -> list[dict]:
         """Every invocation so far, this one last: {started, wall, finished, spans}."""
         if not self.record:
             return list(self.earlier)
         now = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t0)),
-               "wall": round(time.time() - self.t0, 1), "finished": finished, "spans": self.spans}
+               "wall": round(time.time() - self.t0, 1), "finished": self.finished, "spans": self.spans}
         return [*self.earlier, now]
 
     def history(self) -> dict[str, dict]:
@@ -73,12 +75,12 @@ class Timeline:
                     out[name] = {**span, "invocation": i}
         return out
 
-    def _save(self, finished: bool = False) -> None:
+    def _save(self) -> None:
         if self.path is None or not self.record:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"invocations": self.invocations(finished)}, indent=1))
+        tmp.write_text(json.dumps({"invocations": self.invocations()}, indent=1))
         tmp.replace(self.path)
 
 

@@ -43,6 +43,12 @@ MATCHING_INITS = ("base", "random")
 FLOW_SOURCES = ("matched", "ground_truth")
 
 
+def level_flow(flow_gt: Tensor, valid: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
+    """The true pixel flow averaged down to a feature level (in its pixels), with the cells that see
+    the profile: the target of the aux flow loss and the oracle's warp."""
+    return M.downsample_flow(flow_gt.float(), size, None if valid is None else valid.float())
+
+
 class AdaptationTask(DiffusionTask):
     """Stage 2 of IC-Portrait. Flat kwargs beyond :class:`DiffusionTask`'s:
 
@@ -115,17 +121,13 @@ class AdaptationTask(DiffusionTask):
             if K.FLOW_GT not in batch or len(profiles) > 1:
                 raise DataError("model.flow_source=ground_truth needs the true flow of one profile per target "
                                 f"(batch key '{K.FLOW_GT}', synthetic pairs only); use flow_source=matched")
-            state["flow_gt"] = batch[K.FLOW_GT].float()
-            state["flow_valid"] = batch[K.FLOW_VALID].float() if K.FLOW_VALID in batch else None
+            state["flow_gt"], state["flow_valid"] = batch[K.FLOW_GT], batch.get(K.FLOW_VALID)
         return state
 
     def true_flows(self, state: dict, target_feats: list[Tensor]) -> list[Tensor]:
         """The ground-truth flow averaged down to each level (in that level's pixels; 0 where no
         target pixel of the cell sees the profile)."""
-        valid = state["flow_valid"]
-        return [M.downsample_flow(state["flow_gt"], tuple(f.shape[-2:]),
-                                  None if valid is None else valid[:, None] if valid.dim() == 3 else valid)[0]
-                for f in target_feats]
+        return [level_flow(state["flow_gt"], state["flow_valid"], tuple(f.shape[-2:]))[0] for f in target_feats]
 
     def _canvas_features(self, net: ControlUNet, profile: Tensor, masked: Tensor, noisy: Tensor,
                          timesteps: Tensor, text: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -208,8 +210,7 @@ class AdaptationTask(DiffusionTask):
         """Mean end-point error (in each level's pixels) of the matched levels' soft flows vs the truth."""
         terms = []
         for l in sorted(flows):
-            gt, ok = M.downsample_flow(flow_gt.float(), tuple(flows[l].shape[-2:]),
-                                       None if valid is None else valid.float())
+            gt, ok = level_flow(flow_gt, valid, tuple(flows[l].shape[-2:]))
             err = (flows[l] - gt).norm(dim=1, keepdim=True)
             terms.append(err.mean() if ok is None else (err * ok).sum() / ok.sum().clamp_min(1.0))
         return torch.stack(terms).mean()
