@@ -4,7 +4,8 @@
     python eval/bench_train.py --plan h100b --budget 500 --out DIR  # the rows call 1 had no time for
     python eval/bench_train.py --tiny --out /tmp/bench_tiny         # every code path, tiny, CPU, ~1 min
 
-Rows (``--only`` takes row names or section letters, run in the given order):
+Rows (``--only`` takes row names or section letters, run in the given order; ``ROW@key=value``
+runs a "defaults" row with some switches changed, e.g. ``c_stitching_defaults@channels_last=1``):
 
 - peak: bf16 matmul rate, the MFU denominator;
 - a: the plain diffusers train step (the baseline, ``a_plain``), its 64x128 canvas version, and
@@ -66,14 +67,15 @@ ROW_COST_S = {
     "peak": 10, "a_plain": 25, "a_plain_canvas": 25, "a_variants": 110, "a_compile": 240,
     "b_task_off": 30, "b_task_defaults": 230, "b_task_defaults_big": 250,
     "c_stitching_off": 35, "c_stitching_defaults": 320, "c_adaptation_off": 45, "c_adaptation_defaults": 200,
-    "d_plain_unet": 20, "d_plain_controlnet": 25, "d_task_off": 40, "d_task_defaults": 25,
-    "d_task_defaults_nograph": 25, "vae": 45, "e": 100,
+    "d_plain_unet": 20, "d_plain_controlnet": 25, "d_task_off": 40, "d_task_defaults": 150,
+    "d_task_defaults_nograph": 25, "d_task_defaults_nocompile": 30, "vae": 45, "e": 100,
 }
 SECTIONS = {
     "peak": ["peak"], "a": ["a_plain", "a_plain_canvas", "a_variants"], "late": ["a_compile"],
     "b": ["b_task_off", "b_task_defaults", "b_task_defaults_big"],
     "c": ["c_stitching_off", "c_stitching_defaults", "c_adaptation_off", "c_adaptation_defaults"],
-    "d": ["d_plain_unet", "d_plain_controlnet", "d_task_off", "d_task_defaults_nograph", "d_task_defaults"],
+    "d": ["d_plain_unet", "d_plain_controlnet", "d_task_off", "d_task_defaults_nocompile", "d_task_defaults_nograph",
+          "d_task_defaults"],
     "vae": ["vae"], "e": ["e"],
 }
 # Ordered by what each call must not miss; rows that no longer fit the budget are skipped.
@@ -128,9 +130,12 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         self._d_flops: float | None = None
+        self._d_ref: tuple[str, torch.Tensor] | None = None
         profile = args.profile if args.profile is not None else PLAN_PROFILES.get(args.plan, "")
         self.profile_rows = set(filter(None, profile.split(",")))
         self.on = self.defaults  # the report prints it as "settings 'on'"
+        self.variant: dict = {}  # switches over the defaults for the current row (``row@key=value``)
+        self.suffix = ""
 
     # -------------------------------------------------------------------------------- building
     def backbone(self, latent_codec: bool = False) -> bb.Backbone:
@@ -150,7 +155,8 @@ class Bench:
         return self.size["res"] // (4 if self.tiny else 8)
 
     def perf_node(self, mode: str) -> dict:
-        return dict(perf.OFF) if mode == "off" else dict(self.defaults)
+        """``model.perf`` of a row: OFF, or the defaults with the current ``row@key=value`` variant."""
+        return dict(perf.OFF) if mode == "off" else perf.settings({**self.defaults, **self.variant})
 
     def optimizer(self, mode: str):
         """The config's ``optimizer: {_target_: torch.optim.AdamW, _partial_: true, ...}``."""
@@ -159,6 +165,7 @@ class Bench:
 
     # -------------------------------------------------------------------------------- recording
     def record(self, name, section, batch, timing, flops, settings=None, **extra) -> common.Result:
+        name += self.suffix
         result = common.Result(name, section, batch, timing["ms"], flops, common.peak_memory_gib(self.device),
                                settings or {}, {"ms_min": timing["ms_min"], "ms_max": timing["ms_max"], **extra})
         self.results.append(result)
@@ -176,18 +183,21 @@ class Bench:
         write_report(self.out, self)
 
     def guarded(self, name: str, fn) -> None:
-        cost = ROW_COST_S.get(name, 60)
+        base, _, spec = name.partition("@")
+        cost = ROW_COST_S.get(base, 60)
         if self.args.budget and not self.tiny and self.elapsed + cost > self.args.budget:
             self.errors[name] = (f"skipped: {self.args.budget - self.elapsed:.0f} s of the --budget left, "
                                  f"the row needs ~{cost} s")
             print(f"[{self.elapsed:6.0f}s] {name}: {self.errors[name]}", flush=True)
             return
+        self.variant, self.suffix = parse_settings(spec.replace(";", ",")), (f"+{spec}" if spec else "")
         try:
             fn()
         except Exception as err:  # noqa: BLE001 -- one failed variant must not lose the others
             self.errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
             traceback.print_exc()
         finally:
+            self.variant, self.suffix = {}, ""
             tasks.free()
             self.save()
 
@@ -291,10 +301,11 @@ class Bench:
         self.task_row("adaptation", "defaults")
 
     # -------------------------------------------------------------------------------- (d)
-    def sample_case(self, name, fn, batch, settings, flops, warmup: int, iters: int) -> None:
+    def sample_case(self, name, fn, batch, settings, flops, warmup: int, iters: int, **extra) -> None:
         common.reset_memory(self.device)
         timing = common.time_steps(fn, self.device, warmup, iters)
-        self.record(name, "d", batch, timing, flops, settings, steps=self.size["steps"])
+        extra.setdefault("first_steps_s", timing["warmup_s"] if warmup else None)
+        self.record(name, "d", batch, timing, flops, settings, steps=self.size["steps"], **extra)
         self.maybe_profile(name, fn)
 
     def row_d_plain_unet(self) -> None:
@@ -316,29 +327,48 @@ class Bench:
                          common.count_flops(sampler), 1, self.size["sample_iters"])
 
     def task_sample_row(self, mode: str) -> None:
-        """``task.sample`` as evaluation calls it (icp.tasks.loading: no trainer, no setup())."""
+        """``task.sample`` as evaluation calls it: icp.tasks.loading.load_task builds the task, moves
+        it and calls ``prepare_inference`` (bf16 weights, compile; no trainer, no setup())."""
         from icp.tasks.stitching import StitchingTask
 
         b, steps = self.size["sample_batch"], self.size["steps"]
         node = self.perf_node("off" if mode == "off" else "defaults")
         if mode == "defaults_nograph":
             node["cuda_graph_sampling"] = False
+        if mode == "defaults_nocompile":
+            node["compile"] = "none"
         task = StitchingTask(self.backbone(), perf=node).to(self.device).eval()
         batch = tasks.image_batch(b, 3, (self.size["res"],) * 2, self.device)
-        fn = lambda: task.sample(batch, num_steps=steps, guidance_scale=7.5)  # noqa: E731
+        # Fixed noise: every mode's images can be compared with the first task row's.
+        fn = lambda: task.sample(batch, num_steps=steps, guidance_scale=7.5,  # noqa: E731
+                                 generator=torch.Generator(self.device).manual_seed(0))
         counted_here = self._d_flops is None
         if counted_here:
-            # Same work in every mode (batched CFG runs the same UNet FLOPs); counted eagerly: a
-            # graph replay is invisible to the counter. This call doubles as a warm-up.
+            # Same work in every mode (batched CFG runs the same UNet FLOPs); counted eagerly before
+            # anything is compiled or graphed (a graph replay is invisible to the counter). On the
+            # fp32 weights: the count does not depend on precision.
             graphs = task.perf_config["cuda_graph_sampling"]
             task.perf_config["cuda_graph_sampling"] = False
-            self._d_flops = common.count_flops(fn)
+            with common.FlopCounterMode(display=False) as counter:
+                images = fn()
+            self._d_flops = float(counter.get_total_flops())
+            self._d_ref = (f"d_task_{mode} before prepare_inference, eager", images)
             task.perf_config["cuda_graph_sampling"] = graphs
+        start = time.perf_counter()
+        applied = task.prepare_inference(self.device)
+        prepare_s = time.perf_counter() - start
         # The fp32 "off" loop is slow (~12 s per call on an H100): one timed call, and no extra
-        # warm-up when the FLOP count already ran it.
+        # warm-up when the FLOP count already ran it. Others: one warm-up call (compilation).
         warmup = 0 if (mode == "off" and counted_here) else 1
         iters = 1 if mode == "off" else self.size["sample_iters"]
-        self.sample_case(f"d_task_{mode}", fn, b, {"perf": node}, self._d_flops, warmup, iters)
+        self.sample_case(f"d_task_{mode}", fn, b, {"perf": node, "applied": applied}, self._d_flops, warmup, iters,
+                         prepare_s=prepare_s)
+        # Same images as the reference, up to precision? (mean |difference| / mean |reference|)
+        ref_name, ref = self._d_ref
+        images = fn()
+        self.results[-1].extra["images_vs_ref"] = {"ref": ref_name, "rel_l1": float(
+            (images - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))}
+        self.save()
 
     def row_d_task_off(self) -> None:
         self.task_sample_row("off")
@@ -348,6 +378,9 @@ class Bench:
 
     def row_d_task_defaults_nograph(self) -> None:
         self.task_sample_row("defaults_nograph")
+
+    def row_d_task_defaults_nocompile(self) -> None:
+        self.task_sample_row("defaults_nocompile")
 
     # -------------------------------------------------------------------------------- vae, (e)
     def row_vae(self) -> None:
@@ -385,7 +418,7 @@ class Bench:
                 names.insert(0, "peak")
         else:
             names = PLANS[self.args.plan or "all"]
-        unknown = [n for n in names if n not in ROW_COST_S]
+        unknown = [n for n in names if n.partition("@")[0] not in ROW_COST_S]
         if unknown:
             raise SystemExit(f"bench_train: unknown row/section '{unknown[0]}'; rows: {', '.join(ROW_COST_S)}; "
                              f"sections: {', '.join(SECTIONS)}")
@@ -396,7 +429,7 @@ class Bench:
         print(json.dumps(self.env), flush=True)
         print("perf defaults measured:", json.dumps(self.defaults), flush=True)
         for name in self.rows():
-            self.guarded(name, getattr(self, f"row_{name}"))
+            self.guarded(name, getattr(self, f"row_{name.partition('@')[0]}"))
         self.notes.append(f"total wall time {self.elapsed:.0f} s")
         self.save()
         print((self.out / f"bench_train{self.tag}.md").read_text())
@@ -408,7 +441,8 @@ def main(argv=None) -> None:
     p.add_argument("--cpu", action="store_true", help="run on CPU even where a GPU exists")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--plan", default="", choices=["", *PLANS], help="an ordered row list (default: all)")
-    p.add_argument("--only", default="", help="comma list of rows or sections (a,b,c,d,vae,e,late), in order")
+    p.add_argument("--only", default="", help="comma list of rows or sections (a,b,c,d,vae,e,late), in order; "
+                   "ROW@key=value[;key=value] runs a 'defaults' row with switches changed (named ROW+key=value)")
     p.add_argument("--budget", type=float, default=0, help="seconds: skip rows whose estimate no longer fits")
     p.add_argument("--batch", type=int, default=0, help="override the (a)/(b) batch size")
     p.add_argument("--big-batch", type=int, default=0, help="override the batch of b_task_defaults_big")

@@ -20,12 +20,15 @@ channels_last          false      NHWC weights (measured slower with eager Group
 fused_optimizer        true       fused AdamW/Adam on CUDA unless the optimizer node sets fused/foreach
 batched_cfg            true       sample(): cond + uncond in one UNet call (uncond = zero residuals)
 cuda_graph_sampling    true       sample(): the guided prediction of a step replayed as a CUDA graph
-sample_bf16            true       sample() outside a bf16 trainer autocasts to bf16 on CUDA
+sample_bf16            true       sample() outside a bf16 trainer autocasts to bf16 on CUDA; with
+                                  bf16_frozen, evaluation (configure_inference) stores all weights in bf16
 =====================  =========  ===================================================================
 
 The figures behind every default are in eval/results/bench_train*.md (eval/bench_train.py on an
 H100) and the reasons in docs/decisions/performance.md. :data:`OFF` is the plain path: what a
 task did before these switches existed (the benchmark's "settings off" rows).
+:func:`configure_inference` is the evaluation counterpart of :func:`configure_task`
+(``icp.tasks.loading.load_task`` calls it through ``DiffusionTask.prepare_inference``).
 
 Building blocks, usable on their own: :func:`bf16_frozen`, :func:`channels_last`,
 :func:`sdpa_backend` / :func:`set_sdpa_backend`, :func:`compile_module`, :class:`GraphedStep`
@@ -339,6 +342,47 @@ def configure_task(task: nn.Module, perf: Mapping[str, Any] | None = None, preci
     # Compile only where Triton/inductor pays (CUDA): on CPU (tests, CI) it costs minutes of
     # C++ compilation for nothing measured.
     if torch.device(device).type == "cuda":
+        for part in _compile_targets(task):
+            applied["compiled"] += compile_module(part, s["compile"], regional=s["compile_regional"],
+                                                  dynamic=s["compile_dynamic"])
+    return applied
+
+
+def configure_inference(task: nn.Module, perf: Mapping[str, Any] | None = None,
+                        device: torch.device | str | None = None, bf16: bool | None = None) -> dict[str, Any]:
+    """Apply the switches of ``perf`` to a task that will only sample (evaluation), in place.
+
+    Nothing trains there, so ``bf16_frozen`` covers *every* floating weight: with it and
+    ``sample_bf16`` on CUDA all weights are stored in bf16 (``sample()`` autocasts to bf16
+    there anyway, so convs and matmuls see the same bf16 weights, minus a cast per call).
+    ``bf16`` forces that choice (tests on CPU). Then the SDPA kernel and compilation, as
+    :func:`configure_task` does for training. ``requires_grad`` is left as it is: the task's EMA
+    bookkeeping selects trained weights by it, and sampling runs under no_grad. Returns what
+    was applied (``inference: True``).
+    """
+    s = settings(perf)
+    if device is None:
+        first = next(task.parameters(), None)
+        device = first.device if first is not None else "cpu"
+    cuda = torch.device(device).type == "cuda"
+    if bf16 is None:
+        bf16 = bool(s["bf16_frozen"] and s["sample_bf16"] and cuda)
+    applied: dict[str, Any] = {"bf16_frozen": 0, "channels_last": False, "compiled": 0, "sdpa": s["sdpa"],
+                               "inference": True}
+    if bf16:
+        for module in task.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.is_floating_point() and param.dtype != torch.bfloat16:
+                    param.data = param.data.to(torch.bfloat16)
+                    applied["bf16_frozen"] += param.numel()
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.is_floating_point() and buf.dtype != torch.bfloat16:
+                    module._buffers[name] = buf.to(torch.bfloat16)
+    if s["channels_last"]:
+        channels_last(task)
+        applied["channels_last"] = True
+    set_sdpa_backend(s["sdpa"])
+    if cuda:
         for part in _compile_targets(task):
             applied["compiled"] += compile_module(part, s["compile"], regional=s["compile_regional"],
                                                   dynamic=s["compile_dynamic"])

@@ -275,6 +275,54 @@ def test_sample_with_bf16_frozen_weights_outside_a_trainer():
     assert _norm_rel(out, ref) < 5e-2
 
 
+def test_inference_stores_every_weight_in_bf16_and_samples_like_fp32():
+    batch = _batch()
+    ref = _sample(_stitching(), batch)
+    fast = _stitching()
+    applied = fast.prepare_inference("cpu")  # CPU default: nothing changes
+    assert applied["inference"] and applied["bf16_frozen"] == 0 and applied["compiled"] == 0
+    assert torch.equal(_sample(fast, batch), ref)
+    assert fast.prepare_inference("cpu") is applied  # once
+    fast = _stitching()
+    # What evaluation does on CUDA (bf16_frozen + sample_bf16), forced here on CPU.
+    fast.perf_applied = perf.configure_inference(fast, fast.perf_config, device="cpu", bf16=True)
+    floats = [p for p in fast.parameters() if p.is_floating_point()]
+    assert all(p.dtype == torch.bfloat16 for p in floats)
+    assert fast.perf_applied["bf16_frozen"] == sum(p.numel() for p in floats)
+    assert fast.trainable_parameters()  # requires_grad kept: the EMA bookkeeping selects by it
+    out = _sample(fast, batch)  # autocasts: fp32 latents never meet bf16 weights
+    assert out.dtype == torch.float32 and _norm_rel(out, ref) < 5e-2
+    # Not vacuous: another profile moves the output far more than bf16 does.
+    swapped = {**batch, K.PROFILE: batch[K.PROFILE].flip(0)}
+    assert _norm_rel(_sample(fast, swapped), out) > 4 * _norm_rel(out, ref)
+
+
+def test_inference_folds_the_ema_weights_in_once():
+    batch = _batch()
+    task = _stitching(ema_decay=0.9)
+    task._ensure_ema()  # shadow = the current weights
+    live = [p.detach().clone() for p in task.trainable_parameters()]
+    with torch.no_grad():
+        for p in task.trainable_parameters():
+            p.add_(0.05)  # training moved on; the EMA did not
+    ref = _sample(task, batch)  # swaps the EMA weights in for the call
+    task.prepare_inference("cpu")
+    assert task._ema is None and task.ema_decay == 0.0
+    assert all(torch.equal(p, q) for p, q in zip(task.trainable_parameters(), live))
+    assert torch.equal(_sample(task, batch), ref)
+
+
+def test_flow_prediction_after_bf16_inference_preparation():
+    from icp.tasks.adaptation import AdaptationTask
+
+    torch.manual_seed(0)
+    task = AdaptationTask(tiny(resolution=RES, width=16, seed=6)).eval()
+    ref = task.predict_flow(_batch(), generator=torch.Generator().manual_seed(1))
+    task.perf_applied = perf.configure_inference(task, task.perf_config, device="cpu", bf16=True)
+    flows = task.predict_flow(_batch(), generator=torch.Generator().manual_seed(1))  # no dtype clash
+    assert [f.shape for f in flows] == [f.shape for f in ref] and all(f.dtype == torch.float32 for f in flows)
+
+
 def test_bf16_task_checkpoint_loads_into_an_fp32_task():
     from icp.tasks.adaptation import AdaptationTask
 

@@ -44,16 +44,19 @@ class StepClock:
 
 
 def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
-    """Median / spread of ``step()`` wall time in ms after ``warmup`` untimed calls."""
+    """Median / spread of ``step()`` wall time in ms after ``warmup`` untimed calls (their wall
+    time, compilation included, is ``warmup_s``)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
     sync(device)
+    warmup_s = time.perf_counter() - start
     clock = StepClock(device)
     clock.mark()
     for _ in range(iters):
         step()
         clock.mark()
-    return summarize(clock.deltas_ms())
+    return summarize(clock.deltas_ms()) | {"warmup_s": warmup_s}
 
 
 def summarize(deltas: list[float]) -> dict[str, float]:

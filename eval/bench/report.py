@@ -10,6 +10,7 @@ import torch
 
 # Which row each row is compared with ("vs" column): same work, plainest implementation.
 def baseline_of(name: str) -> str | None:
+    name = name.partition("+")[0]  # a variant row (``row+key=value``) compares like its row
     if name == "a_plain_canvas":
         return None
     if name.startswith(("a_", "b_")):
@@ -48,7 +49,7 @@ def targets(bench, table: list[dict]) -> list[str]:
         r = by["b_task_off"]
         check("(b) settings off within 3% of baseline", abs(r["vs_baseline"] - 1) <= 0.03, f"{r['vs_baseline']:.3f}x")
     for r in table:
-        if r["name"].startswith("c_") and r["name"].endswith("_defaults"):
+        if r["name"].startswith("c_") and r["name"].partition("+")[0].endswith("_defaults"):
             check(f"(c) {r['name']} >= 40% MFU", r["mfu"] >= 0.40, f"MFU {r['mfu']:.1%}")
     tasks = [r for r in table if r["name"].startswith("d_task") and r["name"] != "d_task_off"]
     if tasks and "d_plain_controlnet" in by:
@@ -88,6 +89,10 @@ def write_report(out: Path, bench) -> None:
         lines.append(f"| {r['name']} | {r['batch']} | {r['samples_per_s']:.2f} | {r['gflop_per_sample']:.0f} | "
                      f"{r['tflops']:.1f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | {r['ms_per_step']:.1f} | "
                      f"{r['vs'] or '-'} | {r['vs_baseline']:.2f} | {_num(r.get('first_steps_s'))} |")
+    same = [r for r in table if r.get("images_vs_ref")]
+    if same:
+        lines += ["", f"Sampling, images vs {same[0]['images_vs_ref']['ref']} (same noise; mean |diff| / "
+                      "mean |ref|): " + ", ".join(f"{r['name']} {r['images_vs_ref']['rel_l1']:.4f}" for r in same)]
     if bench.loader:
         lines += ["", "Loader (e): " + json.dumps(bench.loader)]
     lines += ["", "## Targets", *data["targets"]]

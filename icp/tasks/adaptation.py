@@ -235,7 +235,9 @@ class AdaptationTask(DiffusionTask):
         t = self.flow_eval_timestep if timestep is None else timestep
         b = batch[K.TARGET].shape[0]
         timesteps = torch.full((b,), int(t), device=self.device, dtype=torch.long)
-        return self._matching_flows(batch, timesteps, generator, hard=True)
+        with self._precision_context():  # as sample(): bf16 weights after prepare_inference
+            flows = self._matching_flows(batch, timesteps, generator, hard=True)
+        return [f.float() for f in flows]
 
     def matching_probe_loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         """Ground-truth flow loss of the Matching Net alone (no generation UNet): a cheap probe of

@@ -231,6 +231,21 @@ class DiffusionTask(L.LightningModule):
             self.perf_applied = perflib.configure_task(self, self.perf_config, precision=precision, device=device)
         return self.perf_applied
 
+    def prepare_inference(self, device: torch.device | str | None = None) -> dict[str, Any]:
+        """Apply the ``perf`` switches for a task that only samples from now on (evaluation:
+        ``icp.tasks.loading.load_task``): all weights in bf16 on CUDA, attention kernel,
+        compilation (icp.perf.configure_inference). Once, and not over a training setup."""
+        if self.perf_applied is None:
+            ema = self._ensure_ema()
+            if ema is not None:
+                # Sampling uses the EMA weights: fold them in once instead of swapping them in
+                # (through host memory, diffusers' EMAModel.store) on every sample() call.
+                ema.to(self.device)
+                ema.copy_to(self.trainable_parameters())
+                self._ema, self.ema_decay = None, 0.0
+            self.perf_applied = perflib.configure_inference(self, self.perf_config, device=device or self.device)
+        return self.perf_applied
+
     # -- EMA of the trained weights
     def _ensure_ema(self) -> EMAModel | None:
         if self.ema_decay > 0 and self._ema is None:

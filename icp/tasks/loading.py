@@ -80,7 +80,8 @@ def locate_run(path: str | Path) -> tuple[Path, Path]:
 
 
 def load_task(path: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False):
-    """The task (LightningModule) of a run, with its checkpoint's weights, in eval mode.
+    """The task (LightningModule) of a run, with its checkpoint's weights, in eval mode, prepared
+    for sampling (``DiffusionTask.prepare_inference``: the run's ``model.perf`` switches).
 
     ``trust_checkpoint``: allow a checkpoint that needs full unpickling (it can run code).
     """
@@ -97,4 +98,8 @@ def load_task(path: str | Path, device: str | torch.device = "cpu", trust_checkp
     except RuntimeError as err:  # missing/unexpected keys or shapes: weights of another model
         first = str(err).strip().splitlines()[-1].strip()[:160]
         raise WeightsError(f"{ckpt}: weights do not fit the run's model ({first}); use a checkpoint of this run") from None
-    return task.to(device).eval()
+    task = task.to(device).eval()
+    # Evaluation only samples: bf16 weights, compiled blocks on CUDA (model.perf; no-op on CPU).
+    if hasattr(task, "prepare_inference"):  # DiffusionTask; other LightningModules load as they are
+        task.prepare_inference(device)
+    return task
