@@ -202,7 +202,8 @@ class Bench:
             self.save()
 
     def maybe_profile(self, name: str, step) -> None:
-        if name in self.profile_rows:
+        name += self.suffix  # a variant row is profiled under its own name (ROW+key=value)
+        if name in self.profile_rows or name.replace("+", "@", 1) in self.profile_rows:
             from bench.report import profile_table
 
             self.profiles[name] = profile_table(step, self.device)

@@ -38,11 +38,13 @@ RUN_CONFIG = "config.yaml"
 # ------------------------------------------------------------------------------ loading a run
 
 
-def load_task(checkpoint: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False
-              ) -> tuple[AdaptationTask, DictConfig]:
+def load_task(checkpoint: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False,
+              compile: bool = False) -> tuple[AdaptationTask, DictConfig]:
     """The adaptation task of a run (dir or .ckpt in it), with its weights and EMA; -> (task, run config).
 
     ``trust_checkpoint``: allow a checkpoint that needs full unpickling (it can run code from the file).
+    ``compile``: torch.compile the nets (CUDA; ~2 minutes once, repaid only over many images, so
+    off for the pipeline's few portraits; bf16 weights and CUDA-graphed steps apply either way).
     """
     from icp.tasks import loading
 
@@ -52,7 +54,7 @@ def load_task(checkpoint: str | Path, device: str | torch.device = "cpu", trust_
     if not target.endswith("AdaptationTask"):
         raise WeightsError(f"{run_dir}: is a '{target or 'unknown'}' run; `icp generate` needs an adaptation run "
                            "(experiments/adaptation/*.yaml)")
-    task = loading.load_task(checkpoint, device, trust_checkpoint=trust_checkpoint)
+    task = loading.load_task(checkpoint, device, trust_checkpoint=trust_checkpoint, compile=compile)
     return task, cfg
 
 
@@ -167,9 +169,9 @@ class PortraitPipeline:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str | None = None, align: bool = True,
-                        trust_checkpoint: bool = False) -> "PortraitPipeline":
+                        trust_checkpoint: bool = False, compile: bool = False) -> "PortraitPipeline":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        task, cfg = load_task(checkpoint, device, trust_checkpoint=trust_checkpoint)
+        task, cfg = load_task(checkpoint, device, trust_checkpoint=trust_checkpoint, compile=compile)
         return cls(task, resolution=OmegaConf.select(cfg, "data.resolution", default=None),
                    mask_ratio=float(OmegaConf.select(cfg, "data.mask_ratio", default=0.8)),
                    patch_size=int(OmegaConf.select(cfg, "data.patch_size", default=8)), align=align)

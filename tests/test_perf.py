@@ -129,10 +129,23 @@ def test_settings_merge_over_defaults_and_refuse_bad_keys():
         perf.settings({"sdpa": "fastest"})
     with pytest.raises(ConfigError, match="model.perf.batched_cfg"):
         perf.settings({"batched_cfg": "yes"})
+    with pytest.raises(ConfigError, match="model.perf.channels_last='sometimes' must be true or false, or auto"):
+        perf.settings({"channels_last": "sometimes"})
     with pytest.raises(ConfigError, match="perf.sdpa"):
         perf.set_sdpa_backend("fastest")
     with pytest.raises(ConfigError, match="perf.compile"):
         perf.compile_module(torch.nn.Linear(2, 2), mode="turbo")
+
+
+def test_channels_last_auto_means_where_compiled_on_cuda():
+    auto = perf.settings({"channels_last": "auto"})
+    assert perf.use_channels_last(auto, "cuda") and not perf.use_channels_last(auto, "cpu")
+    assert not perf.use_channels_last({**auto, "compile": "none"}, "cuda")  # eager NHWC measured slower
+    assert perf.use_channels_last(perf.settings({"channels_last": True}), "cpu")
+    assert not perf.use_channels_last(perf.settings({"channels_last": False}), "cuda")
+    task = _stitching()  # project defaults on CPU: weights stay NCHW
+    assert task.configure_perf(precision="bf16-mixed", device="cpu")["channels_last"] is False
+    assert task.backbone.unet.conv_in.weight.is_contiguous()
 
 
 def test_fused_optimizer_only_for_unset_adam_on_cuda():

@@ -87,6 +87,7 @@ def test_pipeline_is_seeded_and_uses_the_profile(run_dir, photos):
     # align=False: detection is covered by the CLI tests; here the crops are centre crops
     pipe = PortraitPipeline.from_checkpoint(run_dir, device="cpu", align=False)
     assert pipe.resolution == 32 and pipe.mask_ratio == 0.8
+    assert pipe.task.perf_applied["inference"]  # prepared for sampling (bf16/compile only on CUDA)
     batch = pipe.prepare([photos / "profile.png"], photos / "target.png", seed=1)
     kept = batch["target_keep"].mean().item()
     assert kept == 3 / 16  # the training masking ratio: round(0.8 * 16) of 16 patches dropped
@@ -107,3 +108,16 @@ def test_relighting_helpers():
     dark = torch.full((3, 32, 32), -0.6)
     relit = transfer_lighting(torch.zeros(3, 32, 32), dark)
     assert relit.mean() < -0.3  # takes on the light portrait's (darker) level
+
+
+def test_pipeline_loads_without_compiling_evaluation_with(run_dir, monkeypatch):
+    """A few portraits do not repay ~2 minutes of torch.compile; a protocol's evaluation does."""
+    from icp import perf
+    from icp.tasks import loading
+
+    seen = []
+    real = perf.configure_inference
+    monkeypatch.setattr(perf, "configure_inference", lambda *a, **k: seen.append(k["compile"]) or real(*a, **k))
+    PortraitPipeline.from_checkpoint(run_dir, device="cpu", align=False)
+    loading.load_task(run_dir)
+    assert seen == [False, True]

@@ -231,10 +231,11 @@ class DiffusionTask(L.LightningModule):
             self.perf_applied = perflib.configure_task(self, self.perf_config, precision=precision, device=device)
         return self.perf_applied
 
-    def prepare_inference(self, device: torch.device | str | None = None) -> dict[str, Any]:
+    def prepare_inference(self, device: torch.device | str | None = None, compile: bool = True) -> dict[str, Any]:
         """Apply the ``perf`` switches for a task that only samples from now on (evaluation:
         ``icp.tasks.loading.load_task``): all weights in bf16 on CUDA, attention kernel,
-        compilation (icp.perf.configure_inference). Once, and not over a training setup."""
+        compilation unless ``compile=False`` (icp.perf.configure_inference). Once, and not over
+        a training setup."""
         if self.perf_applied is None:
             ema = self._ensure_ema()
             if ema is not None:
@@ -243,7 +244,8 @@ class DiffusionTask(L.LightningModule):
                 ema.to(self.device)
                 ema.copy_to(self.trainable_parameters())
                 self._ema, self.ema_decay = None, 0.0
-            self.perf_applied = perflib.configure_inference(self, self.perf_config, device=device or self.device)
+            self.perf_applied = perflib.configure_inference(self, self.perf_config, device=device or self.device,
+                                                            compile=compile)
         return self.perf_applied
 
     # -- EMA of the trained weights

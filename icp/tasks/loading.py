@@ -79,11 +79,13 @@ def locate_run(path: str | Path) -> tuple[Path, Path]:
     return run_dir, ckpt
 
 
-def load_task(path: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False):
+def load_task(path: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False,
+              compile: bool = True):
     """The task (LightningModule) of a run, with its checkpoint's weights, in eval mode, prepared
     for sampling (``DiffusionTask.prepare_inference``: the run's ``model.perf`` switches).
 
     ``trust_checkpoint``: allow a checkpoint that needs full unpickling (it can run code).
+    ``compile=False``: no torch.compile (for a few images: compiling costs ~2 minutes on CUDA).
     """
     run_dir, ckpt = locate_run(path)
     cfg = cfglib.load(run_dir / "config.yaml")
@@ -101,5 +103,5 @@ def load_task(path: str | Path, device: str | torch.device = "cpu", trust_checkp
     task = task.to(device).eval()
     # Evaluation only samples: bf16 weights, compiled blocks on CUDA (model.perf; no-op on CPU).
     if hasattr(task, "prepare_inference"):  # DiffusionTask; other LightningModules load as they are
-        task.prepare_inference(device)
+        task.prepare_inference(device, compile=compile)
     return task
