@@ -86,10 +86,16 @@ PLANS = {
              "c_stitching_off", "c_stitching_defaults", "c_adaptation_off", "c_adaptation_defaults", "d_task_off"],
     # Call 2: (b) with compile at the larger batch and at the baseline's batch, loader.
     "h100b": ["peak", "a_plain", "b_task_defaults_big", "b_task_defaults", "e"],
+    # Next GPU round: confirm the channels_last=auto defaults with profiles (train), and try the
+    # last (d) candidates (the attention kernel, autotuned kernels) on the evaluation path.
+    "h200_train": ["peak", "a_plain", "c_stitching_defaults", "c_adaptation_defaults", "b_task_defaults_big"],
+    "h200_sample": ["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@sdpa=flash",
+                    "d_task_defaults@compile=max-autotune-no-cudagraphs"],
     "all": ["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "a_compile"],
 }
 # Where the time goes, for the rows with targets (a few extra steps each under torch.profiler).
-PLAN_PROFILES = {"h100": "b_task_off,c_stitching_defaults", "h100b": "b_task_defaults_bs48"}
+PLAN_PROFILES = {"h100": "b_task_off,c_stitching_defaults", "h100b": "b_task_defaults_bs48",
+                 "h200_train": "c_stitching_defaults,b_task_defaults_bs48", "h200_sample": "d_task_defaults"}
 
 
 def parse_settings(spec: str) -> dict:

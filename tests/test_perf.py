@@ -391,13 +391,21 @@ def test_benchmark_rows_run_tiny_on_cpu(tmp_path, repo_root, monkeypatch):
     sys.modules.pop("bench_train", None)
     import bench_train
 
-    bench_train.main(["--tiny", "--out", str(tmp_path), "--only", "b_task_off,b_task_defaults,d_task_defaults"])
+    variant = "d_task_defaults@channels_last=1;batched_cfg=0"
+    bench_train.main(["--tiny", "--out", str(tmp_path), "--only",
+                      f"b_task_off,b_task_defaults,d_task_defaults,{variant}", "--profile", variant])
     data = json.loads((tmp_path / "bench_train.json").read_text())
     assert not data["errors"], data["errors"]
     rows = {r["name"]: r for r in data["rows"]}
-    assert set(rows) == {"b_task_off", "b_task_defaults", "d_task_defaults"}
+    named = "d_task_defaults+channels_last=1;batched_cfg=0"
+    assert set(rows) == {"b_task_off", "b_task_defaults", "d_task_defaults", named}
     assert rows["b_task_off"]["settings"]["perf"] == perf.OFF
     assert rows["b_task_defaults"]["settings"]["perf"] == perf.DEFAULTS  # what experiments/*/sd15.yaml give
+    assert rows[named]["settings"]["perf"] == {**perf.DEFAULTS, "channels_last": True, "batched_cfg": False}
+    assert rows[named]["vs"] == "d_plain_controlnet" and list(data["profiles"]) == [named]
+    # Sampling rows go through prepare_inference and are compared with one reference (fp32 on CPU).
+    assert rows["d_task_defaults"]["settings"]["applied"]["inference"]
+    assert rows[named]["images_vs_ref"]["rel_l1"] < 1e-4
     assert all(r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0 for r in rows.values())
 
 
