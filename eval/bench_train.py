@@ -356,9 +356,7 @@ class Bench:
             # fp32 weights: the count does not depend on precision.
             graphs = task.perf_config["cuda_graph_sampling"]
             task.perf_config["cuda_graph_sampling"] = False
-            with common.FlopCounterMode(display=False) as counter:
-                images = fn()
-            self._d_flops = float(counter.get_total_flops())
+            self._d_flops, images = common.counted_call(fn)
             self._d_ref = (f"d_task_{mode} before prepare_inference, eager", images)
             task.perf_config["cuda_graph_sampling"] = graphs
         start = time.perf_counter()

@@ -111,15 +111,25 @@ def bf16_frozen(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
     inputs of ``dtype`` (the codec does; DiffusionTask.sample autocasts).
     """
     module.requires_grad_(False)
+    store_in(module, dtype)
+    return module
+
+
+def store_in(module: nn.Module, dtype: torch.dtype) -> int:
+    """Floating-point parameters and buffers of ``module`` stored in ``dtype``, in place
+    (``requires_grad`` untouched); returns how many floating-point parameter elements it holds."""
+    count = 0
     for param in module.parameters():
-        if param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+        if param.is_floating_point():
+            count += param.numel()
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
     for buf_name, buf in list(module.named_buffers()):
         # Buffers such as position ids are integers; only cast floating ones.
         if buf.is_floating_point() and buf.dtype != dtype:
             owner = module.get_submodule(buf_name.rsplit(".", 1)[0]) if "." in buf_name else module
             owner._buffers[buf_name.rsplit(".", 1)[-1]] = buf.to(dtype)
-    return module
+    return count
 
 
 def frozen_children(module: nn.Module) -> list[nn.Module]:
@@ -345,20 +355,31 @@ def configure_task(task: nn.Module, perf: Mapping[str, Any] | None = None, preci
         for part in frozen_children(task):
             bf16_frozen(part)
             applied["bf16_frozen"] += sum(p.numel() for p in part.parameters())
+    _layout_kernels_compile(task, s, _device_of(task, device), applied)
+    return applied
+
+
+def _device_of(task: nn.Module, device: torch.device | str | None) -> torch.device:
+    """``device``, or where the task's parameters are."""
     if device is None:
         first = next(task.parameters(), None)
         device = first.device if first is not None else "cpu"
-    if use_channels_last(s, device):
+    return torch.device(device)
+
+
+def _layout_kernels_compile(task: nn.Module, s: Mapping[str, Any], device: torch.device,
+                            applied: dict[str, Any], compile: bool = True) -> None:
+    """The switches training and evaluation share: NHWC, the SDPA kernel, torch.compile."""
+    if use_channels_last(s if compile else {**s, "compile": "none"}, device):
         channels_last(task)
         applied["channels_last"] = True
     set_sdpa_backend(s["sdpa"])
     # Compile only where Triton/inductor pays (CUDA): on CPU (tests, CI) it costs minutes of
     # C++ compilation for nothing measured.
-    if torch.device(device).type == "cuda":
+    if compile and device.type == "cuda":
         for part in _compile_targets(task):
             applied["compiled"] += compile_module(part, s["compile"], regional=s["compile_regional"],
                                                   dynamic=s["compile_dynamic"])
-    return applied
 
 
 def configure_inference(task: nn.Module, perf: Mapping[str, Any] | None = None,
@@ -376,31 +397,14 @@ def configure_inference(task: nn.Module, perf: Mapping[str, Any] | None = None,
     (``inference: True``).
     """
     s = settings(perf)
-    if device is None:
-        first = next(task.parameters(), None)
-        device = first.device if first is not None else "cpu"
-    cuda = torch.device(device).type == "cuda"
+    device = _device_of(task, device)
     if bf16 is None:
-        bf16 = bool(s["bf16_frozen"] and s["sample_bf16"] and cuda)
+        bf16 = bool(s["bf16_frozen"] and s["sample_bf16"] and device.type == "cuda")
     applied: dict[str, Any] = {"bf16_frozen": 0, "channels_last": False, "compiled": 0, "sdpa": s["sdpa"],
                                "inference": True}
     if bf16:
-        for module in task.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if param.is_floating_point() and param.dtype != torch.bfloat16:
-                    param.data = param.data.to(torch.bfloat16)
-                    applied["bf16_frozen"] += param.numel()
-            for name, buf in module.named_buffers(recurse=False):
-                if buf.is_floating_point() and buf.dtype != torch.bfloat16:
-                    module._buffers[name] = buf.to(torch.bfloat16)
-    if use_channels_last({**s, "compile": s["compile"] if compile else "none"}, device):
-        channels_last(task)
-        applied["channels_last"] = True
-    set_sdpa_backend(s["sdpa"])
-    if cuda and compile:
-        for part in _compile_targets(task):
-            applied["compiled"] += compile_module(part, s["compile"], regional=s["compile_regional"],
-                                                  dynamic=s["compile_dynamic"])
+        applied["bf16_frozen"] = store_in(task, torch.bfloat16)
+    _layout_kernels_compile(task, s, device, applied, compile=compile)
     return applied
 
 

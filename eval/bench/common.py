@@ -66,9 +66,14 @@ def summarize(deltas: list[float]) -> dict[str, float]:
 
 def count_flops(fn: Callable[[], Any]) -> float:
     """FLOPs of one call of ``fn`` as torch.utils.flop_counter counts them (matmul/conv/attention)."""
+    return counted_call(fn)[0]
+
+
+def counted_call(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(FLOPs, result) of one call of ``fn``."""
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+        out = fn()
+    return float(counter.get_total_flops()), out
 
 
 def reset_memory(device: torch.device) -> None:
