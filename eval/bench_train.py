@@ -18,7 +18,12 @@ runs a "defaults" row with some switches changed, e.g. ``c_stitching_defaults@ch
 - d: sampling (30 DDIM steps, CFG): plain diffusers loops (``d_plain_unet``, ``d_plain_controlnet``
   = the same models as StitchingTask.sample) vs ``task.sample`` as evaluation calls it (no
   trainer) with perf off / defaults / defaults without the CUDA graph;
-- vae: VAE encode at 512 px; e: the shard loader's samples/s with this machine's cores.
+- vae: VAE encode at 512 px; e: the shard loader's samples/s with this machine's cores;
+- attn: the attention kernels alone at the steps' shapes (SDPA kernels, heads zero-padded to 64,
+  the VAE's 512-wide head as matmul + softmax): seconds per candidate instead of a compiled step.
+
+``b_task_defaults_bsN`` runs the (b) defaults row at batch N (``b_task_defaults_big`` = the
+``--big-batch``, 48).
 
 Each task row is built the way a config builds it: ``perf=<the model.perf node>`` and an AdamW
 ``_partial_`` optimizer ("off" rows set ``fused: true`` in it, as (a) does, so that they do the
@@ -34,6 +39,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -59,24 +65,26 @@ SIZES = {
                  warmup=1, iters=2, sample_iters=1, loader_ids=2, loader_views=3, loader_batch=2,
                  loader_batches=2),
 }
-# Estimated seconds per row on an H100 with 16 cores (build + warm-up + timing; compile rows
-# include torch.compile of their block shapes, ~3 min for the UNet's fwd+bwd in the last run).
+# Estimated seconds per row on an H100/H200 with 16 cores (build + warm-up + timing; compile rows
+# include torch.compile of their block shapes: 2-4 min for the UNet's fwd+bwd, measured on the
+# H200: c_stitching_defaults 185-225 s of warm-up, b_task_defaults_bs48 120-138 s, d 86-114 s).
 # c_adaptation_defaults after c_stitching_defaults reuses the frozen-UNet, VAE and trainable
-# control-net graphs (same shapes), so it compiles far less.
+# control-net graphs (same shapes), so it compiles far less (35 s of warm-up).
 ROW_COST_S = {
     "peak": 10, "a_plain": 25, "a_plain_canvas": 25, "a_variants": 110, "a_compile": 240,
-    "b_task_off": 30, "b_task_defaults": 230, "b_task_defaults_big": 250,
-    "c_stitching_off": 35, "c_stitching_defaults": 320, "c_adaptation_off": 45, "c_adaptation_defaults": 200,
+    "b_task_off": 30, "b_task_defaults": 200, "b_task_defaults_big": 180,
+    "c_stitching_off": 35, "c_stitching_defaults": 270, "c_adaptation_off": 45, "c_adaptation_defaults": 120,
     "d_plain_unet": 20, "d_plain_controlnet": 25, "d_task_off": 40, "d_task_defaults": 150,
-    "d_task_defaults_nograph": 25, "d_task_defaults_nocompile": 30, "vae": 45, "e": 100,
+    "d_task_defaults_nograph": 25, "d_task_defaults_nocompile": 30, "vae": 45, "e": 100, "attn": 60,
 }
+BATCH_ROW = re.compile(r"b_task_defaults_bs(\d+)")  # (b) defaults at batch N, costed like _big
 SECTIONS = {
     "peak": ["peak"], "a": ["a_plain", "a_plain_canvas", "a_variants"], "late": ["a_compile"],
     "b": ["b_task_off", "b_task_defaults", "b_task_defaults_big"],
     "c": ["c_stitching_off", "c_stitching_defaults", "c_adaptation_off", "c_adaptation_defaults"],
     "d": ["d_plain_unet", "d_plain_controlnet", "d_task_off", "d_task_defaults_nocompile", "d_task_defaults_nograph",
           "d_task_defaults"],
-    "vae": ["vae"], "e": ["e"],
+    "vae": ["vae"], "e": ["e"], "attn": ["attn"],
 }
 # Ordered by what each call must not miss; rows that no longer fit the budget are skipped.
 PLANS = {
@@ -88,14 +96,16 @@ PLANS = {
     "h100b": ["peak", "a_plain", "b_task_defaults_big", "b_task_defaults", "e"],
     # Next GPU round: confirm the channels_last=auto defaults with profiles (train), and try the
     # last (d) candidates (the attention kernel, autotuned kernels) on the evaluation path.
-    "h200_train": ["peak", "a_plain", "c_stitching_defaults", "c_adaptation_defaults", "b_task_defaults_big"],
-    "h200_sample": ["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@sdpa=flash",
-                    "d_task_defaults@compile=max-autotune-no-cudagraphs"],
-    "all": ["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "a_compile"],
+    "h200_train": ["peak", "a_plain", "attn", "c_stitching_defaults", "c_adaptation_defaults",
+                   "c_stitching_defaults@wide_heads_matmul=0"],
+    "h200_sample": ["peak", "a_plain", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@fuse_qkv=1",
+                    "b_task_defaults_bs64"],
+    "all": ["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "attn", "a_compile"],
 }
 # Where the time goes, for the rows with targets (a few extra steps each under torch.profiler).
 PLAN_PROFILES = {"h100": "b_task_off,c_stitching_defaults", "h100b": "b_task_defaults_bs48",
-                 "h200_train": "c_stitching_defaults,b_task_defaults_bs48", "h200_sample": "d_task_defaults"}
+                 "h200_train": "c_stitching_defaults,c_adaptation_defaults",
+                 "h200_sample": "d_task_defaults,d_task_defaults@fuse_qkv=1,b_task_defaults_bs64"}
 
 
 def parse_settings(spec: str) -> dict:
@@ -190,7 +200,7 @@ class Bench:
 
     def guarded(self, name: str, fn) -> None:
         base, _, spec = name.partition("@")
-        cost = ROW_COST_S.get(base, 60)
+        cost = ROW_COST_S.get("b_task_defaults_big" if BATCH_ROW.fullmatch(base) else base, 60)
         if self.args.budget and not self.tiny and self.elapsed + cost > self.args.budget:
             self.errors[name] = (f"skipped: {self.args.budget - self.elapsed:.0f} s of the --budget left, "
                                  f"the row needs ~{cost} s")
@@ -212,7 +222,7 @@ class Bench:
         if name in self.profile_rows or name.replace("+", "@", 1) in self.profile_rows:
             from bench.report import profile_table
 
-            self.profiles[name] = profile_table(step, self.device)
+            self.profiles[name] = profile_table(step, self.device, timed_ms=self.results[-1].ms)
 
     # -------------------------------------------------------------------------------- (peak), (a)
     def row_peak(self) -> None:
@@ -285,6 +295,12 @@ class Bench:
     def row_b_task_defaults_big(self) -> None:
         big = self.size["big_batch"]
         self.denoise_row(f"b_task_defaults_bs{big}", "defaults", big)
+
+    def row_method(self, base: str):
+        match = BATCH_ROW.fullmatch(base)
+        if match:  # b_task_defaults_bsN
+            return functools.partial(self.denoise_row, base, "defaults", int(match.group(1)))
+        return getattr(self, f"row_{base}")
 
     def task_row(self, kind: str, mode: str) -> None:
         r, b = self.size["res"], self.size["task_batch"]
@@ -387,7 +403,12 @@ class Bench:
     def row_d_task_defaults_nocompile(self) -> None:
         self.task_sample_row("defaults_nocompile")
 
-    # -------------------------------------------------------------------------------- vae, (e)
+    # -------------------------------------------------------------------------------- attention, vae, (e)
+    def row_attn(self) -> None:
+        from bench import attn
+
+        attn.run(self)
+
     def row_vae(self) -> None:
         r, b = self.size["res"], self.size["vae_batch"]
         for name, dtype, cl in (("vae_fp32_autocast", torch.float32, False), ("vae_bf16", torch.bfloat16, False),
@@ -423,7 +444,8 @@ class Bench:
                 names.insert(0, "peak")
         else:
             names = PLANS[self.args.plan or "all"]
-        unknown = [n for n in names if n.partition("@")[0] not in ROW_COST_S]
+        unknown = [n for n in names if n.partition("@")[0] not in ROW_COST_S
+                   and not BATCH_ROW.fullmatch(n.partition("@")[0])]
         if unknown:
             raise SystemExit(f"bench_train: unknown row/section '{unknown[0]}'; rows: {', '.join(ROW_COST_S)}; "
                              f"sections: {', '.join(SECTIONS)}")
@@ -434,7 +456,7 @@ class Bench:
         print(json.dumps(self.env), flush=True)
         print("perf defaults measured:", json.dumps(self.defaults), flush=True)
         for name in self.rows():
-            self.guarded(name, getattr(self, f"row_{name.partition('@')[0]}"))
+            self.guarded(name, self.row_method(name.partition("@")[0]))
         self.notes.append(f"total wall time {self.elapsed:.0f} s")
         self.save()
         print((self.out / f"bench_train{self.tag}.md").read_text())

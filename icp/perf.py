@@ -23,6 +23,10 @@ batched_cfg            true       sample(): cond + uncond in one UNet call (unco
 cuda_graph_sampling    true       sample(): the guided prediction of a step replayed as a CUDA graph
 sample_bf16            true       sample() outside a bf16 trainer autocasts to bf16 on CUDA; with
                                   bf16_frozen, evaluation (configure_inference) stores all weights in bf16
+wide_heads_matmul      true       attention heads wider than the fused SDPA kernels take (the VAE's one
+                                  512-wide head) as matmul + softmax, batch-chunked; CUDA only
+fuse_qkv               false      evaluation only: q/k/v (self-) and k/v (cross-attention) projections
+                                  as one GEMM (diffusers' fuse_projections); training keeps them apart
 =====================  =========  ===================================================================
 
 The figures behind every default are in eval/results/bench_train*.md (eval/bench_train.py on an
@@ -41,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -54,17 +59,19 @@ SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 COMPILE_MODES = (None, "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Blocks that repeat through the SD UNet / ControlNet / VAE: compiling these "regionally" gives the
 # GroupNorm+SiLU+conv fusions of a whole-model compile at a fraction of the compile time.
-REGIONAL_BLOCKS = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock")
+# "Attention" catches the attention blocks outside transformer blocks (the VAE's mid blocks); the
+# ones inside a compiled transformer block are compiled with it.
+REGIONAL_BLOCKS = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock", "Attention")
 
 DEFAULTS: dict[str, Any] = {
     "bf16_frozen": True, "compile": "default", "compile_regional": True, "compile_dynamic": False,
     "sdpa": "auto", "channels_last": "auto", "fused_optimizer": True, "batched_cfg": True,
-    "cuda_graph_sampling": True, "sample_bf16": True,
+    "cuda_graph_sampling": True, "sample_bf16": True, "wide_heads_matmul": True, "fuse_qkv": False,
 }
 OFF: dict[str, Any] = {
     "bf16_frozen": False, "compile": "none", "compile_regional": True, "compile_dynamic": False,
     "sdpa": "auto", "channels_last": False, "fused_optimizer": False, "batched_cfg": False,
-    "cuda_graph_sampling": False, "sample_bf16": False,
+    "cuda_graph_sampling": False, "sample_bf16": False, "wide_heads_matmul": False, "fuse_qkv": False,
 }
 
 
@@ -194,6 +201,83 @@ def set_sdpa_backend(name: str = "auto") -> None:
     torch.backends.cuda.enable_mem_efficient_sdp(allow["efficient"])
     torch.backends.cuda.enable_cudnn_sdp(allow["cudnn"])
     torch.backends.cuda.enable_math_sdp(allow["math"])
+
+
+# Widest head the fused SDPA kernels (flash, cuDNN) take: a wider one (the SD VAE's single 512-wide
+# head) falls back to the memory-efficient kernel, which runs it at a fraction of the matmul rate.
+FUSED_HEAD_LIMIT = 256
+# Attention-score elements per matmul-path call: eager fp32 softmax holds ~12 bytes of each
+# (scores, upcast, probabilities), so this bounds the transient at ~3 GiB; larger batches are
+# chunked, and a single sample above it (a 1024-px VAE decode) keeps the SDPA kernel.
+MATMUL_SCORES_LIMIT = 2**28
+
+
+class WideHeadAttention:
+    """diffusers attention processor for heads wider than :data:`FUSED_HEAD_LIMIT`.
+
+    Runs diffusers' own matmul processor (``AttnProcessor``: scores by ``baddbmm``, fp32 softmax
+    when the module upcasts, ``bmm``) over batch chunks of at most ``max_scores`` score elements,
+    and diffusers' SDPA processor where one sample alone is larger or a mask / temb is given.
+    Every op is per sample, so chunking over the batch gives the same result.
+    """
+
+    def __init__(self, max_scores: int = MATMUL_SCORES_LIMIT):
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        self.matmul, self.sdpa, self.max_scores = AttnProcessor(), AttnProcessor2_0(), int(max_scores)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs
+                 ) -> torch.Tensor:
+        queries = math.prod(hidden_states.shape[2:]) if hidden_states.ndim == 4 else hidden_states.shape[1]
+        keys = queries if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        per_sample = attn.heads * queries * keys
+        if per_sample > self.max_scores or attention_mask is not None or temb is not None:
+            return self.sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        step = max(1, self.max_scores // per_sample)
+        parts = [self.matmul(attn, hidden_states[i:i + step],
+                             None if encoder_hidden_states is None else encoder_hidden_states[i:i + step])
+                 for i in range(0, hidden_states.shape[0], step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _default_attention(module: nn.Module) -> list[nn.Module]:
+    """diffusers ``Attention`` modules of ``module`` still on the default SDPA processor."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    return [m for m in module.modules() if isinstance(m, Attention) and type(m.processor) is AttnProcessor2_0]
+
+
+def _head_dim(attn: nn.Module) -> int:
+    return attn.inner_dim // attn.heads
+
+
+def wide_head_attention(module: nn.Module, limit: int = FUSED_HEAD_LIMIT,
+                        max_scores: int = MATMUL_SCORES_LIMIT) -> int:
+    """Attention blocks of ``module`` with heads wider than ``limit`` on :class:`WideHeadAttention`
+    (in place); returns how many."""
+    wide = [m for m in _default_attention(module) if _head_dim(m) > limit]
+    for attn in wide:
+        attn.set_processor(WideHeadAttention(max_scores))
+    return len(wide)
+
+
+def fuse_qkv(module: nn.Module) -> int:
+    """Self-attention q/k/v and cross-attention k/v projections of ``module`` as one linear layer
+    each (diffusers' ``Attention.fuse_projections`` + ``FusedAttnProcessor2_0``), in place; for
+    modules that only sample. Only blocks on the default processor with the default 1/sqrt(head)
+    scale (the fused processor does not pass a scale). The unfused layers stay (state-dict keys
+    are kept, plus the fused ones). Returns how many blocks were fused."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    count = 0
+    for attn in _default_attention(module):
+        if _head_dim(attn) > FUSED_HEAD_LIMIT or not math.isclose(attn.scale, _head_dim(attn) ** -0.5):
+            continue
+        attn.fuse_projections()
+        attn.set_processor(FusedAttnProcessor2_0())
+        count += 1
+    return count
 
 
 # ------------------------------------------------------------------------------ compilation
@@ -374,6 +458,8 @@ def _layout_kernels_compile(task: nn.Module, s: Mapping[str, Any], device: torch
         channels_last(task)
         applied["channels_last"] = True
     set_sdpa_backend(s["sdpa"])
+    # The matmul path for wide heads is measured on CUDA only (bench row attn); CPU keeps SDPA.
+    applied["wide_heads"] = wide_head_attention(task) if s["wide_heads_matmul"] and device.type == "cuda" else 0
     # Compile only where Triton/inductor pays (CUDA): on CPU (tests, CI) it costs minutes of
     # C++ compilation for nothing measured.
     if compile and device.type == "cuda":
@@ -401,7 +487,11 @@ def configure_inference(task: nn.Module, perf: Mapping[str, Any] | None = None,
     if bf16 is None:
         bf16 = bool(s["bf16_frozen"] and s["sample_bf16"] and device.type == "cuda")
     applied: dict[str, Any] = {"bf16_frozen": 0, "channels_last": False, "compiled": 0, "sdpa": s["sdpa"],
-                               "inference": True}
+                               "inference": True, "fused_qkv": 0}
+    if s["fuse_qkv"]:
+        # Before the cast, so that the new fused layers are stored in bf16 too.
+        with torch.no_grad():
+            applied["fused_qkv"] = fuse_qkv(task)
     if bf16:
         applied["bf16_frozen"] = store_in(task, torch.bfloat16)
     _layout_kernels_compile(task, s, device, applied, compile=compile)

@@ -325,6 +325,62 @@ def test_inference_folds_the_ema_weights_in_once():
     assert torch.equal(_sample(task, batch), ref)
 
 
+def _vae_attention(width=320):
+    """An SD-VAE mid-block attention block (one head as wide as the channels)."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    return Attention(query_dim=width, heads=1, dim_head=width, norm_num_groups=32, residual_connection=True,
+                     bias=True, upcast_softmax=True, _from_deprecated_attn_block=True, eps=1e-6,
+                     rescale_output_factor=1.0).eval()
+
+
+def test_wide_heads_run_as_chunked_matmul_with_the_same_result(monkeypatch):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    attn, x = _vae_attention(), torch.randn(5, 320, 6, 6)
+    narrow = _vae_attention(width=64)
+    with torch.no_grad():
+        ref = attn(x)
+        # Only heads wider than the limit change processor (the SD VAE's 512 > 256).
+        assert perf.wide_head_attention(narrow) == 0 and perf.wide_head_attention(attn) == 1
+        calls = []
+        real = AttnProcessor.__call__
+        monkeypatch.setattr(AttnProcessor, "__call__", lambda self, a, h, *r, **k: calls.append(h.shape[0])
+                            or real(self, a, h, *r, **k))
+        assert perf.wide_head_attention(attn) == 0  # once
+        out = attn(x)  # default limit: one chunk of 5
+        attn.set_processor(perf.WideHeadAttention(max_scores=2 * 36 * 36))
+        chunked = attn(x)  # 2 samples of 36x36 scores per chunk
+        attn.set_processor(perf.WideHeadAttention(max_scores=36 * 36 - 1))
+        fallback = attn(x)  # one sample is over the limit: SDPA
+    assert calls == [5, 2, 2, 1]
+    for got in (out, chunked, fallback):
+        assert _rel(got, ref) < 1e-5
+    assert _rel(attn(torch.randn(5, 320, 6, 6)), ref) > 0.1  # not vacuous
+
+
+def test_wide_heads_switch_applies_on_cuda_only():
+    task = _stitching()  # tiny nets: no wide heads anyway; the switch is CUDA-only
+    assert task.configure_perf(precision="bf16-mixed", device="cpu")["wide_heads"] == 0
+
+
+def test_fused_qkv_for_inference_samples_like_the_separate_projections():
+    batch = _batch()
+    ref_task = _stitching()
+    ref = _sample(ref_task, batch)
+    fast = _stitching({"fuse_qkv": True})
+    keys = set(fast.state_dict())
+    applied = fast.prepare_inference("cpu")
+    assert applied["fused_qkv"] > 0
+    assert keys <= set(fast.state_dict())  # the separate projections stay (checkpoint keys)
+    assert _rel(_sample(fast, batch), ref) < 1e-5
+    swapped = {**batch, K.PROFILE: batch[K.PROFILE].flip(0)}
+    assert _rel(_sample(fast, swapped), ref) > 1e-3  # not vacuous
+    # Training never fuses: the switch is read by prepare_inference only.
+    assert "fused_qkv" not in _stitching({"fuse_qkv": True}).configure_perf(precision="32-true", device="cpu")
+
+
 def test_flow_prediction_after_bf16_inference_preparation():
     from icp.tasks.adaptation import AdaptationTask
 

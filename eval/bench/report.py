@@ -9,8 +9,18 @@ from pathlib import Path
 import torch
 
 # Which row each row is compared with ("vs" column): same work, plainest implementation.
+ATTN_KERNELS = ("auto", "cudnn", "flash", "efficient")
+
+
 def baseline_of(name: str) -> str | None:
     name = name.partition("+")[0]  # a variant row (``row+key=value``) compares like its row
+    if name.startswith("attn_vae_"):
+        return "attn_vae_sdpa" if name != "attn_vae_sdpa" else None
+    if name.startswith("attn_"):  # attn_<case>_<kernel>[_padN] vs attn_<case>_auto
+        parts = name.split("_")
+        at = next((i for i, p in enumerate(parts) if p in ATTN_KERNELS), len(parts))
+        base = "_".join(parts[:at] + ["auto"])
+        return base if base != name else None
     if name == "a_plain_canvas":
         return None
     if name.startswith(("a_", "b_")):
@@ -105,16 +115,42 @@ def write_report(out: Path, bench) -> None:
     (out / f"bench_train{bench.tag}.md").write_text("\n".join(lines) + "\n")
 
 
-def profile_table(step, device: torch.device, steps: int = 2, rows_shown: int = 18) -> str:
-    """torch.profiler summary of ``steps`` calls: where the device time goes."""
+def profile_table(step, device: torch.device, steps: int = 2, rows_shown: int = 18,
+                  timed_ms: float | None = None) -> str:
+    """torch.profiler summary of ``steps`` calls: where the device time goes. On CUDA it starts
+    with the kernels' busy time per call against the profiled wall time and the row's timed
+    step (``timed_ms``): well below 100% means the GPU waits for the host (launches, syncs)."""
+    import time
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step()
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows_shown, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by=key, row_limit=rows_shown, max_name_column_width=60)
+    if device.type != "cuda":
+        return table
+    kernel_ms = kernel_time_us(prof.events()) / 1e3 / steps
+    head = (f"kernels busy {kernel_ms:.1f} ms per call; profiled wall {wall_ms:.1f} ms "
+            f"({kernel_ms / wall_ms:.0%} busy)")
+    if timed_ms:
+        head += f"; timed step {timed_ms:.1f} ms ({kernel_ms / timed_ms:.0%} of it in kernels)"
+    return head + "\n" + table
+
+
+def kernel_time_us(events) -> float:
+    """Summed duration of the device (kernel / memcpy) events of a profile, in microseconds."""
+    from torch.autograd import DeviceType
+
+    total = 0.0
+    for evt in events:
+        if evt.device_type == DeviceType.CUDA:
+            total += evt.time_range.elapsed_us()
+    return total
