@@ -54,6 +54,7 @@ from bench import common, plain, tasks  # noqa: E402
 from bench.report import write_report  # noqa: E402
 
 from icp import perf  # noqa: E402
+from icp.data import keys as K  # noqa: E402
 from icp.models import backbone as bb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -389,7 +390,29 @@ class Bench:
         images = fn()
         self.results[-1].extra["images_vs_ref"] = {"ref": ref_name, "rel_l1": float(
             (images - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))}
+        if node["cuda_graph_sampling"]:
+            self.check_kept_graph(task, batch, steps)
         self.save()
+
+    def check_kept_graph(self, task, batch: dict, steps: int) -> None:
+        """The kept graphed step on another batch vs the same task without graphs: the new
+        batch's condition must reach the replayed graph (inputs, not closed-over tensors). The
+        zero-initialised projections are randomised first (in place: the kept graph reads the
+        same memory), else no condition would change the images."""
+        with torch.no_grad():
+            for p in [*task.appearance.proj_down.parameters(), *task.appearance.proj_mid.parameters()]:
+                p.normal_(0, 0.2, generator=torch.Generator(p.device).manual_seed(p.numel()))
+
+        def run(b, graphs):
+            task.perf_config["cuda_graph_sampling"] = graphs
+            return task.sample(b, num_steps=steps, guidance_scale=7.5, generator=torch.Generator(self.device).manual_seed(0))
+
+        other = {**batch, K.PROFILE: batch[K.PROFILE].flip(0), K.TARGET_MASKED: batch[K.TARGET_MASKED].flip(0)}
+        graphed, eager, first = run(other, True), run(other, False), run(batch, False)
+        task.perf_config["cuda_graph_sampling"] = True
+        rel = lambda a, b: float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))  # noqa: E731
+        self.results[-1].extra["graph_other_batch_vs_eager"] = rel(graphed, eager)
+        self.results[-1].extra["other_batch_vs_first"] = rel(eager, first)
 
     def row_d_task_off(self) -> None:
         self.task_sample_row("off")

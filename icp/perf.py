@@ -464,7 +464,8 @@ def _layout_kernels_compile(task: nn.Module, s: Mapping[str, Any], device: torch
     # C++ compilation for nothing measured.
     if compile and device.type == "cuda":
         for part in _compile_targets(task):
-            applied["compiled"] += compile_module(part, s["compile"], regional=s["compile_regional"],
+            glue = type(part).__name__ in GLUE_MODULES
+            applied["compiled"] += compile_module(part, s["compile"], regional=s["compile_regional"] and not glue,
                                                   dynamic=s["compile_dynamic"])
 
 
@@ -498,13 +499,20 @@ def configure_inference(task: nn.Module, perf: Mapping[str, Any] | None = None,
     return applied
 
 
+# Small modules of many eager ops between the nets (adaptation: reference fusion with warps,
+# per-level matching): compiled whole, as one region each, so the step does not wait on the host.
+GLUE_MODULES = ("ReferenceFusion", "FlowMatcher")
+
+
 def _compile_targets(task: nn.Module) -> list[nn.Module]:
-    """The conv nets worth compiling: the UNet, control nets and the codec (never the tokenizer)."""
+    """The conv nets worth compiling: the UNet, control nets and the codec (never the tokenizer),
+    then the glue modules (:data:`GLUE_MODULES`)."""
     backbone = getattr(task, "backbone", None)
     targets = [m for m in (getattr(backbone, "unet", None), getattr(backbone, "codec", None)) if m is not None]
     seen = {id(m) for m in targets}
-    for module in task.modules():
-        if type(module).__name__ == "ControlUNet" and id(module) not in seen:
-            targets.append(module)
-            seen.add(id(module))
+    for names in (("ControlUNet",), GLUE_MODULES):
+        for module in task.modules():
+            if type(module).__name__ in names and id(module) not in seen:
+                targets.append(module)
+                seen.add(id(module))
     return targets

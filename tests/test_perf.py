@@ -381,6 +381,32 @@ def test_fused_qkv_for_inference_samples_like_the_separate_projections():
     assert "fused_qkv" not in _stitching({"fuse_qkv": True}).configure_perf(precision="32-true", device="cpu")
 
 
+def test_evaluation_keeps_one_graphed_step_whose_inputs_follow_each_call():
+    task = _stitching().eval()
+    task.prepare_inference("cpu")
+    with torch.no_grad():
+        states = [task.prepare_condition(_batch(seed=s)) for s in (0, 1)]
+        text, uncond = task.text_states({}, 2), task.empty_text_states(2)
+        x, tb = torch.randn(2, *states[0]["profile"].shape[1:]), torch.tensor([500, 500])
+        first = task._graphed_prediction(states[0], text, uncond, 3.0)
+        kept = task._sample_graph[1]
+        got = [first(x, tb), task._graphed_prediction(states[1], text, uncond, 3.0)(x, tb)]
+        assert task._sample_graph[1] is kept  # same shapes, guidance and weights: reused
+        for state, out in zip(states, got):  # ... and each call's own condition went in
+            assert torch.equal(out, task.guided_prediction(state, text, uncond, 3.0)(x, tb))
+        assert _rel(got[1], got[0]) > 1e-3  # not vacuous: the two conditions differ
+        task._graphed_prediction(states[0], text, uncond, 5.0)
+        assert task._sample_graph[1] is not kept  # other guidance: a new step
+        kept = task._sample_graph[1]
+        perf.store_in(task, torch.bfloat16)  # weights moved: the kept graph would read stale memory
+        task._graphed_prediction(states[0], text, uncond, 5.0)
+        assert task._sample_graph[1] is not kept
+    trainer_side = _stitching().eval()  # not prepared for evaluation: a step per call, none kept
+    with torch.no_grad():
+        trainer_side._graphed_prediction(trainer_side.prepare_condition(_batch()), text, uncond, 3.0)
+    assert trainer_side._sample_graph is None
+
+
 def test_flow_prediction_after_bf16_inference_preparation():
     from icp.tasks.adaptation import AdaptationTask
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 # --------------------------------------------------------------------------------- cost volume
 
@@ -111,6 +111,34 @@ def match(feat_t: Tensor, feat_s: Tensor, mode: str = "argmax", temperature: flo
         flow[:, 1] -= y0  # rows of this chunk start at y0 in the full target grid
         flows.append(flow)
     return torch.cat(flows, dim=2)
+
+
+class FlowMatcher(nn.Module):
+    """Per-level flows target -> profile for several feature levels (no parameters).
+
+    The loop of ``AdaptationTask.match_flows`` as a module, so that ``icp.perf`` can compile it
+    as one region: 13 SD1.5 levels of normalise / cost volume / argmax / softmax are hundreds of
+    small eager ops otherwise, and the adaptation step waits on the host for them. ``hard``:
+    argmax flows, carrying the soft-argmax gradient (straight-through) where gradients flow.
+    Returns ({level: flow}, {level: soft flow}) for ``levels``.
+    """
+
+    def forward(self, target_feats: list[Tensor], profile_feats: list[Tensor], levels: list[int], hard: bool,
+                temperature: float, chunk_rows: int | None = None) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        flows: dict[int, Tensor] = {}
+        soft_flows: dict[int, Tensor] = {}
+        for l in levels:
+            t, s = target_feats[l].float(), profile_feats[l].float()
+            grad = torch.is_grad_enabled() and (t.requires_grad or s.requires_grad)
+            soft = match(t, s, "soft", temperature, chunk_rows) if (grad or not hard) else None
+            if hard:
+                flow = match(t, s, "argmax", chunk_rows=chunk_rows)
+                flows[l] = flow if soft is None else soft + (flow - soft).detach()
+            else:
+                flows[l] = soft
+            if soft is not None:
+                soft_flows[l] = soft
+        return flows, soft_flows
 
 
 # --------------------------------------------------------------------------------- resampling

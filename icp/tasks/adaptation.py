@@ -99,6 +99,7 @@ class AdaptationTask(DiffusionTask):
             raise ConfigError(f"model.match_levels={list(match_levels or [])} must name levels in 0..{levels - 1}")
         self.fusion = ReferenceFusion(self.appearance.channels, self.appearance.channels, warp_identity=warp_identity)
         self.matching_mode, self.temperature, self.chunk_rows = matching_mode, temperature, chunk_rows
+        self.matcher = M.FlowMatcher()  # no parameters: checkpoints are unchanged
         self.aux_flow_weight, self.flow_eval_timestep = aux_flow_weight, flow_eval_timestep
         self.pck_alpha, self.flow_images = pck_alpha, flow_images
         if appearance_from:
@@ -145,20 +146,8 @@ class AdaptationTask(DiffusionTask):
         (a loss on the hard value would see a piecewise-constant function).
         """
         hard = (self.matching_mode == "argmax") if hard is None else hard
-        flows: dict[int, Tensor] = {}
-        soft_flows: dict[int, Tensor] = {}
-        for l in self.match_levels:
-            t, s = target_feats[l].float(), profile_feats[l].float()
-            grad = torch.is_grad_enabled() and (t.requires_grad or s.requires_grad)
-            soft = M.match(t, s, "soft", self.temperature, self.chunk_rows) if (grad or not hard) else None
-            if hard:
-                flow = M.match(t, s, "argmax", chunk_rows=self.chunk_rows)
-                flows[l] = flow if soft is None else soft + (flow - soft).detach()
-            else:
-                flows[l] = soft
-            if soft is not None:
-                soft_flows[l] = soft
-        self._last_soft = soft_flows
+        flows, self._last_soft = self.matcher(list(target_feats), list(profile_feats), self.match_levels, hard,
+                                              self.temperature, self.chunk_rows)
         return [flows[l] if l in flows else self._borrow(flows, target_feats[l].shape[-2:])
                 for l in range(len(target_feats))]
 
