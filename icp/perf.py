@@ -11,7 +11,8 @@ key                    default    what
 =====================  =========  ===================================================================
 bf16_frozen            true       frozen parts (codec, text encoder, frozen UNet / control nets)
                                   stored in bf16 without grads -- only under a bf16 trainer precision
-compile                default    torch.compile mode for the UNet, control nets and codec; CUDA only
+compile                default    torch.compile mode for the UNet, control nets, codec and glue modules
+                                  (adaptation's fusion and matching, compiled whole); CUDA only
                                   (on CPU the C++ compile costs minutes for nothing measured); none=off
 compile_regional       true       compile each repeated ResNet / transformer block, not whole nets
 compile_dynamic        false      symbolic shapes (one graph for many block sizes: shorter compile)
@@ -21,6 +22,7 @@ channels_last          auto       NHWC weights; auto = only where compiled on CU
 fused_optimizer        true       fused AdamW/Adam on CUDA unless the optimizer node sets fused/foreach
 batched_cfg            true       sample(): cond + uncond in one UNet call (uncond = zero residuals)
 cuda_graph_sampling    true       sample(): the guided prediction of a step replayed as a CUDA graph
+                                  (an evaluation task keeps it across calls of the same shapes)
 sample_bf16            true       sample() outside a bf16 trainer autocasts to bf16 on CUDA; with
                                   bf16_frozen, evaluation (configure_inference) stores all weights in bf16
 wide_heads_matmul      true       attention heads wider than the fused SDPA kernels take (the VAE's one

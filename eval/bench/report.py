@@ -105,10 +105,11 @@ def write_report(out: Path, bench) -> None:
                       "mean |ref|): " + ", ".join(f"{r['name']} {r['images_vs_ref']['rel_l1']:.4f}" for r in same)]
     kept = [r for r in table if r.get("graph_other_batch_vs_eager") is not None]
     if kept:
-        lines += ["", "Graphed step reused on another batch vs the same task without graphs (mean |diff| / mean "
-                      "|eager|; the other batch itself differs from the first by): " + ", ".join(
-                          f"{r['name']} {r['graph_other_batch_vs_eager']:.4f} ({r['other_batch_vs_first']:.3f})"
-                          for r in kept)]
+        lines += ["", "Graphed step reused on another batch B after batch A (mean |diff| / mean |ref|): graphed B "
+                      "vs eager B; eager B vs eager A; graphed B vs eager A (right: ~0 / x / ~x; stale: ~x / x / ~0): "
+                      + ", ".join(f"{r['name']} {r['graph_other_batch_vs_eager']:.4f} / "
+                                  f"{r['other_batch_vs_first']:.4f} / "
+                                  f"{r.get('graph_other_batch_vs_first', float('nan')):.4f}" for r in kept)]
     if bench.loader:
         lines += ["", "Loader (e): " + json.dumps(bench.loader)]
     lines += ["", "## Targets", *data["targets"]]
