@@ -101,12 +101,18 @@ PLANS = {
                    "c_stitching_defaults@wide_heads_matmul=0"],
     "h200_sample": ["peak", "a_plain", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@fuse_qkv=1",
                     "b_task_defaults_bs64"],
+    # Round 3: same-run ratios for (c) with the glue regions; (d) with the stronger kept-graph check
+    # and the rows left to try (max-autotune kernels on the evaluation path last: long autotuning).
+    "h200_c": ["peak", "a_plain", "c_stitching_off", "c_stitching_defaults", "c_adaptation_off",
+               "c_adaptation_defaults"],
+    "h200_d": ["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@compile=max-autotune-no-cudagraphs"],
     "all": ["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "attn", "a_compile"],
 }
 # Where the time goes, for the rows with targets (a few extra steps each under torch.profiler).
 PLAN_PROFILES = {"h100": "b_task_off,c_stitching_defaults", "h100b": "b_task_defaults_bs48",
                  "h200_train": "c_stitching_defaults,c_adaptation_defaults",
-                 "h200_sample": "d_task_defaults,d_task_defaults@fuse_qkv=1,b_task_defaults_bs64"}
+                 "h200_sample": "d_task_defaults,d_task_defaults@fuse_qkv=1,b_task_defaults_bs64",
+                 "h200_c": "c_adaptation_defaults", "h200_d": "d_task_defaults"}
 
 
 def parse_settings(spec: str) -> dict:
