@@ -217,7 +217,7 @@ class Bench:
         try:
             fn()
         except Exception as err:  # noqa: BLE001 -- one failed variant must not lose the others
-            self.errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            self.errors[name] = common.error_line(err)
             traceback.print_exc()
         finally:
             self.variant, self.suffix = {}, ""
@@ -394,8 +394,7 @@ class Bench:
         # Same images as the reference, up to precision? (mean |difference| / mean |reference|)
         ref_name, ref = self._d_ref
         images = fn()
-        self.results[-1].extra["images_vs_ref"] = {"ref": ref_name, "rel_l1": float(
-            (images - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))}
+        self.results[-1].extra["images_vs_ref"] = {"ref": ref_name, "rel_l1": common.rel_l1(images, ref)}
         if node["cuda_graph_sampling"]:
             self.check_kept_graph(task, batch, steps)
         self.save()
@@ -418,10 +417,10 @@ class Bench:
         other = {**batch, K.PROFILE: batch[K.PROFILE].flip(0), K.TARGET_MASKED: batch[K.TARGET_MASKED].flip(0)}
         graphed, eager, first = run(other, True), run(other, False), run(batch, False)
         task.perf_config["cuda_graph_sampling"] = True
-        rel = lambda a, b: float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))  # noqa: E731
-        self.results[-1].extra["graph_other_batch_vs_eager"] = rel(graphed, eager)
-        self.results[-1].extra["other_batch_vs_first"] = rel(eager, first)
-        self.results[-1].extra["graph_other_batch_vs_first"] = rel(graphed, first)  # ~ the line above if stale
+        extra = self.results[-1].extra
+        extra["graph_other_batch_vs_eager"] = common.rel_l1(graphed, eager)
+        extra["other_batch_vs_first"] = common.rel_l1(eager, first)
+        extra["graph_other_batch_vs_first"] = common.rel_l1(graphed, first)  # ~ the line above if stale
 
     def row_d_task_off(self) -> None:
         self.task_sample_row("off")

@@ -73,7 +73,7 @@ def _guard(bench, label: str, fn: Callable[[], None]) -> None:
     try:
         fn()
     except Exception as err:  # noqa: BLE001
-        bench.errors[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        bench.errors[label] = common.error_line(err, limit=200)
         print(f"{label}: {bench.errors[label]}", flush=True)
 
 

@@ -76,6 +76,17 @@ def counted_call(fn: Callable[[], Any]) -> tuple[float, Any]:
     return float(counter.get_total_flops()), out
 
 
+def rel_l1(value: torch.Tensor, ref: torch.Tensor) -> float:
+    """mean |value - ref| / mean |ref|: how far one run's images are from another's."""
+    return float((value - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
+
+
+def error_line(err: Exception, limit: int = 300) -> str:
+    """``Type: first line of the message`` (cut to ``limit``) for the table's failed-row list."""
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
 def reset_memory(device: torch.device) -> None:
     if device.type == "cuda":
         sync(device)

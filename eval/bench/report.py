@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
 
+from .attn import KERNELS
+
+
 # Which row each row is compared with ("vs" column): same work, plainest implementation.
-ATTN_KERNELS = ("auto", "cudnn", "flash", "efficient")
-
-
 def baseline_of(name: str) -> str | None:
     name = name.partition("+")[0]  # a variant row (``row+key=value``) compares like its row
     if name.startswith("attn_vae_"):
         return "attn_vae_sdpa" if name != "attn_vae_sdpa" else None
     if name.startswith("attn_"):  # attn_<case>_<kernel>[_padN] vs attn_<case>_auto
         parts = name.split("_")
-        at = next((i for i, p in enumerate(parts) if p in ATTN_KERNELS), len(parts))
+        at = next((i for i, p in enumerate(parts) if p in KERNELS), len(parts))
         base = "_".join(parts[:at] + ["auto"])
         return base if base != name else None
     if name == "a_plain_canvas":
@@ -127,8 +128,6 @@ def profile_table(step, device: torch.device, steps: int = 2, rows_shown: int = 
     """torch.profiler summary of ``steps`` calls: where the device time goes. On CUDA it starts
     with the kernels' busy time per call against the profiled wall time and the row's timed
     step (``timed_ms``): well below 100% means the GPU waits for the host (launches, syncs)."""
-    import time
-
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
