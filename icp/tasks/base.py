@@ -419,7 +419,11 @@ class DiffusionTask(L.LightningModule):
                 noise_device = generator.device if generator is not None else self.device
                 latents = torch.randn(shape, generator=generator, device=noise_device).to(self.device)
                 scheduler = self.backbone.sampling_scheduler(self.sampler)
-                scheduler.set_timesteps(num_steps, device=self.device)
+                # The scheduler steps on host timesteps, the model gets them on the device (moved
+                # once): with device timesteps DDIM's step reads each back (alphas_cumprod[t],
+                # prev_t >= 0), a host sync per step that idles the GPU between graph replays.
+                scheduler.set_timesteps(num_steps, device="cpu")
+                model_timesteps = scheduler.timesteps.to(self.device)
                 latents = latents * scheduler.init_noise_sigma
                 state = self.prepare_condition(batch)
                 text = self.text_states(batch, b)
@@ -429,9 +433,9 @@ class DiffusionTask(L.LightningModule):
                     predict = self._graphed_prediction(state, text, uncond, guidance)
                 else:
                     predict = self.guided_prediction(state, text, uncond, guidance)
-                for t in scheduler.timesteps:
+                for t, model_t in zip(scheduler.timesteps, model_timesteps):
                     x = scheduler.scale_model_input(latents, t)
-                    pred = predict(x, t.expand(b).to(self.device))
+                    pred = predict(x, model_t.expand(b))
                     latents = scheduler.step(pred, t, latents).prev_sample
                 images = self.backbone.codec.decode(latents)
         finally:
