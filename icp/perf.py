@@ -29,6 +29,9 @@ wide_heads_matmul      true       attention heads wider than the fused SDPA kern
                                   512-wide head) as matmul + softmax, batch-chunked; CUDA only
 fuse_qkv               false      evaluation only: q/k/v (self-) and k/v (cross-attention) projections
                                   as one GEMM (diffusers' fuse_projections); training keeps them apart
+cudnn_benchmark        false      cuDNN times every algorithm of each new conv shape once and keeps the
+                                  fastest (torch.backends.cudnn.benchmark, process-wide); CUDA only;
+                                  off leaves the flag as the trainer (``trainer.benchmark``) set it
 =====================  =========  ===================================================================
 
 The figures behind every default are in eval/results/bench_train*.md (eval/bench_train.py on an
@@ -69,11 +72,13 @@ DEFAULTS: dict[str, Any] = {
     "bf16_frozen": True, "compile": "default", "compile_regional": True, "compile_dynamic": False,
     "sdpa": "auto", "channels_last": "auto", "fused_optimizer": True, "batched_cfg": True,
     "cuda_graph_sampling": True, "sample_bf16": True, "wide_heads_matmul": True, "fuse_qkv": False,
+    "cudnn_benchmark": False,
 }
 OFF: dict[str, Any] = {
     "bf16_frozen": False, "compile": "none", "compile_regional": True, "compile_dynamic": False,
     "sdpa": "auto", "channels_last": False, "fused_optimizer": False, "batched_cfg": False,
     "cuda_graph_sampling": False, "sample_bf16": False, "wide_heads_matmul": False, "fuse_qkv": False,
+    "cudnn_benchmark": False,
 }
 
 
@@ -460,6 +465,11 @@ def _layout_kernels_compile(task: nn.Module, s: Mapping[str, Any], device: torch
         channels_last(task)
         applied["channels_last"] = True
     set_sdpa_backend(s["sdpa"])
+    if s["cudnn_benchmark"] and device.type == "cuda":
+        # Process-wide, as Lightning's Trainer(benchmark=True) sets it; never switched back off
+        # here, so a trainer's explicit choice stands when the switch is off.
+        torch.backends.cudnn.benchmark = True
+        applied["cudnn_benchmark"] = True
     # The matmul path for wide heads is measured on CUDA only (bench row attn); CPU keeps SDPA.
     applied["wide_heads"] = wide_head_attention(task) if s["wide_heads_matmul"] and device.type == "cuda" else 0
     # Compile only where Triton/inductor pays (CUDA): on CPU (tests, CI) it costs minutes of
@@ -467,8 +477,10 @@ def _layout_kernels_compile(task: nn.Module, s: Mapping[str, Any], device: torch
     if compile and device.type == "cuda":
         for part in _compile_targets(task):
             glue = type(part).__name__ in GLUE_MODULES
-            applied["compiled"] += compile_module(part, s["compile"], regional=s["compile_regional"] and not glue,
-                                                  dynamic=s["compile_dynamic"])
+            regional = s["compile_regional"] and not glue
+            for net in ([part] if regional else _called_nets(part)):
+                applied["compiled"] += compile_module(net, s["compile"], regional=regional,
+                                                      dynamic=s["compile_dynamic"])
 
 
 def configure_inference(task: nn.Module, perf: Mapping[str, Any] | None = None,
@@ -504,6 +516,14 @@ def configure_inference(task: nn.Module, perf: Mapping[str, Any] | None = None,
 # Small modules of many eager ops between the nets (adaptation: reference fusion with warps,
 # per-level matching): compiled whole, as one region each, so the step does not wait on the host.
 GLUE_MODULES = ("ReferenceFusion", "FlowMatcher")
+
+
+def _called_nets(part: nn.Module) -> list[nn.Module]:
+    """What a whole-net compile must wrap: the modules whose ``forward`` runs. A VAE codec is
+    called through ``encode``/``decode``, never ``forward``, so its encoder and decoder."""
+    vae = getattr(part, "vae", None)
+    nets = [getattr(vae, name, None) for name in ("encoder", "decoder")] if vae is not None else []
+    return [n for n in nets if n is not None] or [part]
 
 
 def _compile_targets(task: nn.Module) -> list[nn.Module]:

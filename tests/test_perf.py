@@ -148,6 +148,27 @@ def test_channels_last_auto_means_where_compiled_on_cuda():
     assert task.backbone.unet.conv_in.weight.is_contiguous()
 
 
+def test_cudnn_benchmark_is_set_for_cuda_only_and_never_switched_off(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    task = _stitching({"cudnn_benchmark": True, "compile": "none"})
+    assert "cudnn_benchmark" not in task.configure_perf(precision="bf16-mixed", device="cpu")
+    assert torch.backends.cudnn.benchmark is False
+    # Applied as for a CUDA run (nothing else of it needs a GPU with compile off).
+    applied = perf.configure_task(_stitching(), {"cudnn_benchmark": True, "compile": "none"}, device="cuda")
+    assert applied["cudnn_benchmark"] and torch.backends.cudnn.benchmark is True
+    # Off leaves a trainer's own choice (Trainer(benchmark=True)) in place.
+    perf.configure_task(_stitching(), {"compile": "none"}, device="cuda")
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_whole_net_compile_wraps_the_modules_that_run():
+    """compile_regional=false compiles whole nets: a VAE codec runs encode/decode, never forward,
+    so its encoder and decoder are what gets compiled; a UNet is compiled as itself."""
+    parts = tiny(resolution=RES, width=32, codec="vae", seed=1)
+    assert perf._called_nets(parts.codec) == [parts.codec.vae.encoder, parts.codec.vae.decoder]
+    assert perf._called_nets(parts.unet) == [parts.unet]
+
+
 def test_fused_optimizer_only_for_unset_adam_on_cuda():
     cuda = [types.SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)]
     cpu = [torch.nn.Parameter(torch.zeros(2))]
@@ -259,6 +280,35 @@ def test_sampling_settings_off_is_the_old_loop_and_batched_cfg_equals_it():
     # Not vacuous: the condition matters (the residuals are not zero).
     swapped = {**batch, K.PROFILE: batch[K.PROFILE].flip(0)}
     assert _rel(_sample(fast, swapped), batched) > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler"])
+def test_schedulers_step_on_host_timesteps_as_on_device_ones(sampler, monkeypatch):
+    """sample() steps the scheduler on host timesteps (no read-back per step on CUDA) and gives the
+    model its own copy on the task's device: the same images as the old loop, every sampler. (On
+    CPU both sides are the host; what the split saves is measured by the GPU bench, row d.)"""
+    batch = _batch()
+    task = _stitching(perf.OFF, sampler=sampler)
+    torch.manual_seed(0)  # DDPM's step draws its noise from the global generator
+    old = _old_sample(task, batch, 3, 3.0, torch.Generator().manual_seed(3))
+    seen = {"scheduler": set(), "model": set()}
+    unet = task.unet
+
+    def spy_unet(latents, timesteps, *args, **kwargs):
+        seen["model"].add(timesteps.device.type)
+        return unet(latents, timesteps, *args, **kwargs)
+
+    step = type(task.backbone.sampling_scheduler(sampler)).step
+
+    def spy_step(self, model_output, timestep, *args, **kwargs):
+        seen["scheduler"].add(torch.as_tensor(timestep).device.type)
+        return step(self, model_output, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(task, "unet", spy_unet)
+    monkeypatch.setattr(type(task.backbone.sampling_scheduler(sampler)), "step", spy_step)
+    torch.manual_seed(0)
+    assert torch.equal(_sample(task, batch), old)
+    assert seen == {"scheduler": {"cpu"}, "model": {task.device.type}}
 
 
 def test_batched_cfg_with_adaptation_and_extra_profiles():
@@ -520,6 +570,44 @@ def test_benchmark_rows_run_tiny_on_cpu(tmp_path, repo_root, monkeypatch):
     assert rows["d_task_defaults"]["settings"]["applied"]["inference"]
     assert rows[named]["images_vs_ref"]["rel_l1"] < 1e-4
     assert all(r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0 for r in rows.values())
+
+
+def test_profile_lists_data_movement_by_shape(repo_root, monkeypatch):
+    """The bench's profile tells where copies come from by their shapes, most device time first."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(repo_root / "eval"))
+    from bench.report import copies_by_shape
+
+    def evt(key, us, count, shapes):
+        return types.SimpleNamespace(key=key, self_device_time_total=us, count=count, input_shapes=shapes)
+
+    events = [evt("aten::copy_", 4000.0, 6, [[64, 640, 64, 64], [64, 640, 64, 64]]),
+              evt("aten::mm", 9000.0, 10, [[8, 8], [8, 8]]),  # not data movement
+              evt("aten::cat", 0.0, 2, [[1]]),  # no device time: left out
+              evt("aten::upsample_nearest2d", 6000.0, 2, [[64, 1280, 16, 16]])]
+    prof = types.SimpleNamespace(key_averages=lambda group_by_input_shape=False: events)
+    lines = copies_by_shape(prof, steps=2).strip().splitlines()
+    assert lines[0].startswith("Data movement per call")
+    assert "upsample_nearest2d" in lines[1] and "3.00 ms" in lines[1] and "[64, 1280, 16, 16]" in lines[1]
+    assert "aten::copy_" in lines[2] and "2.00 ms" in lines[2] and "3.0x" in lines[2]
+    assert len(lines) == 3 and sys.modules["bench.report"].COPY_OPS
+    assert copies_by_shape(types.SimpleNamespace(key_averages=lambda **_: []), steps=1) == ""
+
+
+def test_kernel_busy_time_leaves_out_annotated_ranges(repo_root, monkeypatch):
+    from torch.autograd import DeviceType
+
+    monkeypatch.syspath_prepend(str(repo_root / "eval"))
+    from bench.report import kernel_time_us
+
+    def evt(us, device=DeviceType.CUDA, annotation=False):
+        span = types.SimpleNamespace(elapsed_us=lambda: us)
+        return types.SimpleNamespace(device_type=device, is_user_annotation=annotation, time_range=span)
+
+    # A compiled graph's annotated span over its two kernels, and a host-side op.
+    events = [evt(100.0, annotation=True), evt(60.0), evt(40.0), evt(500.0, device=DeviceType.CPU)]
+    assert kernel_time_us(events) == 100.0
 
 
 def test_perf_nodes_of_the_configs_are_the_defaults(repo_root):
