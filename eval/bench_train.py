@@ -108,7 +108,8 @@ PLANS = {
     # and the rows left to try (max-autotune kernels on the evaluation path last: long autotuning).
     "h200_c": ["peak", "a_plain", "c_stitching_off", "c_stitching_defaults", "c_adaptation_off",
                "c_adaptation_defaults"],
-    "h200_d": ["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@compile=max-autotune-no-cudagraphs"],
+    "h200_d": ["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@compile_codec_whole=1",
+               "d_task_defaults@compile=max-autotune-no-cudagraphs"],
     # Round 3: the two switches not yet measured, on each missed target. (b) at batch 64: whole-UNet
     # compile (no eager glue between regions) and cuDNN's algorithm search, against the regional
     # default of the same run; then (d) and (c) adaptation with the same two.
@@ -122,6 +123,10 @@ PLANS = {
     # outside kernels) and with cuDNN's search; (d) with host timesteps: --plan h200_d.
     "h200_b2": ["peak", "a_plain", "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
                 "b_task_defaults_bs64", "b_task_defaults_bs64@cudnn_benchmark=1"],
+    # (c) with the VAE encoder compiled whole (its eager glue: ~3% of the adaptation step);
+    # adaptation first: its graphs cover stitching's.
+    "h200_c3": ["peak", "c_adaptation_defaults", "c_adaptation_defaults@compile_codec_whole=1",
+                "c_stitching_defaults@compile_codec_whole=1", "c_stitching_defaults"],
     "all": ["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "attn", "a_compile"],
 }
 # Where the time goes, for the rows with targets (a few extra steps each under torch.profiler).
@@ -132,7 +137,8 @@ PLAN_PROFILES = {"h100": "b_task_off,c_stitching_defaults", "h100b": "b_task_def
                  "h200_b": "b_task_defaults_bs64,b_task_defaults_bs64@compile_regional=0",
                  "h200_d2": "d_task_defaults,d_task_defaults@compile_regional=0",
                  "h200_c2": "c_adaptation_defaults",
-                 "h200_b2": "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead"}
+                 "h200_b2": "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
+                 "h200_c3": "c_adaptation_defaults@compile_codec_whole=1"}
 
 
 def parse_settings(spec: str) -> dict:

@@ -29,6 +29,9 @@ wide_heads_matmul      true       attention heads wider than the fused SDPA kern
                                   512-wide head) as matmul + softmax, batch-chunked; CUDA only
 fuse_qkv               false      evaluation only: q/k/v (self-) and k/v (cross-attention) projections
                                   as one GEMM (diffusers' fuse_projections); training keeps them apart
+compile_codec_whole    false      compile the codec's encoder and decoder whole instead of by block (the
+                                  eager convs, pads and bias adds between VAE blocks: ~3% of (c)'s
+                                  step on the H200 profile); not yet measured, so off
 cudnn_benchmark        false      cuDNN times every algorithm of each new conv shape once and keeps the
                                   fastest (torch.backends.cudnn.benchmark, process-wide); CUDA only;
                                   off leaves the flag as the trainer (``trainer.benchmark``) set it
@@ -72,13 +75,13 @@ DEFAULTS: dict[str, Any] = {
     "bf16_frozen": True, "compile": "default", "compile_regional": True, "compile_dynamic": False,
     "sdpa": "auto", "channels_last": "auto", "fused_optimizer": True, "batched_cfg": True,
     "cuda_graph_sampling": True, "sample_bf16": True, "wide_heads_matmul": True, "fuse_qkv": False,
-    "cudnn_benchmark": False,
+    "cudnn_benchmark": False, "compile_codec_whole": False,
 }
 OFF: dict[str, Any] = {
     "bf16_frozen": False, "compile": "none", "compile_regional": True, "compile_dynamic": False,
     "sdpa": "auto", "channels_last": False, "fused_optimizer": False, "batched_cfg": False,
     "cuda_graph_sampling": False, "sample_bf16": False, "wide_heads_matmul": False, "fuse_qkv": False,
-    "cudnn_benchmark": False,
+    "cudnn_benchmark": False, "compile_codec_whole": False,
 }
 
 
@@ -475,12 +478,21 @@ def _layout_kernels_compile(task: nn.Module, s: Mapping[str, Any], device: torch
     # Compile only where Triton/inductor pays (CUDA): on CPU (tests, CI) it costs minutes of
     # C++ compilation for nothing measured.
     if compile and device.type == "cuda":
-        for part in _compile_targets(task):
-            glue = type(part).__name__ in GLUE_MODULES
-            regional = s["compile_regional"] and not glue
-            for net in ([part] if regional else _called_nets(part)):
-                applied["compiled"] += compile_module(net, s["compile"], regional=regional,
-                                                      dynamic=s["compile_dynamic"])
+        for net, regional in compile_plan(task, s):
+            applied["compiled"] += compile_module(net, s["compile"], regional=regional, dynamic=s["compile_dynamic"])
+
+
+def compile_plan(task: nn.Module, s: Mapping[str, Any]) -> list[tuple[nn.Module, bool]]:
+    """What :func:`configure_task` compiles, in order: ``(module, regional)`` pairs. Glue modules
+    are compiled whole; the codec whole too with ``compile_codec_whole`` (its encoder and decoder:
+    no eager convs, pads and bias adds between the blocks); the rest as ``compile_regional`` says."""
+    codec = getattr(getattr(task, "backbone", None), "codec", None)
+    plan = []
+    for part in _compile_targets(task):
+        whole = type(part).__name__ in GLUE_MODULES or (part is codec and s["compile_codec_whole"])
+        regional = s["compile_regional"] and not whole
+        plan += [(net, regional) for net in ([part] if regional else _called_nets(part))]
+    return plan
 
 
 def configure_inference(task: nn.Module, perf: Mapping[str, Any] | None = None,

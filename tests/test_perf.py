@@ -169,6 +169,48 @@ def test_whole_net_compile_wraps_the_modules_that_run():
     assert perf._called_nets(parts.unet) == [parts.unet]
 
 
+def test_compile_plan_regional_whole_and_codec_whole():
+    from icp.tasks.adaptation import AdaptationTask
+
+    task = AdaptationTask(tiny(resolution=RES, width=16, codec="vae", seed=6), cond_drop_prob=0.0)
+    vae = task.backbone.codec.vae
+    plan = {id(m): (type(m).__name__, regional) for m, regional in perf.compile_plan(task, perf.settings())}
+    assert plan[id(task.backbone.unet)][1] and plan[id(task.backbone.codec)][1]  # by block
+    assert all(not regional for name, regional in plan.values() if name in perf.GLUE_MODULES)
+    assert any(name in perf.GLUE_MODULES for name, _ in plan.values())
+    whole_codec = perf.compile_plan(task, perf.settings({"compile_codec_whole": True}))
+    assert [(m, r) for m, r in whole_codec if m in (vae.encoder, vae.decoder)] == [(vae.encoder, False),
+                                                                                 (vae.decoder, False)]
+    assert all(m is not task.backbone.codec for m, _ in whole_codec)
+    assert dict((id(m), r) for m, r in whole_codec)[id(task.backbone.unet)]  # the UNet stays regional
+    everything_whole = perf.compile_plan(task, perf.settings({"compile_regional": False}))
+    assert not any(regional for _, regional in everything_whole)
+
+
+def test_vae_encoder_and_decoder_trace_whole():
+    """compile_codec_whole hands inductor the VAE encoder and decoder as one graph each, with the
+    wide-head matmul attention CUDA gives them: traced here through aot_eager (no C++ compile on
+    CPU), no graph break, the same latents and images."""
+    import torch._dynamo as dynamo
+
+    codec = tiny(resolution=RES, width=32, codec="vae", seed=2).codec.eval()
+    assert perf.wide_head_attention(codec, limit=0, max_scores=2 ** 12) > 0  # chunked, as on CUDA
+    images = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        ref_latents = codec.encode(images)
+        ref_images = codec.decode(ref_latents)
+        dynamo.reset()
+        dynamo.utils.counters.clear()
+        for net in perf._called_nets(codec):
+            net.compile(backend="aot_eager")
+        latents = codec.encode(images)
+        decoded = codec.decode(latents)
+    assert not dynamo.utils.counters["graph_break"]
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert torch.allclose(latents, ref_latents, atol=1e-5) and torch.allclose(decoded, ref_images, atol=1e-5)
+    dynamo.reset()
+
+
 def test_fused_optimizer_only_for_unset_adam_on_cuda():
     cuda = [types.SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)]
     cpu = [torch.nn.Parameter(torch.zeros(2))]
