@@ -119,9 +119,12 @@ PLANS = {
                 "d_task_defaults@compile_regional=0"],
     "h200_c2": ["peak", "a_plain", "c_stitching_defaults", "c_adaptation_defaults",
                 "c_adaptation_defaults@cudnn_benchmark=1"],
-    # Next: (b) with the whole UNet under inductor's CUDA graphs (the 5% of the whole-compiled step
-    # outside kernels) and with cuDNN's search; (d) with host timesteps: --plan h200_d.
-    "h200_b2": ["peak", "a_plain", "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
+    # Next for (b): channels-last intermediates forced in every compiled graph (the copies at every
+    # level of the profile), by block and whole; then the whole UNet under inductor's CUDA graphs
+    # (the 5% of the whole-compiled step outside kernels) and cuDNN's search.
+    "h200_b2": ["peak", "a_plain", "b_task_defaults_bs64", "b_task_defaults_bs64@force_layout_opt=1",
+                "b_task_defaults_bs64@compile_regional=0;force_layout_opt=1"],
+    "h200_b3": ["peak", "a_plain", "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
                 "b_task_defaults_bs64", "b_task_defaults_bs64@cudnn_benchmark=1"],
     # (c) with the VAE encoder compiled whole (its eager glue: ~3% of the adaptation step);
     # adaptation first: its graphs cover stitching's.
@@ -137,7 +140,8 @@ PLAN_PROFILES = {"h100": "b_task_off,c_stitching_defaults", "h100b": "b_task_def
                  "h200_b": "b_task_defaults_bs64,b_task_defaults_bs64@compile_regional=0",
                  "h200_d2": "d_task_defaults,d_task_defaults@compile_regional=0",
                  "h200_c2": "c_adaptation_defaults",
-                 "h200_b2": "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
+                 "h200_b2": "b_task_defaults_bs64@force_layout_opt=1",
+                 "h200_b3": "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
                  "h200_c3": "c_adaptation_defaults@compile_codec_whole=1"}
 
 

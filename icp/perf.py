@@ -32,6 +32,9 @@ fuse_qkv               false      evaluation only: q/k/v (self-) and k/v (cross-
 compile_codec_whole    false      compile the codec's encoder and decoder whole instead of by block (the
                                   eager convs, pads and bias adds between VAE blocks: ~3% of (c)'s
                                   step on the H200 profile); not yet measured, so off
+force_layout_opt       false      inductor lays every compiled graph's intermediates out channels-last
+                                  (its heuristics skip backward graphs and the up-block ResNets); not
+                                  yet measured, so off
 cudnn_benchmark        false      cuDNN times every algorithm of each new conv shape once and keeps the
                                   fastest (torch.backends.cudnn.benchmark, process-wide); CUDA only;
                                   off leaves the flag as the trainer (``trainer.benchmark``) set it
@@ -75,13 +78,13 @@ DEFAULTS: dict[str, Any] = {
     "bf16_frozen": True, "compile": "default", "compile_regional": True, "compile_dynamic": False,
     "sdpa": "auto", "channels_last": "auto", "fused_optimizer": True, "batched_cfg": True,
     "cuda_graph_sampling": True, "sample_bf16": True, "wide_heads_matmul": True, "fuse_qkv": False,
-    "cudnn_benchmark": False, "compile_codec_whole": False,
+    "cudnn_benchmark": False, "compile_codec_whole": False, "force_layout_opt": False,
 }
 OFF: dict[str, Any] = {
     "bf16_frozen": False, "compile": "none", "compile_regional": True, "compile_dynamic": False,
     "sdpa": "auto", "channels_last": False, "fused_optimizer": False, "batched_cfg": False,
     "cuda_graph_sampling": False, "sample_bf16": False, "wide_heads_matmul": False, "fuse_qkv": False,
-    "cudnn_benchmark": False, "compile_codec_whole": False,
+    "cudnn_benchmark": False, "compile_codec_whole": False, "force_layout_opt": False,
 }
 
 
@@ -295,13 +298,14 @@ def fuse_qkv(module: nn.Module) -> int:
 
 def compile_module(module: nn.Module, mode: str | None = "default", regional: bool = True,
                    backend: str = "inductor", blocks: Iterable[str] = REGIONAL_BLOCKS,
-                   dynamic: bool = False) -> int:
+                   dynamic: bool = False, options: Mapping[str, Any] | None = None) -> int:
     """torch.compile ``module`` in place; returns how many (sub)modules were compiled.
 
     ``regional=True`` compiles each repeated block (``blocks`` by class name) instead of the whole
     model: the SD UNet's blocks share code, so compile time is a few graphs instead of one huge
     one, and a graph break in glue code costs nothing. ``mode`` None/"none" is a no-op.
     ``dynamic=True`` traces symbolic shapes: blocks that differ only in size share one graph.
+    ``options``: inductor settings over those of ``mode`` (torch.compile takes one or the other).
     State-dict keys do not change (``nn.Module.compile`` compiles in place).
     """
     if mode not in COMPILE_MODES:
@@ -317,7 +321,11 @@ def compile_module(module: nn.Module, mode: str | None = "default", regional: bo
         torch._dynamo.config.accumulated_cache_size_limit = max(
             torch._dynamo.config.accumulated_cache_size_limit, 4096)
     kwargs: dict[str, Any] = {"backend": backend, "dynamic": bool(dynamic)}
-    if backend == "inductor":
+    if backend == "inductor" and options:
+        from torch._inductor import list_mode_options
+
+        kwargs["options"] = {**list_mode_options(mode), **options}
+    elif backend == "inductor":
         kwargs["mode"] = mode
     if not regional:
         module.compile(**kwargs)
@@ -478,8 +486,18 @@ def _layout_kernels_compile(task: nn.Module, s: Mapping[str, Any], device: torch
     # Compile only where Triton/inductor pays (CUDA): on CPU (tests, CI) it costs minutes of
     # C++ compilation for nothing measured.
     if compile and device.type == "cuda":
+        options = inductor_options(s)
         for net, regional in compile_plan(task, s):
-            applied["compiled"] += compile_module(net, s["compile"], regional=regional, dynamic=s["compile_dynamic"])
+            applied["compiled"] += compile_module(net, s["compile"], regional=regional, dynamic=s["compile_dynamic"],
+                                                  options=options)
+
+
+def inductor_options(s: Mapping[str, Any]) -> dict[str, Any]:
+    """Inductor settings the switches ask for (empty: the compile mode's own)."""
+    # Inductor decides per graph whether to lay intermediates out channels-last; its heuristics
+    # say no for graphs without aten.convolution (every backward graph) and for convolutions with
+    # in >= 2x out channels (the UNet's up-block ResNets, after the skip concat).
+    return {"force_layout_optimization": True} if s["force_layout_opt"] else {}
 
 
 def compile_plan(task: nn.Module, s: Mapping[str, Any]) -> list[tuple[nn.Module, bool]]:

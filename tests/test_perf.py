@@ -211,6 +211,21 @@ def test_vae_encoder_and_decoder_trace_whole():
     dynamo.reset()
 
 
+def test_inductor_options_go_over_the_compile_mode(monkeypatch):
+    """force_layout_opt reaches torch.compile as an inductor option merged over the mode's own
+    (torch.compile takes a mode or options, not both)."""
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
+    assert perf.inductor_options(perf.settings()) == {}
+    options = perf.inductor_options(perf.settings({"force_layout_opt": True}))
+    assert options == {"force_layout_optimization": True}
+    perf.compile_module(torch.nn.Linear(2, 2), mode="max-autotune-no-cudagraphs", regional=False, options=options)
+    perf.compile_module(torch.nn.Linear(2, 2), mode="default", regional=False)
+    assert seen[0]["options"] == {"max_autotune": True, "coordinate_descent_tuning": True,
+                                  "force_layout_optimization": True} and "mode" not in seen[0]
+    assert seen[1]["mode"] == "default" and "options" not in seen[1]
+
+
 def test_fused_optimizer_only_for_unset_adam_on_cuda():
     cuda = [types.SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)]
     cpu = [torch.nn.Parameter(torch.zeros(2))]
