@@ -47,8 +47,10 @@ task did before these switches existed (the benchmark's "settings off" rows).
 (``icp.tasks.loading.load_task`` calls it through ``DiffusionTask.prepare_inference``).
 
 Building blocks, usable on their own: :func:`bf16_frozen`, :func:`channels_last`,
-:func:`sdpa_backend` / :func:`set_sdpa_backend`, :func:`compile_module`, :class:`GraphedStep`
-(a call replayed from a CUDA graph after warm-up calls), :func:`fused_optimizer`.
+:func:`sdpa_backend` / :func:`set_sdpa_backend`, :func:`compile_module` (with
+:func:`compile_plan`: what a task's switches compile, by block or whole, and
+:func:`inductor_options`), :class:`GraphedStep` (a call replayed from a CUDA graph after warm-up
+calls), :func:`fused_optimizer`.
 """
 
 from __future__ import annotations
