@@ -652,6 +652,24 @@ def test_profile_lists_data_movement_by_shape(repo_root, monkeypatch):
     assert copies_by_shape(types.SimpleNamespace(key_averages=lambda **_: []), steps=1) == ""
 
 
+def test_a_missed_target_says_where_time_went_and_what_was_tried(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "eval"))
+    from bench.report import targets
+
+    def row(name, ratio, mfu):
+        return {"name": name, "vs_baseline": ratio, "mfu": mfu, "samples_per_s": ratio * 100}
+
+    table = [row("a_plain", float("nan"), 0.30), row("b_task_defaults_bs64", 1.39, 0.42),
+             row("b_task_defaults_bs64+compile_regional=0", 1.41, 0.43), row("c_stitching_defaults", 1.7, 0.404)]
+    bench = types.SimpleNamespace(profiles={"b_task_defaults_bs64": "..."}, loader={})
+    lines = targets(bench, table)
+    assert lines[0].startswith("- MISS (b)") and "compile_regional=0 1.41x" in lines[0]
+    assert lines[1] == "  - where the time goes: 'Profile: b_task_defaults_bs64' below"
+    assert lines[2] == "  - also tried in this run: b_task_defaults_bs64 1.39x"
+    assert "docs/decisions/performance.md" in lines[3]
+    assert lines[4].startswith("- PASS (c) c_stitching_defaults") and len(lines) == 5  # a pass adds nothing
+
+
 def test_kernel_busy_time_leaves_out_annotated_ranges(repo_root, monkeypatch):
     from torch.autograd import DeviceType
 

@@ -48,25 +48,38 @@ def targets(bench, table: list[dict]) -> list[str]:
     by = {r["name"]: r for r in table}
     out = []
 
-    def check(label, ok, detail):
+    def check(label, ok, detail, best=None, tried=(), fmt=lambda r: f"{r['vs_baseline']:.2f}x"):
         out.append(f"- {'PASS' if ok else 'MISS'} {label}: {detail}")
+        if ok or best is None:
+            return
+        # A miss says where its time went and what else this run tried for it.
+        others = [r for r in tried if r["name"] != best["name"]]
+        profiled = [r["name"] for r in (best, *others) if r["name"] in bench.profiles]
+        if profiled:
+            out.append("  - where the time goes: " + ", ".join(f"'Profile: {n}'" for n in profiled) + " below")
+        if others:
+            out.append("  - also tried in this run: " + ", ".join(f"{r['name']} {fmt(r)}" for r in others))
+        out.append("  - earlier rounds: docs/decisions/performance.md")
 
     defaults = [r for r in table if r["name"].startswith("b_task_defaults")]
     if defaults:
         best = max(defaults, key=lambda r: r["samples_per_s"])
         check("(b) >= 1.5x baseline, >= 42% MFU", best["vs_baseline"] >= 1.5 and best["mfu"] >= 0.42,
-              f"{best['name']} {best['vs_baseline']:.2f}x, MFU {best['mfu']:.1%}")
+              f"{best['name']} {best['vs_baseline']:.2f}x, MFU {best['mfu']:.1%}", best, defaults)
     if "b_task_off" in by and not math.isnan(by["b_task_off"]["vs_baseline"]):
         r = by["b_task_off"]
         check("(b) settings off within 3% of baseline", abs(r["vs_baseline"] - 1) <= 0.03, f"{r['vs_baseline']:.3f}x")
     for r in table:
         if r["name"].startswith("c_") and r["name"].partition("+")[0].endswith("_defaults"):
-            check(f"(c) {r['name']} >= 40% MFU", r["mfu"] >= 0.40, f"MFU {r['mfu']:.1%}")
+            stem = r["name"].partition("+")[0]
+            variants = [v for v in table if v["name"].partition("+")[0] == stem]
+            check(f"(c) {r['name']} >= 40% MFU", r["mfu"] >= 0.40, f"MFU {r['mfu']:.1%}", r, variants,
+                  fmt=lambda v: f"MFU {v['mfu']:.1%}")
     tasks = [r for r in table if r["name"].startswith("d_task") and r["name"] != "d_task_off"]
     if tasks and "d_plain_controlnet" in by:
         best = max(tasks, key=lambda r: r["samples_per_s"])
         check("(d) icp sampling >= 2x the plain loop (same models)", best["vs_baseline"] >= 2,
-              f"{best['name']} {best['vs_baseline']:.2f}x of d_plain_controlnet")
+              f"{best['name']} {best['vs_baseline']:.2f}x of d_plain_controlnet", best, tasks)
     if bench.loader and bench.loader.get("rates"):
         need = max((r["samples_per_s"] for r in table if r["name"].startswith("c_")), default=float("nan"))
         best = max(bench.loader["rates"], key=lambda r: r["samples_per_s"])
