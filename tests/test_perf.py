@@ -214,13 +214,13 @@ def test_vae_encoder_and_decoder_trace_whole():
 def test_inductor_options_go_over_the_compile_mode(monkeypatch):
     """force_layout_opt reaches torch.compile as an inductor option merged over the mode's own
     (torch.compile takes a mode or options, not both)."""
-    # Inductor checks option names when torch.compile is called: these are real ones.
-    torch.compile(torch.nn.Linear(2, 2), options=perf.inductor_options(perf.settings({"force_layout_opt": True})))
-    seen = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
     assert perf.inductor_options(perf.settings()) == {}
     options = perf.inductor_options(perf.settings({"force_layout_opt": True}))
     assert options == {"force_layout_optimization": True}
+    # Inductor checks option names when torch.compile is called: these are real ones.
+    torch.compile(torch.nn.Linear(2, 2), options=options)
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
     perf.compile_module(torch.nn.Linear(2, 2), mode="max-autotune-no-cudagraphs", regional=False, options=options)
     perf.compile_module(torch.nn.Linear(2, 2), mode="default", regional=False)
     assert seen[0]["options"] == {"max_autotune": True, "coordinate_descent_tuning": True,
@@ -357,14 +357,15 @@ def test_schedulers_step_on_host_timesteps_as_on_device_ones(sampler, monkeypatc
         seen["model"].add(timesteps.device.type)
         return unet(latents, timesteps, *args, **kwargs)
 
-    step = type(task.backbone.sampling_scheduler(sampler)).step
+    scheduler_class = type(task.backbone.sampling_scheduler(sampler))
+    step = scheduler_class.step
 
     def spy_step(self, model_output, timestep, *args, **kwargs):
         seen["scheduler"].add(torch.as_tensor(timestep).device.type)
         return step(self, model_output, timestep, *args, **kwargs)
 
     monkeypatch.setattr(task, "unet", spy_unet)
-    monkeypatch.setattr(type(task.backbone.sampling_scheduler(sampler)), "step", spy_step)
+    monkeypatch.setattr(scheduler_class, "step", spy_step)
     torch.manual_seed(0)
     assert torch.equal(_sample(task, batch), old)
     assert seen == {"scheduler": {"cpu"}, "model": {task.device.type}}
