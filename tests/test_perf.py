@@ -174,11 +174,12 @@ def test_compile_plan_regional_whole_and_codec_whole():
 
     task = AdaptationTask(tiny(resolution=RES, width=16, codec="vae", seed=6), cond_drop_prob=0.0)
     vae = task.backbone.codec.vae
-    plan = {id(m): (type(m).__name__, regional) for m, regional in perf.compile_plan(task, perf.settings())}
+    by_block = perf.settings({"compile_codec_whole": False})
+    plan = {id(m): (type(m).__name__, regional) for m, regional in perf.compile_plan(task, by_block)}
     assert plan[id(task.backbone.unet)][1] and plan[id(task.backbone.codec)][1]  # by block
     assert all(not regional for name, regional in plan.values() if name in perf.GLUE_MODULES)
     assert any(name in perf.GLUE_MODULES for name, _ in plan.values())
-    whole_codec = perf.compile_plan(task, perf.settings({"compile_codec_whole": True}))
+    whole_codec = perf.compile_plan(task, perf.settings())  # the default: the codec whole
     assert [(m, r) for m, r in whole_codec if m in (vae.encoder, vae.decoder)] == [(vae.encoder, False),
                                                                                  (vae.decoder, False)]
     assert all(m is not task.backbone.codec for m, _ in whole_codec)
@@ -214,8 +215,8 @@ def test_vae_encoder_and_decoder_trace_whole():
 def test_inductor_options_go_over_the_compile_mode(monkeypatch):
     """force_layout_opt reaches torch.compile as an inductor option merged over the mode's own
     (torch.compile takes a mode or options, not both)."""
-    assert perf.inductor_options(perf.settings()) == {}
-    options = perf.inductor_options(perf.settings({"force_layout_opt": True}))
+    assert perf.inductor_options(perf.settings({"force_layout_opt": False})) == {}
+    options = perf.inductor_options(perf.settings())  # the default forces the layout
     assert options == {"force_layout_optimization": True}
     # Inductor checks option names when torch.compile is called: these are real ones.
     torch.compile(torch.nn.Linear(2, 2), options=options)
@@ -226,6 +227,19 @@ def test_inductor_options_go_over_the_compile_mode(monkeypatch):
     assert seen[0]["options"] == {"max_autotune": True, "coordinate_descent_tuning": True,
                                   "force_layout_optimization": True} and "mode" not in seen[0]
     assert seen[1]["mode"] == "default" and "options" not in seen[1]
+
+
+def test_training_steps_are_marked_for_inductor_cuda_graphs(monkeypatch):
+    """compile: reduce-overhead (inductor's CUDA graphs) marks each training step's start; the
+    default compile mode records no graphs and is left alone."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    assert perf.uses_cudagraphs(perf.settings({"compile": "reduce-overhead"}))
+    assert not perf.uses_cudagraphs(perf.settings()) and not perf.uses_cudagraphs(perf.OFF)
+    _stitching().on_train_batch_start(_batch(), 0)
+    assert marks == []
+    _stitching({"compile": "reduce-overhead"}).on_train_batch_start(_batch(), 0)
+    assert marks == [1]
 
 
 def test_fused_optimizer_only_for_unset_adam_on_cuda():

@@ -259,6 +259,13 @@ class DiffusionTask(L.LightningModule):
                 self._ema_pending = None
         return self._ema
 
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if perflib.uses_cudagraphs(self.perf_config):
+            # Inductor's CUDA graphs (compile: reduce-overhead) hand out the same output memory on
+            # every replay; marking each step tells them the last step's outputs are dead, as the
+            # torch.compile docs ask of training loops (else: an "overwritten by a subsequent run" error).
+            torch.compiler.cudagraph_mark_step_begin()
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         ema = self._ensure_ema()
         if ema is not None:
@@ -411,7 +418,9 @@ class DiffusionTask(L.LightningModule):
         b, _, h, w = ref.shape
         f = self.backbone.downscale
         shape = (b, self.backbone.latent_channels, h // f, w // f)
-        graphs = self.perf_config["cuda_graph_sampling"] and self.device.type == "cuda"
+        # Inductor's own CUDA graphs (compile: reduce-overhead) cannot be recorded inside ours.
+        graphs = (self.perf_config["cuda_graph_sampling"] and self.device.type == "cuda"
+                  and not perflib.uses_cudagraphs(self.perf_config))
         was_training = self.training
         self.eval()
         try:
