@@ -130,6 +130,14 @@ PLANS = {
     # adaptation first: its graphs cover stitching's.
     "h200_c3": ["peak", "c_adaptation_defaults", "c_adaptation_defaults@compile_codec_whole=1",
                 "c_stitching_defaults@compile_codec_whole=1", "c_stitching_defaults"],
+    # Round 5, with force_layout_opt and compile_codec_whole as defaults (round 4 measured them on
+    # (b) and on (c) adaptation / (d)): (d) with the defaults and without the forced layout; (c)
+    # both steps with the defaults; (b) the whole UNet under inductor's CUDA graphs (the 5% of the
+    # step outside kernels) against the whole UNet without them, then batch 96.
+    "h200_d3": ["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@force_layout_opt=0"],
+    "h200_c4": ["peak", "c_adaptation_defaults", "c_stitching_defaults"],
+    "h200_b4": ["peak", "a_plain", "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
+                "b_task_defaults_bs64@compile_regional=0", "b_task_defaults_bs96"],
     "all": ["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "attn", "a_compile"],
 }
 # Where the time goes, for the rows with targets (a few extra steps each under torch.profiler).
@@ -142,7 +150,9 @@ PLAN_PROFILES = {"h100": "b_task_off,c_stitching_defaults", "h100b": "b_task_def
                  "h200_c2": "c_adaptation_defaults",
                  "h200_b2": "b_task_defaults_bs64@force_layout_opt=1",
                  "h200_b3": "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
-                 "h200_c3": "c_adaptation_defaults@compile_codec_whole=1"}
+                 "h200_c3": "c_adaptation_defaults@compile_codec_whole=1",
+                 "h200_d3": "d_task_defaults", "h200_c4": "c_adaptation_defaults",
+                 "h200_b4": "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead"}
 
 
 def parse_settings(spec: str) -> dict:
@@ -243,6 +253,10 @@ class Bench:
             # Same compiled graphs as the row that just ran: inductor's cache answers (H200: 49 s
             # for d_task_defaults@cudnn_benchmark=1 after d_task_defaults' 150 s).
             cost = max(30, cost // 3)
+        if str(variant.get("compile", "")).startswith("max-autotune"):
+            # Autotuning benchmarks every kernel choice per shape: (d) at max-autotune ran past
+            # 300 s of tuning on the H200 (h200l) and was cut off by the call's limit.
+            cost *= 3
         if self.args.budget and not self.tiny and self.elapsed + cost > self.args.budget:
             self.errors[name] = (f"skipped: {self.args.budget - self.elapsed:.0f} s of the --budget left, "
                                  f"the row needs ~{cost} s")
