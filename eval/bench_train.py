@@ -274,9 +274,13 @@ class Bench:
             tasks.free()
             self.save()
 
-    def maybe_profile(self, name: str, step) -> None:
+    def wants_profile(self, name: str) -> bool:
         name += self.suffix  # a variant row is profiled under its own name (ROW+key=value)
-        if name in self.profile_rows or name.replace("+", "@", 1) in self.profile_rows:
+        return name in self.profile_rows or name.replace("+", "@", 1) in self.profile_rows
+
+    def maybe_profile(self, name: str, step) -> None:
+        if self.wants_profile(name):
+            name += self.suffix
             from bench.report import profile_table
 
             self.profiles[name] = profile_table(step, self.device, timed_ms=self.results[-1].ms)
@@ -324,14 +328,22 @@ class Bench:
 
     # -------------------------------------------------------------------------------- (b), (c)
     def fit_task(self, name, section, task, batch, n_samples) -> None:
-        # FLOPs eagerly, before setup() compiles anything (see plain_train).
-        flops = common.count_flops(lambda: tasks.manual_step(task, batch, self.device))
+        # FLOPs eagerly, before setup() compiles anything (see plain_train); above batch 64 fitted
+        # from two smaller counts (an eager step at batch 112 did not fit the H200 beside its counter).
+        flops = common.count_flops_fitted(
+            lambda n: (lambda: tasks.manual_step(task, tasks.batch_head(batch, n), self.device)), n_samples)
         common.reset_memory(self.device)
-        timing = tasks.fit_and_time(task, batch, self.device, self.size["warmup"], self.size["iters"])
+        # A profiled row is profiled in the same Lightning loop, two steps after the timed ones: the
+        # whole step (optimizer, hooks, host gaps), under the row's own compile mode and graphs.
+        profile_steps = 2 if self.wants_profile(name) else 0
+        timing = tasks.fit_and_time(task, batch, self.device, self.size["warmup"], self.size["iters"],
+                                    profile_steps=profile_steps)
         settings = {"perf": task.perf_config, "applied": task.perf_applied,
                     "optimizer_fused": bool(timing.pop("optimizer_fused", False))}
+        profile = timing.pop("profile", None)
         self.record(name, section, n_samples, timing, flops, settings, first_steps_s=timing.get("first_steps_s"))
-        self.maybe_profile(name, lambda: tasks.manual_step(task, batch, self.device))
+        if profile is not None:
+            self.profiles[name + self.suffix] = "(the Lightning training step, optimizer included)\n" + profile
         perf.set_sdpa_backend("auto")
 
     def denoise_row(self, name: str, mode: str, batch_size: int) -> None:

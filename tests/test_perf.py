@@ -242,6 +242,47 @@ def test_training_steps_are_marked_for_inductor_cuda_graphs(monkeypatch):
     assert marks == [1]
 
 
+def test_train_overrides_apply_to_training_runs_only(monkeypatch):
+    """model.perf.train: switches over the top level for a training run (its compile, its
+    validation samples); evaluation (prepare_inference) keeps the top level."""
+    node = {"train": {"compile": "reduce-overhead", "compile_regional": False}}
+    s = perf.settings(node)
+    assert s["train"] == node["train"] and s["compile"] == "default"
+    assert perf.training_settings(s)["compile"] == "reduce-overhead"
+    assert perf.training_settings(perf.settings())["compile"] == "default"
+    with pytest.raises(ConfigError, match="model.perf.train.turbo is not a performance switch"):
+        perf.settings({"train": {"turbo": True}})
+    with pytest.raises(ConfigError, match="model.perf.train.compile='fastest'"):
+        perf.settings({"train": {"compile": "fastest"}})
+    with pytest.raises(ConfigError, match="model.perf.train.train"):
+        perf.settings({"train": {"train": {}}})
+    with pytest.raises(ConfigError, match="model.perf.train=.* must be a mapping"):
+        perf.settings({"train": "reduce-overhead"})
+
+    seen = []
+    monkeypatch.setattr(perf, "compile_module",
+                        lambda net, mode, regional=True, **_: seen.append((net, mode, regional)) or 1)
+    trained = _stitching(node)
+    perf.configure_task(trained, trained.perf_config, device="cuda")  # the compile path, recorded
+    unet = trained.backbone.unet
+    assert (unet, "reduce-overhead", False) in seen
+    assert all(mode == "reduce-overhead" for _, mode, _ in seen)
+    seen.clear()
+    evaluated = _stitching(node)
+    perf.configure_inference(evaluated, evaluated.perf_config, device="cuda", bf16=False)
+    assert (evaluated.backbone.unet, "default", True) in seen
+    assert all(mode == "default" for _, mode, _ in seen)
+    # What the task reads while it runs (step marks, sampling graphs) follows the same split.
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    fresh = _stitching(node)
+    assert fresh.perf_active["compile"] == "reduce-overhead"  # a training run, before and after setup
+    fresh.on_train_batch_start(_batch(), 0)
+    assert marks == [1]
+    fresh.prepare_inference(device="cpu", compile=False)
+    assert fresh.perf_active["compile"] == "default" and fresh.perf_active is fresh.perf_config
+
+
 def test_fused_optimizer_only_for_unset_adam_on_cuda():
     cuda = [types.SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)]
     cpu = [torch.nn.Parameter(torch.zeros(2))]
@@ -630,7 +671,7 @@ def test_benchmark_rows_run_tiny_on_cpu(tmp_path, repo_root, monkeypatch):
 
     variant = "d_task_defaults@channels_last=1;batched_cfg=0"
     bench_train.main(["--tiny", "--out", str(tmp_path), "--only",
-                      f"b_task_off,b_task_defaults,d_task_defaults,{variant}", "--profile", variant])
+                      f"b_task_off,b_task_defaults,d_task_defaults,{variant}", "--profile", f"b_task_defaults,{variant}"])
     data = json.loads((tmp_path / "bench_train.json").read_text())
     assert not data["errors"], data["errors"]
     rows = {r["name"]: r for r in data["rows"]}
@@ -639,11 +680,36 @@ def test_benchmark_rows_run_tiny_on_cpu(tmp_path, repo_root, monkeypatch):
     assert rows["b_task_off"]["settings"]["perf"] == perf.OFF
     assert rows["b_task_defaults"]["settings"]["perf"] == perf.DEFAULTS  # what experiments/*/sd15.yaml give
     assert rows[named]["settings"]["perf"] == {**perf.DEFAULTS, "channels_last": True, "batched_cfg": False}
-    assert rows[named]["vs"] == "d_plain_controlnet" and list(data["profiles"]) == [named]
+    assert rows[named]["vs"] == "d_plain_controlnet" and list(data["profiles"]) == ["b_task_defaults", named]
+    # A training row is profiled in its own Lightning loop, after its timed steps.
+    assert data["profiles"]["b_task_defaults"].startswith("(the Lightning training step")
+    assert "Optimizer.step#AdamW.step" in data["profiles"]["b_task_defaults"]
     # Sampling rows go through prepare_inference and are compared with one reference (fp32 on CPU).
     assert rows["d_task_defaults"]["settings"]["applied"]["inference"]
     assert rows[named]["images_vs_ref"]["rel_l1"] < 1e-4
     assert all(r["samples_per_s"] > 0 and r["gflop_per_sample"] > 0 for r in rows.values())
+
+
+def test_flop_count_above_the_cap_is_fitted_exactly(repo_root, monkeypatch):
+    """Rows above batch 64 count FLOPs from two smaller batches (an eager step at batch 112 did not
+    fit an H200 beside the counter): the fit equals a direct count of a warm step."""
+    monkeypatch.syspath_prepend(str(repo_root / "eval"))
+    from bench import common, tasks
+
+    task = tasks.DenoiseTask(tiny(resolution=RES, width=32, seed=4), train_unet="full")
+    task.backbone.codec = tasks.LatentCodec(task.backbone.latent_channels, task.backbone.downscale)
+    batch = tasks.image_batch(6, task.backbone.latent_channels, (8, 8), torch.device("cpu"))
+    calls = []
+
+    def step_at(n):
+        calls.append(n)
+        return lambda: tasks.manual_step(task, tasks.batch_head(batch, n), torch.device("cpu"))
+
+    fitted = common.count_flops_fitted(step_at, 6, cap=4)
+    assert calls == [1, 2, 4]  # an uncounted warm call, then the two counted ones
+    direct = common.count_flops(step_at(6))
+    assert direct > 0 and fitted == pytest.approx(direct, rel=1e-9)
+    assert common.count_flops_fitted(step_at, 4, cap=4) == common.count_flops(step_at(4))  # up to the cap: direct
 
 
 def test_profile_lists_data_movement_by_shape(repo_root, monkeypatch):

@@ -141,17 +141,28 @@ def profile_table(step, device: torch.device, steps: int = 2, rows_shown: int = 
     """torch.profiler summary of ``steps`` calls: where the device time goes. On CUDA it starts
     with the kernels' busy time per call against the profiled wall time and the row's timed
     step (``timed_ms``): well below 100% means the GPU waits for the host (launches, syncs)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step()
-    with profile(activities=activities, record_shapes=device.type == "cuda") as prof:
+    with profile(activities=profiler_activities(device), record_shapes=device.type == "cuda") as prof:
         start = time.perf_counter()
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    return profile_summary(prof, device, steps, wall_ms, timed_ms, rows_shown)
+
+
+def profiler_activities(device: torch.device) -> list:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def profile_summary(prof, device: torch.device, steps: int, wall_ms: float, timed_ms: float | None = None,
+                    rows_shown: int = 18) -> str:
+    """The table of a finished profile of ``steps`` calls (see :func:`profile_table`)."""
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=rows_shown, max_name_column_width=60)
     if device.type != "cuda":

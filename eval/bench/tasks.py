@@ -14,7 +14,6 @@ import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
-from torch.utils.flop_counter import FlopCounterMode
 
 from icp.data import keys as K
 from icp.tasks.base import DiffusionTask
@@ -69,12 +68,16 @@ class _Repeat(IterableDataset):
 
 
 class StepTimer(L.Callback):
-    def __init__(self, device: torch.device, warmup: int, flop_step: int = 1):
+    """CUDA-event marks at each timed batch start; then, optionally, ``profile_steps`` more steps
+    of the same loop under torch.profiler (the whole Lightning step: optimizer, hooks, gaps)."""
+
+    def __init__(self, device: torch.device, warmup: int, iters: int, profile_steps: int = 0):
         self.clock = StepClock(device)
-        self.warmup, self.flop_step = warmup, flop_step
-        self.flops = float("nan")
+        self.warmup, self.iters, self.profile_steps = warmup, iters, profile_steps
         self.started = self.warmup_s = float("nan")
-        self._counter: FlopCounterMode | None = None
+        self.profile: str | None = None
+        self._prof = None
+        self._prof_started = 0.0
 
     def on_train_start(self, trainer, pl_module):
         self.started = time.perf_counter()
@@ -84,37 +87,50 @@ class StepTimer(L.Callback):
             # Host time of the warm-up steps: torch.compile happens in the first of them.
             common.sync(self.clock.device)
             self.warmup_s = time.perf_counter() - self.started
-        if batch_idx == self.flop_step:
-            self._counter = FlopCounterMode(display=False)
-            self._counter.__enter__()
-        if batch_idx >= self.warmup:
-            self.clock.mark()
+        if self.warmup <= batch_idx <= self.warmup + self.iters:
+            self.clock.mark()  # the mark at warmup + iters closes the last timed step
+        if self.profile_steps and batch_idx == self.warmup + self.iters:
+            from torch.profiler import profile
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._counter is not None:
-            self._counter.__exit__(None, None, None)
-            self.flops = float(self._counter.get_total_flops())
-            self._counter = None
+            from .report import profiler_activities
+
+            cuda = self.clock.device.type == "cuda"
+            self._prof = profile(activities=profiler_activities(self.clock.device), record_shapes=cuda)
+            self._prof.__enter__()
+            self._prof_started = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module):
-        self.clock.mark()
+        if self._prof is None:
+            self.clock.mark()
+            return
+        common.sync(self.clock.device)
+        wall_ms = (time.perf_counter() - self._prof_started) * 1e3 / self.profile_steps
+        self._prof.__exit__(None, None, None)
+        from .report import profile_summary
+
+        timed = summarize(self.clock.deltas_ms())["ms"]
+        self.profile = profile_summary(self._prof, self.clock.device, self.profile_steps, wall_ms, timed)
+        self._prof = None
 
 
 def fit_and_time(task: L.LightningModule, batch: dict, device: torch.device, warmup: int, iters: int,
-                 precision: str = "bf16-mixed") -> dict[str, Any]:
-    """Train ``warmup + iters`` steps with a real Trainer; returns timing and FLOPs per step."""
-    timer = StepTimer(device, warmup, flop_step=-1)  # FLOPs are counted eagerly by the caller
+                 precision: str = "bf16-mixed", profile_steps: int = 0) -> dict[str, Any]:
+    """Train ``warmup + iters`` steps with a real Trainer; returns their timing. ``profile_steps``:
+    that many more steps of the same loop under torch.profiler (``out["profile"]``, its table)."""
+    timer = StepTimer(device, warmup, iters, profile_steps)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
-        max_steps=warmup + iters, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer],
+        max_steps=warmup + iters + profile_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[timer],
     )
     loader = DataLoader(_Repeat(batch), batch_size=None, num_workers=0)
     trainer.fit(task, train_dataloaders=loader)
     out = summarize(timer.clock.deltas_ms())
-    out["flops"] = timer.flops
     out["first_steps_s"] = timer.warmup_s  # the warm-up steps, compilation included
     out["optimizer_fused"] = bool(trainer.optimizers[0].defaults.get("fused"))
+    if timer.profile is not None:
+        out["profile"] = timer.profile
     del trainer
     return out
 
@@ -130,10 +146,22 @@ def image_batch(batch: int, channels: int, hw: tuple[int, int], device: torch.de
     return out
 
 
+def batch_head(batch: dict, n: int) -> dict:
+    """The first ``n`` samples of a batch dict (tensors sliced, anything else as it is)."""
+    return {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def free(*objs) -> None:
     del objs
     gc.collect()
     if torch.cuda.is_available():
+        # Inductor's CUDA graphs (compile: reduce-overhead) keep their memory pools in a
+        # process-wide tree: without a reset the next row runs beside them (H200: a batch-96 row
+        # OOMed beside the 52 GiB left by a batch-64 reduce-overhead row).
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -202,7 +202,7 @@ class DiffusionTask(L.LightningModule):
         if not params:
             raise ConfigError("nothing to train: every part is frozen (check model.train_unet and the task's nets)")
         factory = self.optimizer_factory or functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=1e-2)
-        if self.perf_config["fused_optimizer"]:
+        if self.perf_active["fused_optimizer"]:
             factory = perflib.fused_optimizer(factory, params)  # same AdamW, one kernel (CUDA only)
         optimizer = factory(params)
         if self.lr_scheduler_factory is None:
@@ -233,6 +233,15 @@ class DiffusionTask(L.LightningModule):
             self.perf_applied = perflib.configure_task(self, self.perf_config, precision=precision, device=device)
         return self.perf_applied
 
+    @property
+    def perf_active(self) -> dict[str, Any]:
+        """The switches in force: the top level of ``perf`` once prepared for evaluation
+        (:meth:`prepare_inference`), else with its ``train`` overrides (a training run, and its
+        validation samples, use the nets as :meth:`configure_perf` compiled them)."""
+        if self.perf_applied is not None and self.perf_applied.get("inference"):
+            return self.perf_config
+        return perflib.training_settings(self.perf_config)
+
     def prepare_inference(self, device: torch.device | str | None = None, compile: bool = True) -> dict[str, Any]:
         """Apply the ``perf`` switches for a task that only samples from now on (evaluation:
         ``icp.tasks.loading.load_task``): all weights in bf16 on CUDA, attention kernel,
@@ -260,7 +269,7 @@ class DiffusionTask(L.LightningModule):
         return self._ema
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        if perflib.uses_cudagraphs(self.perf_config):
+        if perflib.uses_cudagraphs(self.perf_active):
             # Inductor's CUDA graphs (compile: reduce-overhead) hand out the same output memory on
             # every replay; marking each step tells them the last step's outputs are dead, as the
             # torch.compile docs ask of training loops (else: an "overwritten by a subsequent run" error).
@@ -339,7 +348,7 @@ class DiffusionTask(L.LightningModule):
         precision = str(trainer.precision) if trainer is not None else ""
         bf16_weights = bool(self.perf_applied and self.perf_applied.get("bf16_frozen"))
         if (precision.startswith("bf16") or bf16_weights
-                or (self.perf_config["sample_bf16"] and self.device.type == "cuda")):
+                or (self.perf_active["sample_bf16"] and self.device.type == "cuda")):
             # No weight-cast cache under CUDA graphs: cached casts would outlive the capture.
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not graphs)
         if trainer is not None:
@@ -354,7 +363,7 @@ class DiffusionTask(L.LightningModule):
         (as CFG dropout trains it). ``perf.batched_cfg`` runs both branches in one UNet call of
         twice the batch, the uncond half with zero residuals (adding zero changes nothing).
         """
-        batched = self.perf_config["batched_cfg"]
+        batched = self.perf_active["batched_cfg"]
 
         def predict(x: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
             residuals = self.condition(state, x, tb, text)
@@ -398,7 +407,7 @@ class DiffusionTask(L.LightningModule):
         tensors = [leaves[i] for i in where]
         keep = bool(self.perf_applied and self.perf_applied.get("inference"))
         key = (str(spec), repr(consts), tuple((t.shape, t.dtype, t.device) for t in tensors), float(guidance),
-               self.perf_config["batched_cfg"], torch.is_autocast_enabled(self.device.type),
+               self.perf_active["batched_cfg"], torch.is_autocast_enabled(self.device.type),
                tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))) if keep else None
         if keep and self._sample_graph is not None and self._sample_graph[0] == key:
             graphed = self._sample_graph[1]
@@ -419,8 +428,8 @@ class DiffusionTask(L.LightningModule):
         f = self.backbone.downscale
         shape = (b, self.backbone.latent_channels, h // f, w // f)
         # Inductor's own CUDA graphs (compile: reduce-overhead) cannot be recorded inside ours.
-        graphs = (self.perf_config["cuda_graph_sampling"] and self.device.type == "cuda"
-                  and not perflib.uses_cudagraphs(self.perf_config))
+        graphs = (self.perf_active["cuda_graph_sampling"] and self.device.type == "cuda"
+                  and not perflib.uses_cudagraphs(self.perf_active))
         was_training = self.training
         self.eval()
         try:
