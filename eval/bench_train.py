@@ -80,7 +80,10 @@ ROW_COST_S = {
 }
 # Switches that leave the compiled graphs as they are: a variant of only these reuses the graphs of
 # its base row (inductor's cache), so it costs a fraction of the base row.
-GRAPH_NEUTRAL = {"cudnn_benchmark"}
+GRAPH_NEUTRAL = {"cudnn_benchmark", "foreach_ema", "ema_decay"}
+# Row keys that are task arguments, not model.perf switches: ``ema_decay`` (what sd15.yaml trains
+# with, 0.9999; the (a) loop and the plain rows have no EMA).
+TASK_KEYS = {"ema_decay"}
 BATCH_ROW = re.compile(r"b_task_defaults_bs(\d+)")  # (b) defaults at batch N, costed like _big
 SECTIONS = {
     "peak": ["peak"], "a": ["a_plain", "a_plain_canvas", "a_variants"], "late": ["a_compile"],
@@ -142,7 +145,11 @@ PLANS = {
     # compile_regional: false} (round 5: (b) 1.47x at batch 64, 1.489-1.498x at 96). (b) at batch 128
     # (its FLOPs fitted above 64; the CUDA-graph pools of a row now freed before the next), profiled
     # in its own Lightning loop; (c) both steps under it (a default only if (c) does not lose).
+    # Then what sd15.yaml's EMA (0.9999) costs that step: diffusers' per-tensor loop vs foreach_ema
+    # (same graphs: a third of the row's cost).
     "h200_b5": ["peak", "a_plain", "b_task_defaults_bs128@compile_regional=0;compile=reduce-overhead",
+                "b_task_defaults_bs128@compile_regional=0;compile=reduce-overhead;ema_decay=0.9999",
+                "b_task_defaults_bs128@compile_regional=0;compile=reduce-overhead;ema_decay=0.9999;foreach_ema=1",
                 "b_task_defaults_bs96@compile_regional=0;compile=reduce-overhead;cudnn_benchmark=1"],
     "h200_c5": ["peak", "c_stitching_defaults@compile_regional=0;compile=reduce-overhead",
                 "c_adaptation_defaults@compile_regional=0;compile=reduce-overhead"],
@@ -228,7 +235,8 @@ class Bench:
 
     def perf_node(self, mode: str) -> dict:
         """``model.perf`` of a row: OFF, or the defaults with the current ``row@key=value`` variant."""
-        return dict(perf.OFF) if mode == "off" else perf.settings({**self.defaults, **self.variant})
+        switches = {k: v for k, v in self.variant.items() if k not in TASK_KEYS}
+        return dict(perf.OFF) if mode == "off" else perf.settings({**self.defaults, **switches})
 
     def optimizer(self, mode: str):
         """The config's ``optimizer: {_target_: torch.optim.AdamW, _partial_: true, ...}``."""
@@ -258,7 +266,9 @@ class Bench:
         base, _, spec = name.partition("@")
         cost = ROW_COST_S.get("b_task_defaults_big" if BATCH_ROW.fullmatch(base) else base, 60)
         variant = parse_settings(spec.replace(";", ","))
-        if variant and set(variant) <= GRAPH_NEUTRAL and any(r.name == base for r in self.results):
+        core = ";".join(item for item in spec.split(";") if item and item.partition("=")[0] not in GRAPH_NEUTRAL)
+        ran = base + (f"+{core}" if core else "")
+        if variant and core != spec and any(r.name == ran for r in self.results):
             # Same compiled graphs as the row that just ran: inductor's cache answers (H200: 49 s
             # for d_task_defaults@cudnn_benchmark=1 after d_task_defaults' 150 s).
             cost = max(30, cost // 3)
@@ -347,7 +357,7 @@ class Bench:
         profile_steps = 2 if self.wants_profile(name) else 0
         timing = tasks.fit_and_time(task, batch, self.device, self.size["warmup"], self.size["iters"],
                                     profile_steps=profile_steps)
-        settings = {"perf": task.perf_config, "applied": task.perf_applied,
+        settings = {"perf": task.perf_config, "applied": task.perf_applied, "ema_decay": task.ema_decay,
                     "optimizer_fused": bool(timing.pop("optimizer_fused", False))}
         profile = timing.pop("profile", None)
         self.record(name, section, n_samples, timing, flops, settings, first_steps_s=timing.get("first_steps_s"))
@@ -360,7 +370,8 @@ class Bench:
 
         n = self.latent
         parts = self.backbone(latent_codec=True)
-        task = DenoiseTask(parts, optimizer=self.optimizer(mode), train_unet="full", perf=self.perf_node(mode))
+        task = DenoiseTask(parts, optimizer=self.optimizer(mode), train_unet="full", perf=self.perf_node(mode),
+                           ema_decay=float(self.variant.get("ema_decay", 0.0)))
         batch = tasks.image_batch(batch_size, parts.unet.config.in_channels, (n, n), self.device)
         self.fit_task(name, "b", task, batch, batch_size)
 

@@ -38,6 +38,9 @@ force_layout_opt       true       inductor lays every compiled graph's intermedi
 cudnn_benchmark        false      cuDNN times every algorithm of each new conv shape once and keeps the
                                   fastest (torch.backends.cudnn.benchmark, process-wide); CUDA only;
                                   off leaves the flag as the trainer (``trainer.benchmark``) set it
+foreach_ema            false      the EMA of the trained weights (model.ema_decay > 0) steps with
+                                  multi-tensor kernels (diffusers' EMAModel(foreach=True): a few
+                                  launches instead of 3 per tensor, one temporary copy of the weights)
 train                  {}         switches over the above for training runs only (their validation
                                   samples too), e.g. {compile: reduce-overhead, compile_regional:
                                   false}: H200 (b) at batch 64 1.47x, whole without graphs 1.46x
@@ -85,13 +88,15 @@ DEFAULTS: dict[str, Any] = {
     "bf16_frozen": True, "compile": "default", "compile_regional": True, "compile_dynamic": False,
     "sdpa": "auto", "channels_last": "auto", "fused_optimizer": True, "batched_cfg": True,
     "cuda_graph_sampling": True, "sample_bf16": True, "wide_heads_matmul": True, "fuse_qkv": False,
-    "cudnn_benchmark": False, "compile_codec_whole": True, "force_layout_opt": True, "train": {},
+    "cudnn_benchmark": False, "compile_codec_whole": True, "force_layout_opt": True, "foreach_ema": False,
+    "train": {},
 }
 OFF: dict[str, Any] = {
     "bf16_frozen": False, "compile": "none", "compile_regional": True, "compile_dynamic": False,
     "sdpa": "auto", "channels_last": False, "fused_optimizer": False, "batched_cfg": False,
     "cuda_graph_sampling": False, "sample_bf16": False, "wide_heads_matmul": False, "fuse_qkv": False,
-    "cudnn_benchmark": False, "compile_codec_whole": False, "force_layout_opt": False, "train": {},
+    "cudnn_benchmark": False, "compile_codec_whole": False, "force_layout_opt": False, "foreach_ema": False,
+    "train": {},
 }
 
 

@@ -490,6 +490,22 @@ def test_inference_folds_the_ema_weights_in_once():
     assert torch.equal(_sample(task, batch), ref)
 
 
+def test_foreach_ema_steps_like_the_per_tensor_loop():
+    """foreach_ema hands the EMA to diffusers' multi-tensor path: the same shadow weights."""
+    loop, fused = _stitching(ema_decay=0.9), _stitching({"foreach_ema": True}, ema_decay=0.9)
+    assert not loop._ensure_ema().foreach and fused._ensure_ema().foreach
+    for step in range(3):
+        for task in (loop, fused):
+            with torch.no_grad():
+                for i, p in enumerate(task.trainable_parameters()):
+                    p.add_(0.01 * (step + 1) * (i % 5 - 2))  # the same update on both
+            task.on_train_batch_end(None, None, step)
+    pairs = list(zip(loop._ema.shadow_params, fused._ema.shadow_params))
+    assert pairs and all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in pairs)
+    live = list(loop.trainable_parameters())
+    assert any(not torch.allclose(a, p) for (a, _), p in zip(pairs, live))  # not vacuous: the EMA lags
+
+
 def _vae_attention(width=320):
     """An SD-VAE mid-block attention block (one head as wide as the channels)."""
     from diffusers.models.attention_processor import Attention
@@ -670,12 +686,17 @@ def test_benchmark_rows_run_tiny_on_cpu(tmp_path, repo_root, monkeypatch):
     import bench_train
 
     variant = "d_task_defaults@channels_last=1;batched_cfg=0"
+    ema = "b_task_defaults@ema_decay=0.9;foreach_ema=1"  # a task key and a switch
     bench_train.main(["--tiny", "--out", str(tmp_path), "--only",
-                      f"b_task_off,b_task_defaults,d_task_defaults,{variant}", "--profile", f"b_task_defaults,{variant}"])
+                      f"b_task_off,b_task_defaults,d_task_defaults,{variant},{ema}",
+                      "--profile", f"b_task_defaults,{variant}"])
     data = json.loads((tmp_path / "bench_train.json").read_text())
     assert not data["errors"], data["errors"]
     rows = {r["name"]: r for r in data["rows"]}
     named = "d_task_defaults+channels_last=1;batched_cfg=0"
+    ema_row = rows.pop("b_task_defaults+ema_decay=0.9;foreach_ema=1")
+    assert ema_row["settings"]["perf"] == {**perf.DEFAULTS, "foreach_ema": True}
+    assert ema_row["settings"]["ema_decay"] == 0.9 and rows["b_task_defaults"]["settings"]["ema_decay"] == 0.0
     assert set(rows) == {"b_task_off", "b_task_defaults", "d_task_defaults", named}
     assert rows["b_task_off"]["settings"]["perf"] == perf.OFF
     assert rows["b_task_defaults"]["settings"]["perf"] == perf.DEFAULTS  # what experiments/*/sd15.yaml give
@@ -710,6 +731,37 @@ def test_flop_count_above_the_cap_is_fitted_exactly(repo_root, monkeypatch):
     direct = common.count_flops(step_at(6))
     assert direct > 0 and fitted == pytest.approx(direct, rel=1e-9)
     assert common.count_flops_fitted(step_at, 4, cap=4) == common.count_flops(step_at(4))  # up to the cap: direct
+
+
+def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path, repo_root, monkeypatch):
+    """The budget guard: a row that only adds graph-neutral keys (EMA, cuDNN search) to a row that
+    already ran in the call reuses its compiled graphs, so it is costed at a third; and a task
+    key (ema_decay) reaches the task, not model.perf."""
+    import argparse
+    import sys
+
+    monkeypatch.syspath_prepend(str(repo_root / "eval"))
+    sys.modules.pop("bench_train", None)
+    import bench_train
+    from bench import common
+
+    args = argparse.Namespace(tiny=False, cpu=True, out=str(tmp_path), plan="", only="", budget=100.0, batch=0,
+                              big_batch=0, perf="", plain_variants="", tag="t", profile="")
+    bench = bench_train.Bench(args)
+    whole = "compile_regional=0;compile=reduce-overhead"
+    bench.results.append(common.Result(f"b_task_defaults_bs128+{whole}", "b", 128, 1.0, 1.0, 0.0))
+    ran, seen = [], {}
+
+    def row():
+        ran.append(bench.suffix)
+        seen["perf"], seen["variant"] = bench.perf_node("defaults"), dict(bench.variant)
+
+    bench.guarded(f"b_task_defaults_bs128@{whole};ema_decay=0.9999", row)  # 180 s / 3 fits 100 s
+    bench.guarded("b_task_defaults_bs128@compile_regional=0;ema_decay=0.9999", row)  # no such base: 180 s
+    assert ran == [f"+{whole};ema_decay=0.9999"]
+    assert "skipped" in bench.errors["b_task_defaults_bs128@compile_regional=0;ema_decay=0.9999"]
+    assert "ema_decay" not in seen["perf"] and seen["variant"]["ema_decay"] == "0.9999"
+    assert seen["perf"]["compile"] == "reduce-overhead" and seen["perf"]["compile_regional"] is False
 
 
 def test_profile_lists_data_movement_by_shape(repo_root, monkeypatch):
