@@ -764,6 +764,29 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path,
     assert seen["perf"]["compile"] == "reduce-overhead" and seen["perf"]["compile_regional"] is False
 
 
+def test_bench_keeps_the_timed_steps_when_the_profiled_ones_fail(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "eval"))
+    from bench import tasks
+
+    task = tasks.DenoiseTask(tiny(resolution=RES, width=32, seed=4), train_unet="full")
+    task.backbone.codec = tasks.LatentCodec(task.backbone.latent_channels, task.backbone.downscale)
+    batch = tasks.image_batch(2, task.backbone.latent_channels, (8, 8), torch.device("cpu"))
+    step = task.training_step
+
+    def failing(batch, batch_idx):
+        if batch_idx >= 3:  # warm-up 1 + 2 timed steps, then the profiled ones
+            raise RuntimeError("profiler fault")
+        return step(batch, batch_idx)
+
+    monkeypatch.setattr(task, "training_step", failing)
+    out = tasks.fit_and_time(task, batch, torch.device("cpu"), warmup=1, iters=2, precision="32-true",
+                             profile_steps=2)
+    assert out["iters"] == 2 and out["ms"] > 0
+    assert out["profile"] == "profile failed: RuntimeError: profiler fault"
+    with pytest.raises(RuntimeError, match="profiler fault"):  # a fault in the timed steps is not hidden
+        tasks.fit_and_time(task, batch, torch.device("cpu"), warmup=4, iters=2, precision="32-true")
+
+
 def test_profile_lists_data_movement_by_shape(repo_root, monkeypatch):
     """The bench's profile tells where copies come from by their shapes, most device time first."""
     import sys

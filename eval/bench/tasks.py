@@ -76,6 +76,7 @@ class StepTimer(L.Callback):
         self.warmup, self.iters, self.profile_steps = warmup, iters, profile_steps
         self.started = self.warmup_s = float("nan")
         self.profile: str | None = None
+        self.timing: dict[str, float] | None = None  # the timed steps, once they are over
         self._prof = None
         self._prof_started = 0.0
 
@@ -90,6 +91,8 @@ class StepTimer(L.Callback):
         if self.warmup <= batch_idx <= self.warmup + self.iters:
             self.clock.mark()  # the mark at warmup + iters closes the last timed step
         if self.profile_steps and batch_idx == self.warmup + self.iters:
+            # The timed steps are kept before profiling starts: a profiler fault must not lose them.
+            self.timing = summarize(self.clock.deltas_ms())
             from torch.profiler import profile
 
             from .report import profiler_activities
@@ -102,14 +105,14 @@ class StepTimer(L.Callback):
     def on_train_end(self, trainer, pl_module):
         if self._prof is None:
             self.clock.mark()
+            self.timing = summarize(self.clock.deltas_ms())
             return
         common.sync(self.clock.device)
         wall_ms = (time.perf_counter() - self._prof_started) * 1e3 / self.profile_steps
         self._prof.__exit__(None, None, None)
         from .report import profile_summary
 
-        timed = summarize(self.clock.deltas_ms())["ms"]
-        self.profile = profile_summary(self._prof, self.clock.device, self.profile_steps, wall_ms, timed)
+        self.profile = profile_summary(self._prof, self.clock.device, self.profile_steps, wall_ms, self.timing["ms"])
         self._prof = None
 
 
@@ -125,8 +128,15 @@ def fit_and_time(task: L.LightningModule, batch: dict, device: torch.device, war
         callbacks=[timer],
     )
     loader = DataLoader(_Repeat(batch), batch_size=None, num_workers=0)
-    trainer.fit(task, train_dataloaders=loader)
-    out = summarize(timer.clock.deltas_ms())
+    try:
+        trainer.fit(task, train_dataloaders=loader)
+    except Exception as err:  # noqa: BLE001 -- a fault in the profiled steps keeps the timed ones
+        if timer.timing is None:
+            raise
+        if timer._prof is not None:
+            timer._prof.__exit__(None, None, None)
+        timer.profile = f"profile failed: {common.error_line(err)}"
+    out = dict(timer.timing)
     out["first_steps_s"] = timer.warmup_s  # the warm-up steps, compilation included
     out["optimizer_fused"] = bool(trainer.optimizers[0].defaults.get("fused"))
     if timer.profile is not None:
