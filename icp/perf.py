@@ -41,6 +41,9 @@ cudnn_benchmark        false      cuDNN times every algorithm of each new conv s
 foreach_ema            false      the EMA of the trained weights (model.ema_decay > 0) steps with
                                   multi-tensor kernels (diffusers' EMAModel(foreach=True): a few
                                   launches instead of 3 per tensor, one temporary copy of the weights)
+lagged_progress_loss   false      CUDA: the progress bar shows the previous step's loss, read without
+                                  waiting (Lightning turns progress-bar values into numbers at every
+                                  batch end: a wait for the whole step); logged metrics stay exact
 train                  {}         switches over the above for training runs only (their validation
                                   samples too), e.g. {compile: reduce-overhead, compile_regional:
                                   false}: H200 (b) at batch 64 1.47x, whole without graphs 1.46x
@@ -89,14 +92,14 @@ DEFAULTS: dict[str, Any] = {
     "sdpa": "auto", "channels_last": "auto", "fused_optimizer": True, "batched_cfg": True,
     "cuda_graph_sampling": True, "sample_bf16": True, "wide_heads_matmul": True, "fuse_qkv": False,
     "cudnn_benchmark": False, "compile_codec_whole": True, "force_layout_opt": True, "foreach_ema": False,
-    "train": {},
+    "lagged_progress_loss": False, "train": {},
 }
 OFF: dict[str, Any] = {
     "bf16_frozen": False, "compile": "none", "compile_regional": True, "compile_dynamic": False,
     "sdpa": "auto", "channels_last": False, "fused_optimizer": False, "batched_cfg": False,
     "cuda_graph_sampling": False, "sample_bf16": False, "wide_heads_matmul": False, "fuse_qkv": False,
     "cudnn_benchmark": False, "compile_codec_whole": False, "force_layout_opt": False, "foreach_ema": False,
-    "train": {},
+    "lagged_progress_loss": False, "train": {},
 }
 
 
@@ -380,6 +383,31 @@ def compile_module(module: nn.Module, mode: str | None = "default", regional: bo
 
 
 # ------------------------------------------------------------------------------ CUDA graphs
+
+
+class LaggedScalar:
+    """A device scalar read one step late without waiting for the device.
+
+    ``push(x)`` queues a copy of ``x`` into pinned host memory behind the work already queued and
+    returns the value pushed before it (a CPU tensor), waiting only for that earlier copy, which
+    is normally long done; the first push returns None. Off CUDA it returns ``x`` itself."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[torch.Tensor, Any] | None = None
+
+    def push(self, value: torch.Tensor) -> torch.Tensor | None:
+        value = value.detach()
+        if value.device.type != "cuda":
+            return value
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        host.copy_(value, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        previous, self._pending = self._pending, (host, done)
+        if previous is None:
+            return None
+        previous[1].synchronize()
+        return previous[0]
 
 
 class GraphedStep:

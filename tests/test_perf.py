@@ -490,6 +490,23 @@ def test_inference_folds_the_ema_weights_in_once():
     assert torch.equal(_sample(task, batch), ref)
 
 
+def test_lagged_progress_loss_changes_nothing_off_cuda(tmp_path):
+    """lagged_progress_loss reads the bar's loss one step late on CUDA only; on CPU there is no
+    wait to avoid, so the bar and the logged metrics are as without it (the CUDA path is timed by
+    the bench, plan h200_b5)."""
+    assert torch.equal(perf.LaggedScalar().push(torch.tensor(2.0)), torch.tensor(2.0))
+    shown = {}
+    for switch in (False, True):
+        task = _stitching({"lagged_progress_loss": switch}, train_unet="frozen")
+        trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0)
+        trainer.fit(task, DataLoader(_Pairs(), batch_size=2))
+        shown[switch] = (sorted(trainer.progress_bar_metrics), float(trainer.callback_metrics["train/loss"]))
+    assert shown[True][0] == shown[False][0] == ["train/loss"]
+    assert shown[True][1] == pytest.approx(shown[False][1], rel=1e-6)
+
+
 def test_foreach_ema_steps_like_the_per_tensor_loop():
     """foreach_ema hands the EMA to diffusers' multi-tensor path: the same shadow weights."""
     loop, fused = _stitching(ema_decay=0.9), _stitching({"foreach_ema": True}, ema_decay=0.9)
