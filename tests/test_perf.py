@@ -507,6 +507,29 @@ def test_lagged_progress_loss_changes_nothing_off_cuda(tmp_path):
     assert shown[True][1] == pytest.approx(shown[False][1], rel=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the lagged read exists on CUDA only")
+def test_lagged_progress_loss_shows_the_previous_steps_loss_on_cuda():
+    """On CUDA the bar's ``loss`` after step k is step k-1's loss (none after the first step)."""
+    losses, shown = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx:
+                shown.append(trainer.progress_bar_metrics.get("loss"))  # after the previous step
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    task = _stitching({"lagged_progress_loss": True, "compile": "none"}, train_unet="frozen")
+    trainer = L.Trainer(max_steps=4, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Record()])
+    trainer.fit(task, DataLoader(_Pairs(), batch_size=2))
+    assert len(losses) == 4 and shown[0] is None and len(shown) == 3
+    assert shown[1:] == pytest.approx(losses[:2], rel=1e-6) and losses[0] != losses[1]
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(losses[-1], rel=1e-6)  # exact
+
+
 def test_foreach_ema_steps_like_the_per_tensor_loop():
     """foreach_ema hands the EMA to diffusers' multi-tensor path: the same shadow weights."""
     loop, fused = _stitching(ema_decay=0.9), _stitching({"foreach_ema": True}, ema_decay=0.9)
