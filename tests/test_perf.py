@@ -889,6 +889,9 @@ def test_perf_nodes_of_the_configs_are_the_defaults(repo_root):
     for stage in ("stitching", "adaptation"):
         cfg = cfglib.load(repo_root / "experiments" / stage / "tiny.yaml")
         assert perf.settings(dict(cfg.model.perf)) == perf.DEFAULTS, stage
+        assert list(cfg.model.perf) and set(cfg.model.perf) == set(perf.DEFAULTS), stage  # every switch listed
+    # And the module's table names every switch.
+    assert all(f"\n{key} " in perf.__doc__ for key in perf.DEFAULTS)
 
 
 def test_ddp_wraps_a_task_with_bf16_frozen_parts(tmp_path):
