@@ -117,7 +117,7 @@ def settings(node: Mapping[str, Any] | None = None, where: str = "model.perf") -
         raise ConfigError(f"{where}.train={train!r} must be a mapping of switches (e.g. {{compile: reduce-overhead}})")
     out = _checked({**DEFAULTS, **node}, where)
     if train:
-        bad = sorted(set(train) - set(DEFAULTS) - {"train"}) or sorted(set(train) & {"train"})
+        bad = sorted(set(train) - (set(DEFAULTS) - {"train"}))  # a nested "train" too
         if bad:
             raise ConfigError(f"{where}.train.{bad[0]} is not a performance switch; known: "
                               f"{', '.join(k for k in DEFAULTS if k != 'train')}")
