@@ -659,6 +659,37 @@ def test_adaptation_glue_modules_are_compile_targets_and_trace_whole():
     dynamo.reset()
 
 
+def test_stitching_step_traces_whole_for_the_train_override():
+    """What model.perf.train = {compile_regional: false} hands inductor for the stitching step:
+    the generation UNet and the Appearance Net as one graph each (aot_eager on CPU), no graph
+    break, the same loss and Appearance Net gradients as eager."""
+    import torch._dynamo as dynamo
+
+    task = _stitching(train_unet="frozen")
+    batch = _batch()
+
+    def loss_and_grads():
+        task.zero_grad(set_to_none=True)
+        loss = task.losses(batch, generator=torch.Generator().manual_seed(1))["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in task.appearance.parameters() if p.grad is not None]
+
+    ref, ref_grads = loss_and_grads()
+    plan = perf.compile_plan(task, perf.training_settings(perf.settings({"train": {"compile_regional": False}})))
+    nets = [net for net, regional in plan if not regional]
+    assert task.backbone.unet in nets and task.appearance in nets and len(nets) == len(plan)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    for net in (task.backbone.unet, task.appearance):
+        net.compile(backend="aot_eager")
+    out, grads = loss_and_grads()
+    assert not dynamo.utils.counters["graph_break"]
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert torch.allclose(out, ref, rtol=1e-5) and ref_grads
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, ref_grads))
+    dynamo.reset()
+
+
 def test_flow_prediction_after_bf16_inference_preparation():
     from icp.tasks.adaptation import AdaptationTask
 
