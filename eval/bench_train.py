@@ -235,9 +235,13 @@ class Bench:
         return self.size["res"] // (4 if self.tiny else 8)
 
     def perf_node(self, mode: str) -> dict:
-        """``model.perf`` of a row: OFF, or the defaults with the current ``row@key=value`` variant."""
+        """``model.perf`` of a row: OFF, or the defaults with the current ``row@key=value`` variant.
+        A variant's switches hold in training too: they replace the same keys of ``train``."""
+        if mode == "off":
+            return dict(perf.OFF)
         switches = {k: v for k, v in self.variant.items() if k not in TASK_KEYS}
-        return dict(perf.OFF) if mode == "off" else perf.settings({**self.defaults, **switches})
+        train = {k: v for k, v in self.defaults.get("train", {}).items() if k not in switches}
+        return perf.settings({**self.defaults, **switches, "train": train})
 
     def optimizer(self, mode: str):
         """The config's ``optimizer: {_target_: torch.optim.AdamW, _partial_: true, ...}``."""

@@ -833,6 +833,12 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path,
     assert "skipped" in bench.errors["b_task_defaults_bs128@compile_regional=0;ema_decay=0.9999"]
     assert "ema_decay" not in seen["perf"] and seen["variant"]["ema_decay"] == "0.9999"
     assert seen["perf"]["compile"] == "reduce-overhead" and seen["perf"]["compile_regional"] is False
+    # With a train override in the defaults, a row's variant still decides what trains.
+    bench.defaults = perf.settings({"train": {"compile": "reduce-overhead", "compile_regional": False}})
+    bench.variant = {"compile_regional": True}
+    row_perf = perf.training_settings(bench.perf_node("defaults"))
+    assert row_perf["compile_regional"] is True and row_perf["compile"] == "reduce-overhead"
+    bench.variant = {}
 
 
 def test_bench_keeps_the_timed_steps_when_the_profiled_ones_fail(repo_root, monkeypatch):
