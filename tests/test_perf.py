@@ -628,6 +628,14 @@ def test_evaluation_keeps_one_graphed_step_whose_inputs_follow_each_call():
     assert trainer_side._sample_graph is None
 
 
+def _traced_loss_and_grads(task, part):
+    """fp32 loss on a fixed batch, noise and timesteps, and ``part``'s gradients (compile-trace tests)."""
+    task.zero_grad(set_to_none=True)
+    loss = task.losses(_batch(), generator=torch.Generator().manual_seed(1))["loss"]
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in part.parameters() if p.grad is not None]
+
+
 def test_adaptation_glue_modules_are_compile_targets_and_trace_whole():
     from icp.tasks.adaptation import AdaptationTask
 
@@ -635,15 +643,7 @@ def test_adaptation_glue_modules_are_compile_targets_and_trace_whole():
     task = AdaptationTask(tiny(resolution=RES, width=32, seed=6))
     names = [type(m).__name__ for m in perf._compile_targets(task)]
     assert names[-2:] == ["ReferenceFusion", "FlowMatcher"] and names.count("ControlUNet") == 2
-    batch = _batch()
-
-    def loss_and_grads():
-        task.zero_grad(set_to_none=True)
-        loss = task.losses(batch, generator=torch.Generator().manual_seed(1))["loss"]
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in task.matching.parameters() if p.grad is not None]
-
-    ref, ref_grads = loss_and_grads()
+    ref, ref_grads = _traced_loss_and_grads(task, task.matching)
     # What inductor is handed on CUDA, traced here through aot_eager (no C++ compile on CPU):
     # one graph each, no break, the same loss and the same Matching Net gradients.
     import torch._dynamo as dynamo
@@ -652,7 +652,7 @@ def test_adaptation_glue_modules_are_compile_targets_and_trace_whole():
     dynamo.utils.counters.clear()
     for glue in (task.fusion, task.matcher):
         glue.compile(backend="aot_eager")
-    out, grads = loss_and_grads()
+    out, grads = _traced_loss_and_grads(task, task.matching)
     assert not dynamo.utils.counters["graph_break"]
     assert dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert torch.equal(out, ref) and ref_grads and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
@@ -666,15 +666,7 @@ def test_stitching_step_traces_whole_for_the_train_override():
     import torch._dynamo as dynamo
 
     task = _stitching(train_unet="frozen")
-    batch = _batch()
-
-    def loss_and_grads():
-        task.zero_grad(set_to_none=True)
-        loss = task.losses(batch, generator=torch.Generator().manual_seed(1))["loss"]
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in task.appearance.parameters() if p.grad is not None]
-
-    ref, ref_grads = loss_and_grads()
+    ref, ref_grads = _traced_loss_and_grads(task, task.appearance)
     plan = perf.compile_plan(task, perf.training_settings(perf.settings({"train": {"compile_regional": False}})))
     nets = [net for net, regional in plan if not regional]
     assert task.backbone.unet in nets and task.appearance in nets and len(nets) == len(plan)
@@ -682,7 +674,7 @@ def test_stitching_step_traces_whole_for_the_train_override():
     dynamo.utils.counters.clear()
     for net in (task.backbone.unet, task.appearance):
         net.compile(backend="aot_eager")
-    out, grads = loss_and_grads()
+    out, grads = _traced_loss_and_grads(task, task.appearance)
     assert not dynamo.utils.counters["graph_break"]
     assert dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert torch.allclose(out, ref, rtol=1e-5) and ref_grads

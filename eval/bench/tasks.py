@@ -115,6 +115,13 @@ class StepTimer(L.Callback):
         self.profile = profile_summary(self._prof, self.clock.device, self.profile_steps, wall_ms, self.timing["ms"])
         self._prof = None
 
+    def profile_failed(self, err: Exception) -> None:
+        """A step after the timed ones raised: close the profiler, say why in place of its table."""
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            self._prof = None
+        self.profile = f"profile failed: {common.error_line(err)}"
+
 
 def fit_and_time(task: L.LightningModule, batch: dict, device: torch.device, warmup: int, iters: int,
                  precision: str = "bf16-mixed", profile_steps: int = 0) -> dict[str, Any]:
@@ -133,9 +140,7 @@ def fit_and_time(task: L.LightningModule, batch: dict, device: torch.device, war
     except Exception as err:  # noqa: BLE001 -- a fault in the profiled steps keeps the timed ones
         if timer.timing is None:
             raise
-        if timer._prof is not None:
-            timer._prof.__exit__(None, None, None)
-        timer.profile = f"profile failed: {common.error_line(err)}"
+        timer.profile_failed(err)
     out = dict(timer.timing)
     out["first_steps_s"] = timer.warmup_s  # the warm-up steps, compilation included
     out["optimizer_fused"] = bool(trainer.optimizers[0].defaults.get("fused"))
