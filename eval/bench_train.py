@@ -154,6 +154,15 @@ PLANS = {
                 "b_task_defaults_bs96@compile_regional=0;compile=reduce-overhead;cudnn_benchmark=1"],
     "h200_c5": ["peak", "c_stitching_defaults@compile_regional=0;compile=reduce-overhead",
                 "c_adaptation_defaults@compile_regional=0;compile=reduce-overhead"],
+    # Round 6 on an H100 (the issue's own card; none lent since round 1): every target with the
+    # project defaults of rounds 2-5. (b) by block at batch 64 (bs96 needs 85.5 GiB under the
+    # override, more than an H100 has) and under the training override; the framework alone; then
+    # (c) both steps and the loader; then (d) and (c) stitching under the override.
+    "h100_b6": ["peak", "a_plain", "b_task_off", "b_task_defaults_bs64",
+                "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead"],
+    "h100_c6": ["peak", "c_stitching_defaults", "c_adaptation_defaults", "e"],
+    "h100_d6": ["peak", "d_plain_controlnet", "d_task_defaults",
+                "c_stitching_defaults@compile_regional=0;compile=reduce-overhead"],
     "all": ["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "attn", "a_compile"],
 }
 # Where the time goes, for the rows with targets (a few extra steps each under torch.profiler).
@@ -169,7 +178,9 @@ PLAN_PROFILES = {"h100": "b_task_off,c_stitching_defaults", "h100b": "b_task_def
                  "h200_c3": "c_adaptation_defaults@compile_codec_whole=1",
                  "h200_d3": "d_task_defaults", "h200_c4": "c_adaptation_defaults",
                  "h200_b4": "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
-                 "h200_b5": "b_task_defaults_bs128@compile_regional=0;compile=reduce-overhead", "h200_c5": ""}
+                 "h200_b5": "b_task_defaults_bs128@compile_regional=0;compile=reduce-overhead", "h200_c5": "",
+                 "h100_b6": "b_task_defaults_bs64", "h100_c6": "c_stitching_defaults,c_adaptation_defaults",
+                 "h100_d6": "d_task_defaults"}
 
 
 def parse_settings(spec: str) -> dict:
@@ -197,6 +208,8 @@ class Bench:
             self.size["batch"] = args.batch
         if args.big_batch:
             self.size["big_batch"] = args.big_batch
+        if args.task_batch:
+            self.size["task_batch"] = args.task_batch
         self.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
         self.defaults = perf.settings({**project_defaults(), **parse_settings(args.perf)})
         self.results: list[common.Result] = []
@@ -352,8 +365,9 @@ class Bench:
 
     # -------------------------------------------------------------------------------- (b), (c)
     def fit_task(self, name, section, task, batch, n_samples) -> None:
-        # FLOPs eagerly, before setup() compiles anything (see plain_train); above batch 64 fitted
-        # from two smaller counts (an eager step at batch 112 did not fit the H200 beside its counter).
+        # FLOPs eagerly, before setup() compiles anything (see plain_train); above
+        # common.FLOP_COUNT_MAX_BATCH fitted from two smaller counts (the eager step under the
+        # counter ran out of memory at batch 112 on the H200, at 64 on the H100).
         flops = common.count_flops_fitted(
             lambda n: (lambda: tasks.manual_step(task, tasks.batch_head(batch, n), self.device)), n_samples)
         common.reset_memory(self.device)
@@ -596,6 +610,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, default=0, help="seconds: skip rows whose estimate no longer fits")
     p.add_argument("--batch", type=int, default=0, help="override the (a)/(b) batch size")
     p.add_argument("--big-batch", type=int, default=0, help="override the batch of b_task_defaults_big")
+    p.add_argument("--task-batch", type=int, default=0, help="override the batch of the (c) rows (16)")
     p.add_argument("--perf", default="", help="key=value list over the config's model.perf for 'defaults' rows")
     p.add_argument("--plain-variants", default="channels_last=1;sdpa=flash;sdpa=cudnn;sdpa=efficient",
                    help="';'-separated switch sets timed on the plain loop (row a_variants)")

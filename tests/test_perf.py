@@ -809,7 +809,7 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path,
     from bench import common
 
     args = argparse.Namespace(tiny=False, cpu=True, out=str(tmp_path), plan="", only="", budget=100.0, batch=0,
-                              big_batch=0, perf="", plain_variants="", tag="t", profile="")
+                              big_batch=0, task_batch=0, perf="", plain_variants="", tag="t", profile="")
     bench = bench_train.Bench(args)
     whole = "compile_regional=0;compile=reduce-overhead"
     bench.results.append(common.Result(f"b_task_defaults_bs128+{whole}", "b", 128, 1.0, 1.0, 0.0))
