@@ -209,12 +209,8 @@ class Bench:
         self.args = args
         self.tiny = args.tiny
         self.size = dict(SIZES["tiny" if args.tiny else "full"])
-        if args.batch:
-            self.size["batch"] = args.batch
-        if args.big_batch:
-            self.size["big_batch"] = args.big_batch
-        if args.task_batch:
-            self.size["task_batch"] = args.task_batch
+        for key in ("batch", "big_batch", "task_batch"):  # --batch, --big-batch, --task-batch (0: the size's)
+            self.size[key] = getattr(args, key) or self.size[key]
         self.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
         self.defaults = perf.settings({**project_defaults(), **parse_settings(args.perf)})
         self.results: list[common.Result] = []
@@ -370,9 +366,8 @@ class Bench:
 
     # -------------------------------------------------------------------------------- (b), (c)
     def fit_task(self, name, section, task, batch, n_samples) -> None:
-        # FLOPs eagerly, before setup() compiles anything (see plain_train); above
-        # common.FLOP_COUNT_MAX_BATCH fitted from two smaller counts (the eager step under the
-        # counter ran out of memory at batch 112 on the H200, at 64 on the H100).
+        # FLOPs eagerly, before setup() compiles anything (see plain_train); large batches fitted
+        # (common.count_flops_fitted: the eager step under the counter needs more memory).
         flops = common.count_flops_fitted(
             lambda n: (lambda: tasks.manual_step(task, tasks.batch_head(batch, n), self.device)), n_samples)
         common.reset_memory(self.device)
@@ -604,7 +599,7 @@ class Bench:
         print((self.out / f"bench_train{self.tag}.md").read_text())
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke run of every row)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even where a GPU exists")
@@ -622,7 +617,11 @@ def main(argv=None) -> None:
     p.add_argument("--tag", default="", help="suffix of the result file names (default: the plan's name)")
     p.add_argument("--profile", default=None, help="comma list of rows to profile (torch.profiler table); "
                                                    "default: the plan's slowest-vs-target row")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.tiny:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
         args.plan = args.plan or "all"

@@ -800,7 +800,6 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path,
     """The budget guard: a row that only adds graph-neutral keys (EMA, cuDNN search) to a row that
     already ran in the call reuses its compiled graphs, so it is costed at a third; and a task
     key (ema_decay) reaches the task, not model.perf."""
-    import argparse
     import sys
 
     monkeypatch.syspath_prepend(str(repo_root / "eval"))
@@ -808,8 +807,8 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path,
     import bench_train
     from bench import common
 
-    args = argparse.Namespace(tiny=False, cpu=True, out=str(tmp_path), plan="", only="", budget=100.0, batch=0,
-                              big_batch=0, task_batch=0, perf="", plain_variants="", tag="t", profile="")
+    args = bench_train.parse_args(["--cpu", "--out", str(tmp_path), "--budget", "100", "--plain-variants=",
+                                   "--tag", "t", "--profile="])
     bench = bench_train.Bench(args)
     whole = "compile_regional=0;compile=reduce-overhead"
     bench.results.append(common.Result(f"b_task_defaults_bs128+{whole}", "b", 128, 1.0, 1.0, 0.0))
