@@ -44,6 +44,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -93,99 +94,107 @@ SECTIONS = {
           "d_task_defaults"],
     "vae": ["vae"], "e": ["e"], "attn": ["attn"],
 }
+
+
+class Plan(NamedTuple):
+    """An ordered row list for one GPU call and the rows profiled in it (torch.profiler summaries:
+    where the time goes, for the rows with targets)."""
+    rows: list[str]
+    profile: str = ""
+
+
+# The training-only override measured since round 5 (model.perf.train): the whole UNet compiled,
+# under inductor's CUDA graphs.
+TRAIN = "compile_regional=0;compile=reduce-overhead"
+B64, B96, B128 = "b_task_defaults_bs64", "b_task_defaults_bs96", "b_task_defaults_bs128"
+STITCH, ADAPT = "c_stitching_defaults", "c_adaptation_defaults"
+LAGGED = "lagged_progress_loss=1"
 # Ordered by what each call must not miss; rows that no longer fit the budget are skipped.
 PLANS = {
     # Call 1: baseline, framework overhead, sampling target, stitching with compile (new), then
     # adaptation with compile reusing stitching's graphs.
-    "h100": ["peak", "a_plain", "b_task_off", "d_plain_controlnet", "d_task_defaults", "d_task_defaults_nograph",
-             "c_stitching_off", "c_stitching_defaults", "c_adaptation_off", "c_adaptation_defaults", "d_task_off"],
+    "h100": Plan(["peak", "a_plain", "b_task_off", "d_plain_controlnet", "d_task_defaults", "d_task_defaults_nograph",
+                  "c_stitching_off", STITCH, "c_adaptation_off", ADAPT, "d_task_off"],
+                 profile=f"b_task_off,{STITCH}"),
     # Call 2: (b) with compile at the larger batch and at the baseline's batch, loader.
-    "h100b": ["peak", "a_plain", "b_task_defaults_big", "b_task_defaults", "e"],
+    "h100b": Plan(["peak", "a_plain", "b_task_defaults_big", "b_task_defaults", "e"], profile="b_task_defaults_bs48"),
     # Round 2 on the H200 (eval/results/bench_train_h200{e,f}): attention kernels alone, (c) with
     # the wide-head matmul and without it; (d) with fused QKV, (b) at batch 64.
-    "h200_train": ["peak", "a_plain", "attn", "c_stitching_defaults", "c_adaptation_defaults",
-                   "c_stitching_defaults@wide_heads_matmul=0"],
-    "h200_sample": ["peak", "a_plain", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@fuse_qkv=1",
-                    "b_task_defaults_bs64"],
+    "h200_train": Plan(["peak", "a_plain", "attn", STITCH, ADAPT, f"{STITCH}@wide_heads_matmul=0"],
+                       profile=f"{STITCH},{ADAPT}"),
+    "h200_sample": Plan(["peak", "a_plain", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@fuse_qkv=1",
+                         B64], profile=f"d_task_defaults,d_task_defaults@fuse_qkv=1,{B64}"),
     # Round 3: same-run ratios for (c) with the glue regions; (d) with the stronger kept-graph check
     # and the rows left to try (max-autotune kernels on the evaluation path last: long autotuning).
-    "h200_c": ["peak", "a_plain", "c_stitching_off", "c_stitching_defaults", "c_adaptation_off",
-               "c_adaptation_defaults"],
-    "h200_d": ["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@compile_codec_whole=1",
-               "d_task_defaults@compile=max-autotune-no-cudagraphs"],
+    "h200_c": Plan(["peak", "a_plain", "c_stitching_off", STITCH, "c_adaptation_off", ADAPT], profile=ADAPT),
+    "h200_d": Plan(["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@compile_codec_whole=1",
+                    "d_task_defaults@compile=max-autotune-no-cudagraphs"], profile="d_task_defaults"),
     # Round 3: the two switches not yet measured, on each missed target. (b) at batch 64: whole-UNet
     # compile (no eager glue between regions) and cuDNN's algorithm search, against the regional
     # default of the same run; then (d) and (c) adaptation with the same two.
-    "h200_b": ["peak", "a_plain", "b_task_defaults_bs64@compile_regional=0", "b_task_defaults_bs64",
-               "b_task_defaults_bs64@cudnn_benchmark=1"],
-    "h200_d2": ["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@cudnn_benchmark=1",
-                "d_task_defaults@compile_regional=0"],
-    "h200_c2": ["peak", "a_plain", "c_stitching_defaults", "c_adaptation_defaults",
-                "c_adaptation_defaults@cudnn_benchmark=1"],
+    "h200_b": Plan(["peak", "a_plain", f"{B64}@compile_regional=0", B64, f"{B64}@cudnn_benchmark=1"],
+                   profile=f"{B64},{B64}@compile_regional=0"),
+    "h200_d2": Plan(["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@cudnn_benchmark=1",
+                     "d_task_defaults@compile_regional=0"], profile="d_task_defaults,d_task_defaults@compile_regional=0"),
+    "h200_c2": Plan(["peak", "a_plain", STITCH, ADAPT, f"{ADAPT}@cudnn_benchmark=1"], profile=ADAPT),
     # Next for (b): channels-last intermediates forced in every compiled graph (the copies at every
     # level of the profile), by block and whole; then the whole UNet under inductor's CUDA graphs
     # (the 5% of the whole-compiled step outside kernels) and cuDNN's search.
-    "h200_b2": ["peak", "a_plain", "b_task_defaults_bs64", "b_task_defaults_bs64@force_layout_opt=1",
-                "b_task_defaults_bs64@compile_regional=0;force_layout_opt=1"],
-    "h200_b3": ["peak", "a_plain", "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
-                "b_task_defaults_bs64", "b_task_defaults_bs64@cudnn_benchmark=1"],
+    "h200_b2": Plan(["peak", "a_plain", B64, f"{B64}@force_layout_opt=1", f"{B64}@compile_regional=0;force_layout_opt=1"],
+                    profile=f"{B64}@force_layout_opt=1"),
+    "h200_b3": Plan(["peak", "a_plain", f"{B64}@{TRAIN}", B64, f"{B64}@cudnn_benchmark=1"], profile=f"{B64}@{TRAIN}"),
     # (c) with the VAE encoder compiled whole (its eager glue: ~3% of the adaptation step);
     # adaptation first: its graphs cover stitching's.
-    "h200_c3": ["peak", "c_adaptation_defaults", "c_adaptation_defaults@compile_codec_whole=1",
-                "c_stitching_defaults@compile_codec_whole=1", "c_stitching_defaults"],
+    "h200_c3": Plan(["peak", ADAPT, f"{ADAPT}@compile_codec_whole=1", f"{STITCH}@compile_codec_whole=1", STITCH],
+                    profile=f"{ADAPT}@compile_codec_whole=1"),
     # Round 5, with force_layout_opt and compile_codec_whole as defaults (round 4 measured them on
     # (b) and on (c) adaptation / (d)): (d) with the defaults and without the forced layout; (c)
     # both steps with the defaults; (b) the whole UNet under inductor's CUDA graphs (the 5% of the
     # step outside kernels) against the whole UNet without them, then batch 96.
-    "h200_d3": ["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@force_layout_opt=0"],
-    "h200_c4": ["peak", "c_adaptation_defaults", "c_stitching_defaults"],
-    "h200_b4": ["peak", "a_plain", "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
-                "b_task_defaults_bs64@compile_regional=0", "b_task_defaults_bs96"],
-    # Round 6: the training-only override model.perf.train = {compile: reduce-overhead,
-    # compile_regional: false} (round 5: (b) 1.47x at batch 64, 1.489-1.498x at 96). (b) at batch 128
-    # (its FLOPs fitted above 64; the CUDA-graph pools of a row now freed before the next), profiled
-    # in its own Lightning loop; (c) both steps under it (a default only if (c) does not lose).
-    # Then without the per-step wait for the progress bar's loss, and what sd15.yaml's EMA (0.9999)
-    # costs that step: diffusers' per-tensor loop vs foreach_ema (same graphs: a third of the cost).
-    "h200_b5": ["peak", "a_plain", "b_task_defaults_bs128@compile_regional=0;compile=reduce-overhead",
-                "b_task_defaults_bs128@compile_regional=0;compile=reduce-overhead;lagged_progress_loss=1",
-                "b_task_defaults_bs128@compile_regional=0;compile=reduce-overhead;ema_decay=0.9999",
-                "b_task_defaults_bs128@compile_regional=0;compile=reduce-overhead;ema_decay=0.9999;foreach_ema=1",
-                "b_task_defaults_bs96@compile_regional=0;compile=reduce-overhead;cudnn_benchmark=1"],
-    "h200_c5": ["peak", "c_stitching_defaults@compile_regional=0;compile=reduce-overhead",
-                "c_adaptation_defaults@compile_regional=0;compile=reduce-overhead"],
+    "h200_d3": Plan(["peak", "d_plain_controlnet", "d_task_defaults", "d_task_defaults@force_layout_opt=0"],
+                    profile="d_task_defaults"),
+    "h200_c4": Plan(["peak", ADAPT, STITCH], profile=ADAPT),
+    "h200_b4": Plan(["peak", "a_plain", f"{B64}@{TRAIN}", f"{B64}@compile_regional=0", B96], profile=f"{B64}@{TRAIN}"),
+    # Round 6: the training-only override model.perf.train = TRAIN (round 5: (b) 1.47x at batch 64,
+    # 1.489-1.498x at 96). (b) at batch 128 (its FLOPs fitted above 64; the CUDA-graph pools of a row
+    # now freed before the next), profiled in its own Lightning loop; (c) both steps under it (a
+    # default only if (c) does not lose). Then without the per-step wait for the progress bar's
+    # loss, and what sd15.yaml's EMA (0.9999) costs that step: diffusers' per-tensor loop vs
+    # foreach_ema (same graphs: a third of the cost).
+    "h200_b5": Plan(["peak", "a_plain", f"{B128}@{TRAIN}", f"{B128}@{TRAIN};lagged_progress_loss=1",
+                     f"{B128}@{TRAIN};ema_decay=0.9999", f"{B128}@{TRAIN};ema_decay=0.9999;foreach_ema=1",
+                     f"{B96}@{TRAIN};cudnn_benchmark=1"], profile=f"{B128}@{TRAIN}"),
+    "h200_c5": Plan(["peak", f"{STITCH}@{TRAIN}", f"{ADAPT}@{TRAIN}"]),
     # Round 6 on an H100 (the issue's own card; none lent since round 1): every target with the
     # project defaults of rounds 2-5. (b) by block at batch 64 (bs96 needs 85.5 GiB under the
     # override, more than an H100 has) and under the training override; the framework alone; then
     # (c) both steps and the loader; then (d) and (c) stitching under the override.
-    "h100_b6": ["peak", "a_plain", "b_task_off", "b_task_defaults_bs64",
-                "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead"],
-    "h100_c6": ["peak", "c_stitching_defaults", "c_adaptation_defaults", "e"],
-    "h100_d6": ["peak", "d_plain_controlnet", "d_task_defaults",
-                "c_stitching_defaults@compile_regional=0;compile=reduce-overhead"],
-    # Next on an H100 (run with --task-batch 32): (c) both steps under the training override at
-    # the batch that gave each +2.4-3.5% (h100z); adaptation first has not been timed under it.
-    "h100_c7": ["peak", "c_adaptation_defaults@compile_regional=0;compile=reduce-overhead",
-                "c_stitching_defaults@compile_regional=0;compile=reduce-overhead"],
-    "all": ["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "attn", "a_compile"],
+    "h100_b6": Plan(["peak", "a_plain", "b_task_off", B64, f"{B64}@{TRAIN}"], profile=B64),
+    "h100_c6": Plan(["peak", STITCH, ADAPT, "e"], profile=f"{STITCH},{ADAPT}"),
+    "h100_d6": Plan(["peak", "d_plain_controlnet", "d_task_defaults", f"{STITCH}@{TRAIN}"], profile="d_task_defaults"),
+    # Round 7 on an H100. (b) at batch 64 under the training override and by block, each with and
+    # without the per-step wait for the progress bar's loss (lagged_progress_loss: same graphs, a
+    # third of the cost): the step had 2% (by block, h100w) to 6% (override, H200 h200o) of its
+    # time outside kernels. Then (c) at batch 32 (run with --task-batch 32: +2.4-3.5% in h100z)
+    # under the override (stitching +1.6% at batch 16, h100y; adaptation first, never timed under
+    # it, so stitching reuses its graphs), each with and without the lagged loss.
+    "h100_b7": Plan(["peak", "a_plain", f"{B64}@{TRAIN}", f"{B64}@{TRAIN};{LAGGED}", B64, f"{B64}@{LAGGED}"],
+                    profile=f"{B64}@{TRAIN};{LAGGED}"),
+    "h100_c7": Plan(["peak", f"{ADAPT}@{TRAIN}", f"{ADAPT}@{TRAIN};{LAGGED}", f"{STITCH}@{TRAIN}",
+                     f"{STITCH}@{TRAIN};{LAGGED}"], profile=f"{ADAPT}@{TRAIN};{LAGGED}"),
+    # Round 7 on an H200 (no H100 lent): (c) both steps under the override, adaptation first (plan
+    # h100_c7 at batch 16), then the same two by block on the same warm machine (plan h200_c4), for
+    # the decision on the default. (b) at batch 80 (the most that should fit an H100's 80 GB under
+    # the override: 60.8 GiB at 64, 85.5 at 96): its memory and samples/s, then the rows that reuse
+    # its graphs: the progress bar's lagged loss, sd15.yaml's EMA per tensor and foreach; last, by
+    # block at the same batch.
+    "h200_b7": Plan(["peak", "a_plain", f"b_task_defaults_bs80@{TRAIN}", f"b_task_defaults_bs80@{TRAIN};lagged_progress_loss=1",
+                     f"b_task_defaults_bs80@{TRAIN};ema_decay=0.9999",
+                     f"b_task_defaults_bs80@{TRAIN};ema_decay=0.9999;foreach_ema=1", "b_task_defaults_bs80"],
+                    profile=f"b_task_defaults_bs80@{TRAIN}"),
+    "all": Plan(["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "attn",
+                 "a_compile"]),
 }
-# Where the time goes, for the rows with targets (a few extra steps each under torch.profiler).
-PLAN_PROFILES = {"h100": "b_task_off,c_stitching_defaults", "h100b": "b_task_defaults_bs48",
-                 "h200_train": "c_stitching_defaults,c_adaptation_defaults",
-                 "h200_sample": "d_task_defaults,d_task_defaults@fuse_qkv=1,b_task_defaults_bs64",
-                 "h200_c": "c_adaptation_defaults", "h200_d": "d_task_defaults",
-                 "h200_b": "b_task_defaults_bs64,b_task_defaults_bs64@compile_regional=0",
-                 "h200_d2": "d_task_defaults,d_task_defaults@compile_regional=0",
-                 "h200_c2": "c_adaptation_defaults",
-                 "h200_b2": "b_task_defaults_bs64@force_layout_opt=1",
-                 "h200_b3": "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
-                 "h200_c3": "c_adaptation_defaults@compile_codec_whole=1",
-                 "h200_d3": "d_task_defaults", "h200_c4": "c_adaptation_defaults",
-                 "h200_b4": "b_task_defaults_bs64@compile_regional=0;compile=reduce-overhead",
-                 "h200_b5": "b_task_defaults_bs128@compile_regional=0;compile=reduce-overhead", "h200_c5": "",
-                 "h100_b6": "b_task_defaults_bs64", "h100_c6": "c_stitching_defaults,c_adaptation_defaults",
-                 "h100_d6": "d_task_defaults",
-                 "h100_c7": "c_adaptation_defaults@compile_regional=0;compile=reduce-overhead"}
 
 
 def parse_settings(spec: str) -> dict:
@@ -225,7 +234,7 @@ class Bench:
         self.started = time.time()
         self._d_flops: float | None = None
         self._d_ref: tuple[str, torch.Tensor] | None = None
-        profile = args.profile if args.profile is not None else PLAN_PROFILES.get(args.plan, "")
+        profile = args.profile if args.profile is not None else PLANS[args.plan].profile if args.plan else ""
         self.profile_rows = set(filter(None, profile.split(",")))
         self.on = self.defaults  # the report prints it as "settings 'on'"
         self.variant: dict = {}  # switches over the defaults for the current row (``row@key=value``)
@@ -580,7 +589,7 @@ class Bench:
             if "peak" not in names:
                 names.insert(0, "peak")
         else:
-            names = PLANS[self.args.plan or "all"]
+            names = PLANS[self.args.plan or "all"].rows
         unknown = [n for n in names if n.partition("@")[0] not in ROW_COST_S
                    and not BATCH_ROW.fullmatch(n.partition("@")[0])]
         if unknown:

@@ -832,6 +832,30 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path,
     bench.variant = {}
 
 
+def test_every_bench_plan_names_rows_switches_and_profiles_the_bench_knows(repo_root, monkeypatch):
+    """A typo in a plan would cost a GPU call (its row fails there, after minutes of compile); here
+    it fails on CPU: each row is a known row, each variant sets real switches or task keys with
+    values model.perf accepts, and each profiled row is one the plan runs."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(repo_root / "eval"))
+    sys.modules.pop("bench_train", None)
+    import bench_train
+
+    big = f"b_task_defaults_bs{bench_train.SIZES['full']['big_batch']}"
+    for name, plan in bench_train.PLANS.items():
+        ran = set()
+        for row in plan.rows:
+            base, _, spec = row.partition("@")
+            assert base in bench_train.ROW_COST_S or bench_train.BATCH_ROW.fullmatch(base), (name, row)
+            switches = bench_train.parse_settings(spec.replace(";", ","))
+            perf.settings({k: v for k, v in switches.items() if k not in bench_train.TASK_KEYS}, where=row)
+            ran |= {row, big if base == "b_task_defaults_big" else row}
+        profiled = set(filter(None, plan.profile.split(",")))
+        assert profiled <= ran, (name, profiled - ran)
+    assert bench_train.parse_args(["--plan", "h200_b7"]).plan == "h200_b7"
+
+
 def test_bench_keeps_the_timed_steps_when_the_profiled_ones_fail(repo_root, monkeypatch):
     monkeypatch.syspath_prepend(str(repo_root / "eval"))
     from bench import tasks
