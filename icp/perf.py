@@ -573,6 +573,25 @@ def uses_cudagraphs(s: Mapping[str, Any]) -> bool:
     return bool(list_mode_options(s["compile"]).get("triton.cudagraphs", False))
 
 
+# The same kernels without inductor's CUDA graphs.
+_WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def guard_accumulation(s: dict[str, Any], accumulate_grad_batches: int) -> dict[str, Any]:
+    """Checked settings (:func:`settings`) made safe for ``accumulate_grad_batches`` micro-batches.
+
+    Inductor's CUDA graphs hand every replay the same output memory; the first micro-batch's
+    gradient, which AccumulateGrad keeps as ``.grad`` without a copy, is then overwritten by the
+    next backward: silently wrong gradients or an "overwritten by a subsequent run" error
+    (pytorch/pytorch#169545, open as of torch 2.11). So with accumulation the training compile
+    keeps its kernels and drops the graphs (``train.compile`` replaced; evaluation, which never
+    accumulates, keeps the top level). Returns ``s`` itself when nothing has to change."""
+    mode = training_settings(s)["compile"]
+    if accumulate_grad_batches <= 1 or not uses_cudagraphs(training_settings(s)):
+        return s
+    return {**s, "train": {**s.get("train", {}), "compile": _WITHOUT_CUDAGRAPHS.get(mode, "default")}}
+
+
 def compile_plan(task: nn.Module, s: Mapping[str, Any]) -> list[tuple[nn.Module, bool]]:
     """What :func:`configure_task` compiles, in order: ``(module, regional)`` pairs. Glue modules
     are compiled whole; the codec whole too with ``compile_codec_whole`` (its encoder and decoder:

@@ -490,6 +490,34 @@ def test_inference_folds_the_ema_weights_in_once():
     assert torch.equal(_sample(task, batch), ref)
 
 
+def test_accumulation_drops_inductors_cuda_graphs_from_the_training_compile():
+    """CUDA graphs reuse output memory between replays, so gradients kept across micro-batches
+    would be overwritten (pytorch/pytorch#169545): with accumulation, the training compile keeps
+    its kernels without graphs; evaluation's top level and non-graph modes are left alone."""
+    override = perf.settings({"train": {"compile": "reduce-overhead", "compile_regional": False}})
+    guarded = perf.guard_accumulation(override, 2)
+    assert perf.training_settings(guarded)["compile"] == "default"
+    assert guarded["train"]["compile_regional"] is False and guarded["compile"] == override["compile"]
+    assert not perf.uses_cudagraphs(perf.training_settings(guarded))
+    top = perf.settings({"compile": "max-autotune"})
+    assert perf.training_settings(perf.guard_accumulation(top, 4))["compile"] == "max-autotune-no-cudagraphs"
+    assert perf.guard_accumulation(top, 4)["compile"] == "max-autotune"  # evaluation keeps its graphs
+    for s, steps in ((override, 1), (perf.settings({}), 8)):
+        assert perf.guard_accumulation(s, steps) is s
+
+
+def test_trainer_with_accumulation_trains_without_cuda_graphs(tmp_path, caplog):
+    task = _stitching({"train": {"compile": "reduce-overhead", "compile_regional": False}}, train_unet="frozen")
+    assert perf.uses_cudagraphs(task.perf_active)
+    trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, accelerator="cpu", devices=1, logger=False,
+                        default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    with caplog.at_level("WARNING", logger="icp.tasks.base"):
+        trainer.fit(task, DataLoader(_Pairs(), batch_size=2))
+    assert task.perf_active["compile"] == "default" and not perf.uses_cudagraphs(task.perf_active)
+    assert "accumulated over 2 micro-batches" in caplog.text
+
+
 def test_lagged_progress_loss_changes_nothing_off_cuda(tmp_path):
     """lagged_progress_loss reads the bar's loss one step late on CUDA only; on CPU there is no
     wait to avoid, so the bar and the logged metrics are as without it (the CUDA path is timed by

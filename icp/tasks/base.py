@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 from typing import Any, Callable, Mapping
 
 import lightning as L
@@ -38,6 +39,7 @@ from icp.data import keys as K
 from icp.errors import ConfigError, WeightsError
 from icp.models.backbone import Backbone
 
+log = logging.getLogger(__name__)
 Residuals = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 TRAIN_UNET_MODES = ("frozen", "lora", "full")
 
@@ -238,8 +240,22 @@ class DiffusionTask(L.LightningModule):
                 precision = str(trainer.precision)
             if device is None and trainer is not None:
                 device = trainer.strategy.root_device
+            if trainer is not None:
+                # Set by now (GlobalBatchSize sets it in its callback setup, which runs first).
+                self._guard_accumulation(trainer.accumulate_grad_batches)
             self.perf_applied = perflib.configure_task(self, self.perf_config, precision=precision, device=device)
         return self.perf_applied
+
+    def _guard_accumulation(self, accumulate_grad_batches: int) -> None:
+        """No inductor CUDA graphs in a training step whose gradients accumulate over micro-batches
+        (they would be overwritten between them: icp.perf.guard_accumulation)."""
+        guarded = perflib.guard_accumulation(self.perf_config, accumulate_grad_batches)
+        if guarded is not self.perf_config:
+            log.warning("model.perf: compile=%s records CUDA graphs, which corrupt gradients accumulated over "
+                        "%d micro-batches; training compiles with '%s' instead (same kernels, no graphs)",
+                        perflib.training_settings(self.perf_config)["compile"], accumulate_grad_batches,
+                        guarded["train"]["compile"])
+            self.perf_config = guarded
 
     @property
     def perf_active(self) -> dict[str, Any]:
