@@ -173,15 +173,17 @@ PLANS = {
     "h100_c6": Plan(["peak", STITCH, ADAPT, "e"], profile=f"{STITCH},{ADAPT}"),
     "h100_d6": Plan(["peak", "d_plain_controlnet", "d_task_defaults", f"{STITCH}@{TRAIN}"], profile="d_task_defaults"),
     # Round 7 on an H100. (b) at batch 64 under the training override and by block, each with and
-    # without the per-step wait for the progress bar's loss (lagged_progress_loss: same graphs, a
-    # third of the cost): the step had 2% (by block, h100w) to 6% (override, H200 h200o) of its
-    # time outside kernels. Then (c) at batch 32 (run with --task-batch 32: +2.4-3.5% in h100z)
-    # under the override (stitching +1.6% at batch 16, h100y; adaptation first, never timed under
-    # it, so stitching reuses its graphs), each with and without the lagged loss.
+    # without the per-step wait for the progress bar's loss (lagged_progress_loss: same graphs): the
+    # step had 2% (by block, h100w) to 6% (override, H200 h200o) of its time outside kernels.
     "h100_b7": Plan(["peak", "a_plain", f"{B64}@{TRAIN}", f"{B64}@{TRAIN};{LAGGED}", B64, f"{B64}@{LAGGED}"],
                     profile=f"{B64}@{TRAIN};{LAGGED}"),
-    "h100_c7": Plan(["peak", f"{ADAPT}@{TRAIN}", f"{ADAPT}@{TRAIN};{LAGGED}", f"{STITCH}@{TRAIN}",
-                     f"{STITCH}@{TRAIN};{LAGGED}"], profile=f"{ADAPT}@{TRAIN};{LAGGED}"),
+    # (c) at batch 32 (run with --task-batch 32: +2.4-3.5% in h100z) under the override (stitching
+    # +1.6% at batch 16, h100y; adaptation first, never timed under it, so that stitching reuses
+    # its graphs). (b) under the override at the batches between 64 (41.9% MFU, h100_r7b) and 96
+    # (85.5 GiB on the H200, more than an H100 has).
+    "h100_c7": Plan(["peak", f"{ADAPT}@{TRAIN}", f"{STITCH}@{TRAIN}"], profile=f"{ADAPT}@{TRAIN}"),
+    "h100_b8": Plan(["peak", "a_plain", f"b_task_defaults_bs80@{TRAIN}", f"b_task_defaults_bs72@{TRAIN}"],
+                    profile=f"b_task_defaults_bs80@{TRAIN}"),
     # Round 7 on an H200 (no H100 lent): (c) both steps under the override, adaptation first (plan
     # h100_c7 at batch 16), then the same two by block on the same warm machine (plan h200_c4), for
     # the decision on the default. (b) at batch 80 (the most that should fit an H100's 80 GB under
@@ -257,14 +259,22 @@ class Bench:
     def latent(self) -> int:
         return self.size["res"] // (4 if self.tiny else 8)
 
-    def perf_node(self, mode: str) -> dict:
-        """``model.perf`` of a row: OFF, or the defaults with the current ``row@key=value`` variant.
-        A variant's switches hold in training too: they replace the same keys of ``train``."""
+    def perf_node(self, mode: str, variant: dict | None = None) -> dict:
+        """``model.perf`` of a row: OFF, or the defaults with ``variant`` (default: the current
+        ``row@key=value`` one). A variant's switches hold in training too: they replace the same
+        keys of ``train``."""
         if mode == "off":
             return dict(perf.OFF)
-        switches = {k: v for k, v in self.variant.items() if k not in TASK_KEYS}
+        variant = self.variant if variant is None else variant
+        switches = {k: v for k, v in variant.items() if k not in TASK_KEYS}
         train = {k: v for k, v in self.defaults.get("train", {}).items() if k not in switches}
         return perf.settings({**self.defaults, **switches, "train": train})
+
+    def uses_cudagraphs(self, variant: dict | None = None) -> bool:
+        """Whether a row's defaults (``variant``: the current one) record inductor's CUDA graphs,
+        in training or sampling."""
+        node = self.perf_node("defaults", variant)
+        return perf.uses_cudagraphs(node) or perf.uses_cudagraphs(perf.training_settings(node))
 
     def optimizer(self, mode: str):
         """The config's ``optimizer: {_target_: torch.optim.AdamW, _partial_: true, ...}``."""
@@ -298,8 +308,9 @@ class Bench:
         ran = base + (f"+{core}" if core else "")
         if variant and core != spec and any(r.name == ran for r in self.results):
             # Same compiled graphs as the row that just ran: inductor's cache answers (H200: 49 s
-            # for d_task_defaults@cudnn_benchmark=1 after d_task_defaults' 150 s).
-            cost = max(30, cost // 3)
+            # for d_task_defaults@cudnn_benchmark=1 after d_task_defaults' 150 s). After a row with
+            # inductor's CUDA graphs dynamo compiles again (tasks.free), from the on-disk caches.
+            cost = cost * 2 // 3 if self.uses_cudagraphs(variant) else max(30, cost // 3)
         if str(variant.get("compile", "")).startswith("max-autotune"):
             # Autotuning benchmarks every kernel choice per shape: (d) at max-autotune ran past
             # 300 s of tuning on the H200 (h200l) and was cut off by the call's limit.
@@ -316,9 +327,10 @@ class Bench:
             self.errors[name] = common.error_line(err)
             traceback.print_exc()
         finally:
+            graphs = self.uses_cudagraphs()
             self.variant, self.suffix = {}, ""
             torch.backends.cudnn.benchmark = False  # a row's cudnn_benchmark=1 is process-wide
-            tasks.free()
+            tasks.free(recompile=graphs)
             self.save()
 
     def wants_profile(self, name: str) -> bool:

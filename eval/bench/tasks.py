@@ -166,7 +166,10 @@ def batch_head(batch: dict, n: int) -> dict:
     return {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def free(*objs) -> None:
+def free(*objs, recompile: bool = False) -> None:
+    """Release a row's memory before the next. ``recompile``: the row recorded inductor's CUDA
+    graphs, so dynamo's compiled code is dropped too (the next row compiles again, from inductor's
+    on-disk caches)."""
     del objs
     gc.collect()
     if torch.cuda.is_available():
@@ -176,6 +179,10 @@ def free(*objs) -> None:
         from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
         reset_cudagraph_trees()
+        if recompile:
+            # Dynamo's cached code calls into the tree just shut down: a row reusing it failed
+            # with "Running CUDAGraph after shutdown" (H100, round 7).
+            torch._dynamo.reset()
         gc.collect()
         torch.cuda.empty_cache()
 
