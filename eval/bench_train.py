@@ -23,7 +23,7 @@ runs a "defaults" row with some switches changed, e.g. ``c_stitching_defaults@ch
   the VAE's 512-wide head as matmul + softmax): seconds per candidate instead of a compiled step.
 
 ``b_task_defaults_bsN`` runs the (b) defaults row at batch N (``b_task_defaults_big`` = the
-``--big-batch``, 48).
+``--big-batch``, 72: the fastest H100 batch under the training override, round 7).
 
 Each task row is built the way a config builds it: ``perf=<the model.perf node>`` and an AdamW
 ``_partial_`` optimizer ("off" rows set ``fused: true`` in it, as (a) does, so that they do the
@@ -60,7 +60,7 @@ from icp.models import backbone as bb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
-    "full": dict(res=512, batch=32, big_batch=48, canvas_batch=16, task_batch=16, sample_batch=8, steps=30,
+    "full": dict(res=512, batch=32, big_batch=72, canvas_batch=16, task_batch=32, sample_batch=8, steps=30,
                  vae_batch=32, warmup=3, iters=10, sample_iters=2, loader_ids=16, loader_views=4, loader_batch=16,
                  loader_batches=12),
     "tiny": dict(res=32, batch=2, big_batch=3, canvas_batch=2, task_batch=2, sample_batch=2, steps=3, vae_batch=2,
@@ -117,7 +117,7 @@ PLANS = {
                   "c_stitching_off", STITCH, "c_adaptation_off", ADAPT, "d_task_off"],
                  profile=f"b_task_off,{STITCH}"),
     # Call 2: (b) with compile at the larger batch and at the baseline's batch, loader.
-    "h100b": Plan(["peak", "a_plain", "b_task_defaults_big", "b_task_defaults", "e"], profile="b_task_defaults_bs48"),
+    "h100b": Plan(["peak", "a_plain", "b_task_defaults_big", "b_task_defaults", "e"], profile="b_task_defaults_big"),
     # Round 2 on the H200 (eval/results/bench_train_h200{e,f}): attention kernels alone, (c) with
     # the wide-head matmul and without it; (d) with fused QKV, (b) at batch 64.
     "h200_train": Plan(["peak", "a_plain", "attn", STITCH, ADAPT, f"{STITCH}@wide_heads_matmul=0"],
@@ -184,6 +184,9 @@ PLANS = {
     "h100_c7": Plan(["peak", f"{ADAPT}@{TRAIN}", f"{STITCH}@{TRAIN}"], profile=f"{ADAPT}@{TRAIN}"),
     "h100_b8": Plan(["peak", "a_plain", f"b_task_defaults_bs80@{TRAIN}", f"b_task_defaults_bs72@{TRAIN}"],
                     profile=f"b_task_defaults_bs80@{TRAIN}"),
+    # With the override a default (and batches 72 / 32 the bench's): every training target in one
+    # call, against one baseline and one measured peak.
+    "h100_r7": Plan(["peak", "a_plain", "b_task_defaults_big", ADAPT, STITCH]),
     # Round 7 on an H200 (no H100 lent): (c) both steps under the override, adaptation first (plan
     # h100_c7 at batch 16), then the same two by block on the same warm machine (plan h200_c4), for
     # the decision on the default. (b) at batch 80 (the most that should fit an H100's 80 GB under
@@ -631,7 +634,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=0, help="seconds: skip rows whose estimate no longer fits")
     p.add_argument("--batch", type=int, default=0, help="override the (a)/(b) batch size")
     p.add_argument("--big-batch", type=int, default=0, help="override the batch of b_task_defaults_big")
-    p.add_argument("--task-batch", type=int, default=0, help="override the batch of the (c) rows (16)")
+    p.add_argument("--task-batch", type=int, default=0, help="override the batch of the (c) rows (32)")
     p.add_argument("--perf", default="", help="key=value list over the config's model.perf for 'defaults' rows")
     p.add_argument("--plain-variants", default="channels_last=1;sdpa=flash;sdpa=cudnn;sdpa=efficient",
                    help="';'-separated switch sets timed on the plain loop (row a_variants)")

@@ -230,15 +230,16 @@ def test_inductor_options_go_over_the_compile_mode(monkeypatch):
 
 
 def test_training_steps_are_marked_for_inductor_cuda_graphs(monkeypatch):
-    """compile: reduce-overhead (inductor's CUDA graphs) marks each training step's start; the
-    default compile mode records no graphs and is left alone."""
+    """compile: reduce-overhead (inductor's CUDA graphs; the training default) marks each training
+    step's start; the compile mode "default" records no graphs and is left alone."""
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     assert perf.uses_cudagraphs(perf.settings({"compile": "reduce-overhead"}))
     assert not perf.uses_cudagraphs(perf.settings()) and not perf.uses_cudagraphs(perf.OFF)
-    _stitching().on_train_batch_start(_batch(), 0)
+    assert perf.uses_cudagraphs(perf.training_settings(perf.settings()))
+    _stitching({"train": {}}).on_train_batch_start(_batch(), 0)
     assert marks == []
-    _stitching({"compile": "reduce-overhead"}).on_train_batch_start(_batch(), 0)
+    _stitching().on_train_batch_start(_batch(), 0)
     assert marks == [1]
 
 
@@ -249,7 +250,8 @@ def test_train_overrides_apply_to_training_runs_only(monkeypatch):
     s = perf.settings(node)
     assert s["train"] == node["train"] and s["compile"] == "default"
     assert perf.training_settings(s)["compile"] == "reduce-overhead"
-    assert perf.training_settings(perf.settings())["compile"] == "default"
+    assert perf.training_settings(perf.settings({"train": {}}))["compile"] == "default"  # no override
+    assert perf.training_settings(perf.settings())["compile"] == "reduce-overhead"  # the default one
     with pytest.raises(ConfigError, match="model.perf.train.turbo is not a performance switch"):
         perf.settings({"train": {"turbo": True}})
     with pytest.raises(ConfigError, match="model.perf.train.compile='fastest'"):
@@ -499,10 +501,10 @@ def test_accumulation_drops_inductors_cuda_graphs_from_the_training_compile():
     assert perf.training_settings(guarded)["compile"] == "default"
     assert guarded["train"]["compile_regional"] is False and guarded["compile"] == override["compile"]
     assert not perf.uses_cudagraphs(perf.training_settings(guarded))
-    top = perf.settings({"compile": "max-autotune"})
+    top = perf.settings({"compile": "max-autotune", "train": {}})
     assert perf.training_settings(perf.guard_accumulation(top, 4))["compile"] == "max-autotune-no-cudagraphs"
     assert perf.guard_accumulation(top, 4)["compile"] == "max-autotune"  # evaluation keeps its graphs
-    for s, steps in ((override, 1), (perf.settings({}), 8)):
+    for s, steps in ((override, 1), (perf.settings({"train": {}}), 8)):
         assert perf.guard_accumulation(s, steps) is s
 
 
@@ -516,6 +518,46 @@ def test_trainer_with_accumulation_trains_without_cuda_graphs(tmp_path, caplog):
         trainer.fit(task, DataLoader(_Pairs(), batch_size=2))
     assert task.perf_active["compile"] == "default" and not perf.uses_cudagraphs(task.perf_active)
     assert "accumulated over 2 micro-batches" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA graphs exist on CUDA only")
+def test_default_training_override_trains_accumulates_and_samples_on_cuda(tmp_path):
+    """The default training override (whole nets under inductor's CUDA graphs) through a real
+    Trainer: steps with a finite, changing loss; validation-style samples while attached to the
+    trainer (icp's own sampling graph steps aside for inductor's); and accumulation, which must
+    train without the graphs and match an eager run's weights."""
+    losses, grads = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.append(torch.cat([p.grad.flatten().float() for p in pl_module.trainable_parameters()]))
+
+    def fit(perf_node, accumulate=1, steps=3):
+        task = _stitching(perf_node, train_unet="frozen")
+        trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulate, accelerator="gpu", devices=1,
+                            precision="bf16-mixed", logger=False, default_root_dir=tmp_path,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, callbacks=[Record()])
+        trainer.fit(task, DataLoader(_Pairs(), batch_size=2))
+        return task
+
+    task = fit(None)
+    assert perf.uses_cudagraphs(task.perf_active) and task.perf_applied["compiled"] >= 2
+    assert len(losses) == 3 and all(map(torch.isfinite, map(torch.tensor, losses))) and losses[0] != losses[1]
+    images = _sample(task, {k: v.cuda() for k, v in _batch().items()})
+    assert images.shape == (2, 3, RES, RES) and torch.isfinite(images).all()
+    torch._dynamo.reset()
+    grads.clear()
+    guarded = fit(None, accumulate=2, steps=1)
+    assert not perf.uses_cudagraphs(guarded.perf_active)
+    torch._dynamo.reset()
+    fit({"compile": "none", "train": {}}, accumulate=2, steps=1)
+    # The summed gradient of both micro-batches (a kept-and-overwritten first one would be off by
+    # far more than bf16 rounding: pytorch#169545 saw a quarter of it).
+    assert len(grads) == 2 and (grads[0] - grads[1]).norm() < 0.05 * grads[1].norm()
 
 
 def test_lagged_progress_loss_changes_nothing_off_cuda(tmp_path):
@@ -839,6 +881,7 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path,
     args = bench_train.parse_args(["--cpu", "--out", str(tmp_path), "--budget", "100", "--plain-variants=",
                                    "--tag", "t", "--profile="])
     bench = bench_train.Bench(args)
+    bench.defaults = perf.settings({"train": {}})  # no training override: variants say what trains
     whole = "compile_regional=0;compile=reduce-overhead"
     for base in ("compile_regional=0", whole):
         bench.results.append(common.Result(f"b_task_defaults_bs128+{base}", "b", 128, 1.0, 1.0, 0.0))
