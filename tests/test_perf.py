@@ -521,11 +521,14 @@ def test_trainer_with_accumulation_trains_without_cuda_graphs(tmp_path, caplog):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA graphs exist on CUDA only")
-def test_default_training_override_trains_accumulates_and_samples_on_cuda(tmp_path):
+def test_default_training_override_trains_validates_samples_and_accumulates_on_cuda(tmp_path):
     """The default training override (whole nets under inductor's CUDA graphs) through a real
-    Trainer: steps with a finite, changing loss; validation-style samples while attached to the
-    trainer (icp's own sampling graph steps aside for inductor's); and accumulation, which must
-    train without the graphs and match an eager run's weights."""
+    Trainer, on both tasks: a sanity validation before the first step and validation after an
+    epoch (no-grad chains of compiled nets: control nets -> UNet), steps with a finite, changing
+    loss, samples and flows while attached to the trainer; and accumulation, which must train
+    without the graphs and sum the same gradient as an eager run."""
+    from icp.tasks.adaptation import AdaptationTask
+
     losses, grads = [], []
 
     class Record(L.Callback):
@@ -535,26 +538,37 @@ def test_default_training_override_trains_accumulates_and_samples_on_cuda(tmp_pa
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             grads.append(torch.cat([p.grad.flatten().float() for p in pl_module.trainable_parameters()]))
 
-    def fit(perf_node, accumulate=1, steps=3):
-        task = _stitching(perf_node, train_unet="frozen")
+    def fit(task, accumulate=1, steps=3, validate=True):
         trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulate, accelerator="gpu", devices=1,
                             precision="bf16-mixed", logger=False, default_root_dir=tmp_path,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, callbacks=[Record()])
-        trainer.fit(task, DataLoader(_Pairs(), batch_size=2))
+                            num_sanity_val_steps=1 if validate else 0, limit_val_batches=1 if validate else 0,
+                            callbacks=[Record()])
+        trainer.fit(task, DataLoader(_Pairs(), batch_size=2), DataLoader(_Pairs(), batch_size=2))
         return task
 
-    task = fit(None)
-    assert perf.uses_cudagraphs(task.perf_active) and task.perf_applied["compiled"] >= 2
-    assert len(losses) == 3 and all(map(torch.isfinite, map(torch.tensor, losses))) and losses[0] != losses[1]
-    images = _sample(task, {k: v.cuda() for k, v in _batch().items()})
-    assert images.shape == (2, 3, RES, RES) and torch.isfinite(images).all()
-    torch._dynamo.reset()
+    batch = {k: v.cuda() for k, v in _batch().items()}
+    torch.manual_seed(0)
+    for task in (_stitching(train_unet="frozen"), AdaptationTask(tiny(resolution=RES, width=32, seed=6))):
+        losses.clear()
+        fit(task)
+        assert perf.uses_cudagraphs(task.perf_active) and task.perf_applied["compiled"] >= 2
+        assert len(losses) == 3 and all(map(torch.isfinite, map(torch.tensor, losses))) and losses[0] != losses[1]
+        assert torch.isfinite(task.trainer.callback_metrics["val/loss"])
+        for _ in range(2):  # twice: the second call replays what the first recorded
+            images = _sample(task, batch)
+            assert images.shape == (2, 3, RES, RES) and torch.isfinite(images).all()
+        if isinstance(task, AdaptationTask):
+            first = task.predict_flow(batch, generator=torch.Generator("cuda").manual_seed(1))
+            kept = [f.clone() for f in first]
+            task.predict_flow(batch, generator=torch.Generator("cuda").manual_seed(2))  # a later step
+            assert all(torch.isfinite(f).all() for f in first) and all(map(torch.equal, first, kept))
+        torch._dynamo.reset()
     grads.clear()
-    guarded = fit(None, accumulate=2, steps=1)
+    guarded = fit(_stitching(train_unet="frozen"), accumulate=2, steps=1, validate=False)
     assert not perf.uses_cudagraphs(guarded.perf_active)
     torch._dynamo.reset()
-    fit({"compile": "none", "train": {}}, accumulate=2, steps=1)
+    fit(_stitching({"compile": "none", "train": {}}, train_unet="frozen"), accumulate=2, steps=1, validate=False)
     # The summed gradient of both micro-batches (a kept-and-overwritten first one would be off by
     # far more than bf16 rounding: pytorch#169545 saw a quarter of it).
     assert len(grads) == 2 and (grads[0] - grads[1]).norm() < 0.05 * grads[1].norm()

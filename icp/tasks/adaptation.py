@@ -224,9 +224,10 @@ class AdaptationTask(DiffusionTask):
         t = self.flow_eval_timestep if timestep is None else timestep
         b = batch[K.TARGET].shape[0]
         timesteps = torch.full((b,), int(t), device=self.device, dtype=torch.long)
+        self._mark_graph_step()  # one step of inductor's CUDA graphs, if any (DiffusionTask._mark_graph_step)
         with self._precision_context():  # as sample(): bf16 weights after prepare_inference
             flows = self._matching_flows(batch, timesteps, generator, hard=True)
-        return [f.float() for f in flows]
+        return [f.to(torch.float32, copy=True) for f in flows]  # out of the graphs' pool
 
     def matching_probe_loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         """Ground-truth flow loss of the Matching Net alone (no generation UNet): a cheap probe of

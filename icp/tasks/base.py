@@ -121,7 +121,9 @@ class DiffusionTask(L.LightningModule):
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        return self.backbone.codec.encode(images, sample=sample).float()
+        # A copy, also when already fp32: under inductor's CUDA graphs the codec's output lives in
+        # their memory pool, and sampling reads these latents across steps (see _mark_graph_step).
+        return self.backbone.codec.encode(images, sample=sample).to(torch.float32, copy=True)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -293,12 +295,25 @@ class DiffusionTask(L.LightningModule):
                 self._ema_pending = None
         return self._ema
 
-    def on_train_batch_start(self, batch, batch_idx) -> None:
+    def _mark_graph_step(self) -> None:
+        """Begin a step of inductor's CUDA graphs (compile: reduce-overhead, the training default).
+
+        They hand out the same output memory on every replay, so they must know when a step's
+        outputs are dead: at each mark, as the torch.compile docs ask of training loops. Without
+        marks, every call of a compiled net in no-grad code starts a new step, which frees the
+        outputs of the net called just before it -- the control net's residuals that the UNet is
+        about to read ("overwritten by a subsequent run", pytorch/pytorch#160281). So every
+        logical step marks once: a training batch, a validation batch, a sampling step, a flow
+        prediction; what outlives its step is copied out of the pool (encoded latents, flows,
+        model outputs)."""
         if perflib.uses_cudagraphs(self.perf_active):
-            # Inductor's CUDA graphs (compile: reduce-overhead) hand out the same output memory on
-            # every replay; marking each step tells them the last step's outputs are dead, as the
-            # torch.compile docs ask of training loops (else: an "overwritten by a subsequent run" error).
             torch.compiler.cudagraph_mark_step_begin()
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._mark_graph_step()
+
+    def on_validation_batch_start(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._mark_graph_step()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         ema = self._ensure_ema()
@@ -392,8 +407,8 @@ class DiffusionTask(L.LightningModule):
 
         def predict(x: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
             residuals = self.condition(state, x, tb, text)
-            if uncond is None:
-                return self.unet(x, tb, text, residuals).float()
+            if uncond is None:  # a copy: schedulers may keep past outputs beyond the step
+                return self.unet(x, tb, text, residuals).to(torch.float32, copy=True)
             if batched:
                 down, mid = residuals
                 pair = (tuple(torch.cat([r, torch.zeros_like(r)]) for r in down),
@@ -468,6 +483,7 @@ class DiffusionTask(L.LightningModule):
                 scheduler.set_timesteps(num_steps, device="cpu")
                 model_timesteps = scheduler.timesteps.to(self.device)
                 latents = latents * scheduler.init_noise_sigma
+                self._mark_graph_step()
                 state = self.prepare_condition(batch)
                 text = self.text_states(batch, b)
                 uncond = self.empty_text_states(b) if guidance != 1.0 else None
@@ -477,9 +493,11 @@ class DiffusionTask(L.LightningModule):
                 else:
                     predict = self.guided_prediction(state, text, uncond, guidance)
                 for t, model_t in zip(scheduler.timesteps, model_timesteps):
+                    self._mark_graph_step()
                     x = scheduler.scale_model_input(latents, t)
                     pred = predict(x, model_t.expand(b))
                     latents = scheduler.step(pred, t, latents).prev_sample
+                self._mark_graph_step()
                 images = self.backbone.codec.decode(latents)
         finally:
             self.train(was_training)
