@@ -529,14 +529,23 @@ def test_default_training_override_trains_validates_samples_and_accumulates_on_c
     without the graphs and sum the same gradient as an eager run."""
     from icp.tasks.adaptation import AdaptationTask
 
-    losses, grads = [], []
+    losses, grads, seen = [], [], {}
+    batch = {k: v.cuda() for k, v in _batch().items()}
 
     class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx):
             losses.append(float(outputs["loss"]))
+            if trainer.global_step == 2 and not grads:  # as the samples callback does, mid-training
+                seen["images"] = [_sample(pl_module, batch) for _ in range(2)]  # the second replays
+                if isinstance(pl_module, AdaptationTask):
+                    first = pl_module.predict_flow(batch, generator=torch.Generator("cuda").manual_seed(1))
+                    seen["kept"] = [f.clone() for f in first]
+                    pl_module.predict_flow(batch, generator=torch.Generator("cuda").manual_seed(2))  # a later step
+                    seen["flows"] = first
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            grads.append(torch.cat([p.grad.flatten().float() for p in pl_module.trainable_parameters()]))
+            if trainer.accumulate_grad_batches > 1:
+                grads.append(torch.cat([p.grad.flatten().float() for p in pl_module.trainable_parameters()]))
 
     def fit(task, accumulate=1, steps=3, validate=True):
         trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulate, accelerator="gpu", devices=1,
@@ -545,27 +554,23 @@ def test_default_training_override_trains_validates_samples_and_accumulates_on_c
                             num_sanity_val_steps=1 if validate else 0, limit_val_batches=1 if validate else 0,
                             callbacks=[Record()])
         trainer.fit(task, DataLoader(_Pairs(), batch_size=2), DataLoader(_Pairs(), batch_size=2))
-        return task
+        return task, trainer
 
-    batch = {k: v.cuda() for k, v in _batch().items()}
     torch.manual_seed(0)
     for task in (_stitching(train_unet="frozen"), AdaptationTask(tiny(resolution=RES, width=32, seed=6))):
         losses.clear()
-        fit(task)
+        seen.clear()
+        task, trainer = fit(task)
         assert perf.uses_cudagraphs(task.perf_active) and task.perf_applied["compiled"] >= 2
         assert len(losses) == 3 and all(map(torch.isfinite, map(torch.tensor, losses))) and losses[0] != losses[1]
-        assert torch.isfinite(task.trainer.callback_metrics["val/loss"])
-        for _ in range(2):  # twice: the second call replays what the first recorded
-            images = _sample(task, batch)
+        assert torch.isfinite(trainer.callback_metrics["val/loss"])
+        for images in seen["images"]:
             assert images.shape == (2, 3, RES, RES) and torch.isfinite(images).all()
         if isinstance(task, AdaptationTask):
-            first = task.predict_flow(batch, generator=torch.Generator("cuda").manual_seed(1))
-            kept = [f.clone() for f in first]
-            task.predict_flow(batch, generator=torch.Generator("cuda").manual_seed(2))  # a later step
-            assert all(torch.isfinite(f).all() for f in first) and all(map(torch.equal, first, kept))
+            flows = seen["flows"]
+            assert all(torch.isfinite(f).all() for f in flows) and all(map(torch.equal, flows, seen["kept"]))
         torch._dynamo.reset()
-    grads.clear()
-    guarded = fit(_stitching(train_unet="frozen"), accumulate=2, steps=1, validate=False)
+    guarded, _ = fit(_stitching(train_unet="frozen"), accumulate=2, steps=1, validate=False)
     assert not perf.uses_cudagraphs(guarded.perf_active)
     torch._dynamo.reset()
     fit(_stitching({"compile": "none", "train": {}}, train_unet="frozen"), accumulate=2, steps=1, validate=False)
