@@ -593,10 +593,10 @@ def guard_accumulation(s: dict[str, Any], accumulate_grad_batches: int) -> dict[
     (pytorch/pytorch#169545, open as of torch 2.11). So with accumulation the training compile
     keeps its kernels and drops the graphs (``train.compile`` replaced; evaluation, which never
     accumulates, keeps the top level). Returns ``s`` itself when nothing has to change."""
-    mode = training_settings(s)["compile"]
-    if accumulate_grad_batches <= 1 or not uses_cudagraphs(training_settings(s)):
+    training = training_settings(s)
+    if accumulate_grad_batches <= 1 or not uses_cudagraphs(training):
         return s
-    return {**s, "train": {**s.get("train", {}), "compile": _WITHOUT_CUDAGRAPHS.get(mode, "default")}}
+    return {**s, "train": {**s.get("train", {}), "compile": _WITHOUT_CUDAGRAPHS.get(training["compile"], "default")}}
 
 
 def compile_plan(task: nn.Module, s: Mapping[str, Any]) -> list[tuple[nn.Module, bool]]:

@@ -927,7 +927,7 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path,
     bench.variant = {}
 
 
-def test_every_bench_plan_names_rows_switches_and_profiles_the_bench_knows(repo_root, monkeypatch):
+def test_every_bench_plan_names_rows_switches_and_profiles_the_bench_knows(repo_root, monkeypatch, tmp_path):
     """A typo in a plan would cost a GPU call (its row fails there, after minutes of compile); here
     it fails on CPU: each row is a known row, each variant sets real switches or task keys with
     values model.perf accepts, and each profiled row is one the plan runs."""
@@ -949,6 +949,10 @@ def test_every_bench_plan_names_rows_switches_and_profiles_the_bench_knows(repo_
         profiled = set(filter(None, plan.profile.split(",")))
         assert profiled <= ran, (name, profiled - ran)
     assert bench_train.parse_args(["--plan", "h200_b7"]).plan == "h200_b7"
+    # b_task_defaults_big runs under its batch's name; a plan profiling it by either name gets it.
+    bench = bench_train.Bench(bench_train.parse_args(["--cpu", "--plan", "h100b", "--out", str(tmp_path)]))
+    assert bench.wants_profile(big)
+    assert not bench.wants_profile("b_task_defaults")
 
 
 def test_bench_keeps_the_timed_steps_when_the_profiled_ones_fail(repo_root, monkeypatch):
