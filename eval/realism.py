@@ -1,6 +1,6 @@
 """Does the procedural head look like a face to real face models? (issue 3's acceptance bar)
 
-Measures, on renders of ``icp.data.render``:
+Measures, on renders of ``icp.render.renderer``:
 1. detection rate of facenet-pytorch's MTCNN and of dlib's HOG detector on renders with
    |yaw| <= 30 deg at 128 px (a detection counts only if its box contains the rendered nose tip),
    and, for information, at wider yaws;
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icp.data import render as R
+from icp.render import renderer as R
 
 
 def _uint8(rgb: torch.Tensor) -> list[np.ndarray]:

@@ -12,7 +12,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # Test configs build objects from tests/ (toy tasks); a config file cannot trust a module itself.
 os.environ.setdefault("ICP_ALLOWED_TARGETS", "tests")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # makes `tests.toy` importable as a config target
 
 
 @pytest.fixture(scope="module")

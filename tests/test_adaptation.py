@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from icp.data import keys as K
-from icp.errors import ConfigError, WeightsError
+from icp.core.errors import ConfigError, WeightsError
 from icp.models.backbone import tiny
 from icp.tasks.adaptation import AdaptationTask, flow_metrics
 from icp.tasks.stitching import StitchingTask
@@ -166,7 +166,7 @@ def test_bad_settings_are_config_errors():
 def test_true_flow_source_warps_with_the_ground_truth_and_leaves_the_matching_net_out():
     """flow_source=ground_truth (the warping claim's oracle): the warp uses the batch's flow averaged to each
     level, the Matching Net gets no gradient, and a batch without the flow is a one-line error."""
-    from icp.errors import DataError
+    from icp.core.errors import DataError
 
     batch = shifted_pairs(2, 5)
     task = make_task(flow_source="ground_truth")

@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextModel
 from transformers.models.clip.tokenization_clip import CLIPTokenizer
 
-from icp.errors import WeightsError
+from icp.core.errors import WeightsError
 from icp.models import backbone as B
 from icp.models.codec import PixelCodec
 
@@ -122,7 +122,7 @@ def test_garbled_folder_raises_weights_error(saved, tmp_path, garble):
 
 
 def test_sd15_random_requires_no_path():
-    from icp.errors import ConfigError
+    from icp.core.errors import ConfigError
 
     with pytest.raises(ConfigError):
         B.sd15(path="some/folder", random=True)

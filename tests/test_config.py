@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from icp import config as cfglib
-from icp.errors import ConfigError
+from icp.core import config as cfglib
+from icp.core.errors import ConfigError
 
 
 def write(path: Path, text: str) -> Path:

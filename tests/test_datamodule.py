@@ -7,8 +7,8 @@ import torch
 
 from icp.data import keys as K
 from icp.data.datamodule import ShardDataModule
-from icp.data.shards_read import ShardStream
-from icp.data.shards_write import synth
+from icp.data.shards.read import ShardStream
+from icp.data.shards.write import synth
 
 IDS, VIEWS, RES = 6, 3, 32
 

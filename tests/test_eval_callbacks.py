@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from icp.data import keys as K
 from icp.eval.callbacks import EvalCallback, evaluate
-from icp.eval.embedder_net import IdentityEmbedderNet, export
+from icp.models.embedder import IdentityEmbedderNet, export
 from icp.eval.evaluator import Evaluator, build_extractors
 from icp.eval.heldout import heldout_loader, take
 
@@ -24,7 +24,7 @@ IDS, VIEWS, RES = 4, 2, 32
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
-    from icp.data.shards_write import synth
+    from icp.data.shards.write import synth
 
     root = tmp_path_factory.mktemp("heldout")
     synth(root / "shards", IDS, VIEWS, RES, seed=3, shard_size=2, first_identity=50, progress=False)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from icp import config as cfglib
-from icp.train import build
+from icp.core import config as cfglib
+from icp.jobs.fit import build
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "experiments").rglob("*.yaml"))
@@ -24,7 +24,7 @@ def test_config_composes_and_validates(path):
     if path in FRAGMENTS:
         return
     if path in PIPELINES:
-        from icp.mainjob import check
+        from icp.jobs.stages import check
 
         check(cfg)  # every stage's experiment + overrides composes and validates
         return

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from icp.errors import WeightsError
+from icp.core.errors import WeightsError
 from icp.eval.extractors import ExtractorUnavailable, to_uint8, to_unit
 from icp.eval.metrics import identity_cosine
 
@@ -152,7 +152,7 @@ def test_clip_loads_local_folder(tmp_path):
 
 
 def test_icp_embedder_export_and_checkpoint_load_the_same_network(tmp_path):
-    from icp.eval.embedder_net import IcpEmbedder, IdentityEmbedderNet, export, load_net
+    from icp.models.embedder import IcpEmbedder, IdentityEmbedderNet, export, load_net
     from icp.tasks.embedder import ArcMarginHead, verification
 
     torch.manual_seed(0)

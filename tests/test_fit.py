@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from icp import config as cfglib
-from icp.checkpointing import checkpoint_problem, resumable_checkpoint
-from icp.errors import ConfigError
-from icp.train import fit
+from icp.core import config as cfglib
+from icp.core.checkpointing import checkpoint_problem, resumable_checkpoint
+from icp.core.errors import ConfigError
+from icp.jobs.fit import fit
 
 
 @pytest.fixture
@@ -75,6 +75,6 @@ def test_wandb_offline_run_lives_in_the_run_dir_and_is_closed(toy):
     run = fit(toy("run.name=wb", "trainer.max_steps=2", "+logger.wandb={mode: offline, project: icp-test}"))
     assert wandb.run is None  # closed: the next fit in this process gets its own W&B run
     offline = list((run / "wandb").glob("offline-run-*"))
-    from icp.train import wandb_run_id
+    from icp.jobs.fit import wandb_run_id
 
     assert len(offline) == 1 and offline[0].name.endswith(wandb_run_id(run))  # stable id: resumes append

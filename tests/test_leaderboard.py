@@ -10,7 +10,7 @@ import yaml
 
 from icp.cli import main
 from icp.data import keys as K
-from icp.eval.embedder_net import IdentityEmbedderNet, export
+from icp.models.embedder import IdentityEmbedderNet, export
 from icp.eval.leaderboard import LeaderboardError, build
 
 
@@ -38,7 +38,7 @@ def _run(root, name, sigma):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from icp.data.shards_write import synth
+    from icp.data.shards.write import synth
 
     root = tmp_path_factory.mktemp("lb")
     synth(root / "heldout", 4, 2, 32, seed=5, shard_size=2, first_identity=900, progress=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from icp.cli import main
-from icp.eval.embedder_net import IdentityEmbedderNet, export
+from icp.models.embedder import IdentityEmbedderNet, export
 from icp.eval.leaderboard import LeaderboardError, build
 from icp.eval.record import sha256_of
 from tests.test_leaderboard import NoisyTask, _run
@@ -20,7 +20,7 @@ class Pickled:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    from icp.data.shards_write import synth
+    from icp.data.shards.write import synth
 
     root = tmp_path_factory.mktemp("lbi")
     synth(root / "heldout", 2, 2, 32, seed=5, shard_size=2, first_identity=900, progress=False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from icp.data.masking import apply_mask, num_dropped, random_patch_mask
-from icp.errors import ConfigError
+from icp.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("ratio,patch,hw", [(0.8, 8, (64, 64)), (0.5, 4, (32, 48)), (0.75, 8, (36, 36)),

@@ -15,11 +15,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "eval"))
 
-from claims import pairs as P  # noqa: E402
-from claims import runner  # noqa: E402
-from claims.plan import Job  # noqa: E402
+from icp.jobs.claims import pairs as P  # noqa: E402
+from icp.jobs.claims import runner  # noqa: E402
+from icp.jobs.claims.plan import Job  # noqa: E402
 
 from icp.data import keys as K  # noqa: E402
 
@@ -142,9 +141,9 @@ def test_parallel_runner_keeps_dependency_order_and_skips_after_a_failure(tmp_pa
 
 def test_gpu_config_builds_a_valid_plan():
     """The GPU size is never run in CI: at least every fit config must validate and fit together."""
-    from claims import plan
+    from icp.jobs.claims import plan
 
-    from icp import config as cfglib
+    from icp.core import config as cfglib
 
     cfg = cfglib.load(ROOT / "eval/paper_claims.yaml", ["device=cpu"])
     jobs = plan.build(cfg)
@@ -185,7 +184,7 @@ def test_timeline_keeps_the_spans_of_an_invocation_that_was_cut_short(tmp_path):
 
 
 def test_fast_learner_verdict_needs_useful_matching():
-    from claims import verdicts as V
+    from icp.jobs.claims import verdicts as V
 
     def curve(epes, zero=4.0):
         return [{"step": s, "flow_epe": e, "flow_pck": 0.1, "flow_epe_zero": zero} for s, e in zip((0, 100, 200), epes)]
@@ -199,7 +198,7 @@ def test_fast_learner_verdict_needs_useful_matching():
 
 
 def test_warping_verdict_names_the_oracle_without_letting_it_decide():
-    from claims import verdicts as V
+    from icp.jobs.claims import verdicts as V
 
     method = {"mean": -0.01, "se": 0.01, "n": 40}
     for oracle, words in (({"mean": 0.05, "se": 0.01, "n": 40}, "significantly better than"),

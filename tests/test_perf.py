@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from icp import perf
 from icp.data import keys as K
-from icp.errors import ConfigError
+from icp.core.errors import ConfigError
 from icp.models.backbone import tiny
 
 RES = 32
@@ -867,7 +867,7 @@ def test_flop_count_above_the_cap_is_fitted_exactly(repo_root, monkeypatch):
     """Rows above batch 64 count FLOPs from two smaller batches (an eager step at batch 112 did not
     fit an H200 beside the counter): the fit equals a direct count of a warm step."""
     monkeypatch.syspath_prepend(str(repo_root / "eval"))
-    from bench import common, tasks
+    from icp.bench import common, tasks
 
     task = tasks.DenoiseTask(tiny(resolution=RES, width=32, seed=4), train_unet="full")
     task.backbone.codec = tasks.LatentCodec(task.backbone.latent_channels, task.backbone.downscale)
@@ -895,7 +895,7 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path,
     monkeypatch.syspath_prepend(str(repo_root / "eval"))
     sys.modules.pop("bench_train", None)
     import bench_train
-    from bench import common
+    from icp.bench import common
 
     args = bench_train.parse_args(["--cpu", "--out", str(tmp_path), "--budget", "100", "--plain-variants=",
                                    "--tag", "t", "--profile="])
@@ -957,7 +957,7 @@ def test_every_bench_plan_names_rows_switches_and_profiles_the_bench_knows(repo_
 
 def test_bench_keeps_the_timed_steps_when_the_profiled_ones_fail(repo_root, monkeypatch):
     monkeypatch.syspath_prepend(str(repo_root / "eval"))
-    from bench import tasks
+    from icp.bench import tasks
 
     task = tasks.DenoiseTask(tiny(resolution=RES, width=32, seed=4), train_unet="full")
     task.backbone.codec = tasks.LatentCodec(task.backbone.latent_channels, task.backbone.downscale)
@@ -983,7 +983,7 @@ def test_profile_lists_data_movement_by_shape(repo_root, monkeypatch):
     import sys
 
     monkeypatch.syspath_prepend(str(repo_root / "eval"))
-    from bench.report import copies_by_shape
+    from icp.bench.report import copies_by_shape
 
     def evt(key, us, count, shapes):
         return types.SimpleNamespace(key=key, self_device_time_total=us, count=count, input_shapes=shapes)
@@ -1003,7 +1003,7 @@ def test_profile_lists_data_movement_by_shape(repo_root, monkeypatch):
 
 def test_a_missed_target_says_where_time_went_and_what_was_tried(repo_root, monkeypatch):
     monkeypatch.syspath_prepend(str(repo_root / "eval"))
-    from bench.report import targets
+    from icp.bench.report import targets
 
     def row(name, ratio, mfu):
         return {"name": name, "vs_baseline": ratio, "mfu": mfu, "samples_per_s": ratio * 100}
@@ -1023,7 +1023,7 @@ def test_kernel_busy_time_leaves_out_annotated_ranges(repo_root, monkeypatch):
     from torch.autograd import DeviceType
 
     monkeypatch.syspath_prepend(str(repo_root / "eval"))
-    from bench.report import kernel_time_us
+    from icp.bench.report import kernel_time_us
 
     def evt(us, device=DeviceType.CUDA, annotation=False):
         span = types.SimpleNamespace(elapsed_us=lambda: us)
@@ -1035,7 +1035,7 @@ def test_kernel_busy_time_leaves_out_annotated_ranges(repo_root, monkeypatch):
 
 
 def test_perf_nodes_of_the_configs_are_the_defaults(repo_root):
-    from icp import config as cfglib
+    from icp.core import config as cfglib
 
     for stage in ("stitching", "adaptation"):
         cfg = cfglib.load(repo_root / "experiments" / stage / "tiny.yaml")

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from icp import cli
-from icp.errors import DataError
-from icp.pipeline import PortraitPipeline, parse_light_spec, synthetic_lighting, transfer_lighting
+from icp.core.errors import DataError
+from icp.inference import PortraitPipeline, parse_light_spec, synthetic_lighting, transfer_lighting
 from icp.tasks.adaptation import AdaptationTask
 
 RUN_CONFIG = """\
@@ -29,7 +29,7 @@ model:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory as `icp fit` leaves it: config.yaml + checkpoints/last.ckpt (trained weights only)."""
-    from icp import config as cfglib
+    from icp.core import config as cfglib
 
     root = tmp_path_factory.mktemp("run")
     (root / "config.yaml").write_text(RUN_CONFIG)

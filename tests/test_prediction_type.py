@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from icp.data import keys as K
-from icp.errors import ConfigError
+from icp.core.errors import ConfigError
 from icp.models import backbone as B
 from icp.tasks.stitching import StitchingTask
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from icp import config as cfglib
+from icp.core import config as cfglib
 from icp.data import keys as K
-from icp.errors import ConfigError
+from icp.core.errors import ConfigError
 from icp.models.backbone import pretrained, tiny
 from icp.tasks.adaptation import AdaptationTask
 from icp.tasks.pretrain import EXPORT_INFO, PretrainTask
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def pretrain_run(tmp_path_factory, one_thread):
-    from icp.data.shards_write import synth
-    from icp.train import fit
+    from icp.data.shards.write import synth
+    from icp.jobs.fit import fit
 
     tmp = tmp_path_factory.mktemp("pretrain")
     synth(tmp / "train", identities=4, views=2, resolution=32, progress=False)

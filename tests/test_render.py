@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icp.data import render as R
-from icp.data.lighting import ambient_light
-from icp.errors import DataError
+from icp.render import renderer as R
+from icp.render.lighting import ambient_light
+from icp.core.errors import DataError
 
 RES = 64
 

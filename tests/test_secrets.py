@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from icp import config as cfglib
+from icp.core import config as cfglib
 from icp.cli import main
-from icp.errors import ConfigError
-from icp.secrets import is_secret_name, leaks, redact, redact_tree, secret_values
-from icp.train import fit
+from icp.core.errors import ConfigError
+from icp.core.secrets import is_secret_name, leaks, redact, redact_tree, secret_values
+from icp.jobs.fit import fit
 
 PLANTED = {
     "ICP_TEST_API_KEY": "sk-planted-7f3a9c1e5b2d4f60",
@@ -60,14 +60,14 @@ def test_fit_with_wandb_leaks_no_secret(planted, repo_root, tmp_path, capfd):
     assert (run / "wandb").is_dir() and (run / "config.yaml").is_file()
     out, err = capfd.readouterr()
     assert grep_tree(run) == {} and not leaks(out + err)
-    # A config cannot copy a secret out of the environment (icp.config refuses the interpolation).
+    # A config cannot copy a secret out of the environment (icp.core.config refuses the interpolation).
     with pytest.raises(ConfigError, match="WANDB_API_KEY"):
         cfglib.load(repo_root / "tests/configs/toy.yaml", ["+notes=${oc.env:WANDB_API_KEY}"])
 
 
 def test_wandb_config_is_redacted(planted, repo_root, monkeypatch):
     """What icp hands to W&B itself (the resolved config) is scrubbed even if a value matches a key."""
-    from icp.train import build_loggers
+    from icp.jobs.fit import build_loggers
 
     seen = {}
 

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from icp.data.shards import decode_group, write_json_atomic
-from icp.data.shards_read import BadSample, ShardStream, iter_shard, members_of
-from icp.data.shards_write import synth
-from icp.errors import DataError
+from icp.data.shards.format import decode_group, write_json_atomic
+from icp.data.shards.read import BadSample, ShardStream, iter_shard, members_of
+from icp.data.shards.write import synth
+from icp.core.errors import DataError
 
 RES, VIEWS = 16, 2
 CAP = 32 * 32  # the pixel cap the tests decode with: a 64x64 image is a "bomb"

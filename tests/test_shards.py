@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from icp.data.render import render_group
-from icp.data.shards import decode_group, read_manifest, to_uint8
-from icp.data.shards_cli import main as cli
-from icp.data.shards_read import ShardStream, check, iter_shard, members_of
-from icp.data.shards_write import synth
-from icp.errors import DataError
+from icp.render.renderer import render_group
+from icp.data.shards.format import decode_group, read_manifest, to_uint8
+from icp.cli.shards import main as cli
+from icp.data.shards.read import ShardStream, check, iter_shard, members_of
+from icp.data.shards.write import synth
+from icp.core.errors import DataError
 
 IDS, VIEWS, RES = 6, 3, 32
 

@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from icp import config as cfglib
+from icp.core import config as cfglib
 from icp.cli import main
-from icp.errors import ConfigError
-from icp.slurm import JobSpec, accumulation_steps, parse_job_id, prepare_config, render_script
-from icp.train import fit
+from icp.core.errors import ConfigError
+from icp.cluster.slurm import JobSpec, accumulation_steps, parse_job_id, prepare_config, render_script
+from icp.jobs.fit import fit
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
 TOY = "tests/configs/slurm_toy.yaml"
@@ -78,7 +78,7 @@ def test_prepare_config_matches_the_allocation(repo_root):
     fsdp = prepare_config(cfglib.load(repo_root / TOY, ["+trainer.strategy=fsdp"]), JobSpec())
     assert fsdp.trainer.strategy == "fsdp"
     bare = prepare_config(cfglib.load(repo_root / "tests/configs/toy.yaml"), JobSpec(cpu=True))
-    assert bare.callbacks.preemption._target_ == "icp.slurm.PreemptionCheckpoint"
+    assert bare.callbacks.preemption._target_ == "icp.cluster.slurm.PreemptionCheckpoint"
     assert "--gpus-per-node" not in render_script(bare, repo_root / "x", JobSpec(cpu=True))
     with pytest.raises(ConfigError, match="--time"):
         prepare_config(cfg, JobSpec(time="soon"))

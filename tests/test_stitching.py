@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from icp.data import keys as K
-from icp.errors import WeightsError
+from icp.core.errors import WeightsError
 from icp.models import backbone as B
 from icp.tasks.grids import SampleGrid
 from icp.tasks.stitching import StitchingTask

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from icp import config as cfglib
+from icp.core import config as cfglib
 from icp.cli import main
-from icp.errors import WeightsError
+from icp.core.errors import WeightsError
 from icp.tasks.loading import load_task, read_checkpoint
-from icp.train import fit
+from icp.jobs.fit import fit
 
 MARKER = "pwned.txt"
 
@@ -137,7 +137,7 @@ def test_appearance_sources_are_safe(tmp_path):
 
 
 def test_config_cannot_reach_code_running_targets(tmp_path):
-    from icp.errors import ConfigError
+    from icp.core.errors import ConfigError
 
     cases = {
         "self_widened": "security: {allowed_targets: [os]}\nx: {_target_: os.system, command: 'true'}\n",
@@ -156,8 +156,8 @@ def test_config_cannot_reach_code_running_targets(tmp_path):
 
 
 def test_photo_decompression_bomb_is_one_line(tmp_path, monkeypatch):
-    from icp.errors import DataError
-    from icp.pipeline import read_image
+    from icp.core.errors import DataError
+    from icp.inference import read_image
 
     Image.new("L", (64, 64)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px > 2x the cap: PIL raises its bomb error

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from icp.data import keys as K
 from icp.data.masking import apply_mask, random_patch_mask
-from icp.data.shards_read import ShardStream, stable_seed
-from icp.errors import ConfigError
+from icp.data.shards.read import ShardStream, stable_seed
+from icp.core.errors import ConfigError
 
 
 def resize_group(group: dict, resolution: int) -> dict:
@@ -86,7 +86,7 @@ class PairMaker:
         item.update(_view_fields(group, p, "profile"))
         item.update(_view_fields(group, t, "target"))
         if self.with_flow and all(group.get(n) is not None for n in ("coords", "fg", "depth", "pose")):
-            from icp.data.render import ground_truth_flow
+            from icp.render.renderer import ground_truth_flow
 
             def view(i: int) -> dict:
                 return {n: group[n][i:i + 1] for n in ("coords", "fg", "depth")}

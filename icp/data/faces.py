@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from icp.errors import DataError
+from icp.core.errors import DataError
 
 # The widely used 5-point template of 112x112 face crops (eyes, nose tip, mouth corners),
 # shrunk about the crop centre so the whole head and some hair fit: tight 112px templates crop

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from icp.errors import ConfigError
+from icp.core.errors import ConfigError
 
 
 def num_dropped(height: int, width: int, ratio: float, patch_size: int) -> tuple[int, int]:

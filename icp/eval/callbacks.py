@@ -114,7 +114,7 @@ class EvalCallback(L.Callback):
         dm = trainer.datamodule
         if self.shards is None:
             if dm is None or not hasattr(dm, "val_dataloader"):
-                from icp.errors import ConfigError
+                from icp.core.errors import ConfigError
 
                 raise ConfigError("callbacks.eval: set shards (a held-out shard folder) or give the datamodule val_shards")
             return take(dm.val_dataloader(), per_rank)

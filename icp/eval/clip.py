@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from icp.errors import WeightsError
+from icp.core.errors import WeightsError
 from icp.eval.extractors import check_images, file_sha256, require_file, to_unit
 
 OPTION = "metrics.clip_model in eval/protocol.yaml or callbacks.eval.clip_model (a local folder saved with transformers' CLIPModel.save_pretrained)"

@@ -74,12 +74,12 @@ def build_extractors(
     found = Extractors()
     for short in [identity] if isinstance(identity, str) else list(identity):
         if short not in IDENTITY_EXTRACTORS:
-            from icp.errors import ConfigError
+            from icp.core.errors import ConfigError
 
             raise ConfigError(f"identity extractor {short!r} is unknown; choose from {', '.join(IDENTITY_EXTRACTORS)}")
         try:
             if short == "icp":
-                from icp.eval.embedder_net import IcpEmbedder
+                from icp.models.embedder import IcpEmbedder
 
                 found.identity[short] = IcpEmbedder(weights=embedder, device=device)
             elif short == "dlib":

@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from icp.errors import WeightsError
+from icp.core.errors import WeightsError
 
 
 class ExtractorUnavailable(WeightsError):

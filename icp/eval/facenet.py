@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from icp.errors import WeightsError
+from icp.core.errors import WeightsError
 from icp.eval.extractors import FaceFeatures, check_images, file_sha256, require_file, to_uint8
 
 OPTION = "metrics.facenet_weights in eval/protocol.yaml or callbacks.eval.facenet_weights (a local InceptionResnetV1 VGGFace2 state dict, e.g. 20180402-114759-vggface2.pt)"

@@ -13,7 +13,7 @@ from typing import Iterator
 from torch.utils.data import DataLoader
 
 from icp.data.datamodule import PairMaker
-from icp.data.shards_read import ShardStream
+from icp.data.shards.read import ShardStream
 
 
 def heldout_loader(shards: str, resolution: int | None = None, mask_ratio: float = 0.8, patch_size: int = 8,
@@ -40,7 +40,7 @@ def take(loader, max_items: int | None) -> Iterator[dict]:
 
 
 def manifest_sha256(shards: str) -> str:
-    from icp.data.shards import sha256_file
+    from icp.data.shards.format import sha256_file
     from pathlib import Path
 
     return sha256_file(Path(shards) / "manifest.json")

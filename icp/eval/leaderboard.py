@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from icp.errors import DataError, IcpError
+from icp.core.errors import DataError, IcpError
 from icp.eval.record import FORMAT, sha256_of
 
 # Direction of each metric (True = higher is better); unknown metrics are shown, not ranked.

@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from icp import __version__
-from icp import config as cfglib
-from icp.errors import ConfigError, DataError
+from icp.core import config as cfglib
+from icp.core.errors import ConfigError, DataError
 from icp.eval.callbacks import evaluate
 from icp.eval.evaluator import Evaluator, build_extractors
 from icp.eval.heldout import heldout_loader, take
@@ -113,7 +113,7 @@ def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str |
     described = extractors.describe()
     manifest = shards / "manifest.json"
     key = protocol_key(protocol, sha256_of(manifest), int(resolution), described)
-    from icp.rundir import config_hash
+    from icp.core.rundir import config_hash
 
     record = {
         "format": FORMAT, "version": 1,

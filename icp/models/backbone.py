@@ -25,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.clip.tokenization_clip import CLIPTokenizer
 
-from icp.errors import ConfigError, WeightsError
+from icp.core.errors import ConfigError, WeightsError
 from icp.models.codec import PIXEL_CODEC_FILE, PixelCodec, VaeCodec
 
 # SD1.5's training noise schedule; steps_offset/clip_sample as diffusers expects (no warnings).

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icp.errors import ConfigError, WeightsError
+from icp.core.errors import ConfigError, WeightsError
 
 PIXEL_CODEC_FILE = "codec_config.json"
 

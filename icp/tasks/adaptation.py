@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from icp.data import keys as K
-from icp.errors import ConfigError, DataError, WeightsError
+from icp.core.errors import ConfigError, DataError, WeightsError
 from icp.models import matching as M
 from icp.models.backbone import Backbone
 from icp.models.control import ControlUNet, split_halves, stitch
@@ -259,7 +259,7 @@ def _checkpoint_file(path: Path) -> Path | None:
     if path.is_file() and path.suffix == ".ckpt":
         return path
     if path.is_dir():
-        from icp.checkpointing import resumable_checkpoint
+        from icp.core.checkpointing import resumable_checkpoint
 
         return resumable_checkpoint(path / "checkpoints") or resumable_checkpoint(path)
     return None
@@ -427,7 +427,7 @@ class FlowCurve(L.Callback):
             from torch.utils.data import DataLoader
 
             from icp.data.datamodule import PairMaker
-            from icp.data.shards_read import ShardStream
+            from icp.data.shards.read import ShardStream
 
             maker = PairMaker(self.resolution, self.mask_ratio, self.patch_size, self.pairs_per_identity,
                               seed=self.seed, fixed=True)

@@ -36,7 +36,7 @@ from diffusers.training_utils import EMAModel
 
 from icp import perf as perflib
 from icp.data import keys as K
-from icp.errors import ConfigError, WeightsError
+from icp.core.errors import ConfigError, WeightsError
 from icp.models.backbone import Backbone
 
 log = logging.getLogger(__name__)

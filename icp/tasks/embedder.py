@@ -7,7 +7,7 @@ with a margin -- across the poses and lightings the renderer varies, which is wh
 identity (not appearance) metric. Validation is verification on held-out identities (never seen
 in training): ROC AUC and best-threshold accuracy of same/different pairs.
 
-The trained network is exported to ``<run dir>/embedder.pt`` (icp.eval.embedder_net.export)
+The trained network is exported to ``<run dir>/embedder.pt`` (icp.models.embedder.export)
 after every validation and at the end of training; ``icp eval`` loads that file (or the .ckpt).
 """
 
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icp.data import keys as K
-from icp.errors import ConfigError, DataError
-from icp.eval.embedder_net import IdentityEmbedderNet, export
+from icp.core.errors import ConfigError, DataError
+from icp.models.embedder import IdentityEmbedderNet, export
 
 
 class ArcMarginHead(nn.Module):

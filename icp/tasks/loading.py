@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from icp import config as cfglib
-from icp.checkpointing import checkpoint_problem, resumable_checkpoint
-from icp.errors import WeightsError
+from icp.core import config as cfglib
+from icp.core.checkpointing import checkpoint_problem, resumable_checkpoint
+from icp.core.errors import WeightsError
 
 log = logging.getLogger(__name__)
 TRUST_HINT = ("pass --trust-checkpoint (Python: trust_checkpoint=True) only if you trust whoever made it: "

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from icp.errors import ConfigError
+from icp.core.errors import ConfigError
 from icp.models.backbone import Backbone
 from icp.tasks.base import DiffusionTask, Residuals
 

@@ -1,0 +1,121 @@
+"""Data-path throughput: renders per core, raw tar read rate, decode rate, loader rate by workers.
+
+Usage: python eval/bench_data.py [--identities 24] [--views 4] [--out eval/results/bench_data.md]
+
+Numbers depend on the machine and on what else runs on it; the markdown records both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from icp.data.datamodule import ShardDataModule
+from icp.render.renderer import render_group
+from icp.data.shards.format import decode_group
+from icp.data.shards.read import iter_shard, members_of
+from icp.data.shards.write import synth
+
+
+def render_rate(resolution: int, views: int, groups: int) -> float:
+    """Views rendered per second on one thread (one core)."""
+    torch.set_num_threads(1)
+    render_group(10_000, 1, resolution, 0)  # warm-up (allocator, lazy imports)
+    start = time.perf_counter()
+    for i in range(groups):
+        render_group(i, views, resolution, 0)
+    return groups * views / (time.perf_counter() - start)
+
+
+def raw_and_decode_rate(folder: Path) -> tuple[float, float, float]:
+    """(samples/s reading tar bytes only, MB/s of that, samples/s including full decode)."""
+    tars = sorted(folder.glob("*.tar"))
+    start = time.perf_counter()
+    samples = sum(1 for t in tars for _ in iter_shard(t))
+    raw = time.perf_counter() - start
+    megabytes = sum(t.stat().st_size for t in tars) / 1e6
+    start = time.perf_counter()
+    for t in tars:
+        for sample in iter_shard(t):
+            decode_group(members_of(sample))
+    decoded = time.perf_counter() - start
+    return samples / raw, megabytes / raw, samples / decoded
+
+
+def loader_rate(folder: Path, workers: int, batch_size: int, pairs: int, epochs: int = 3) -> float:
+    """Training items (profile/target pairs with mask and flow) per second through the DataLoader,
+    steady state: persistent workers, the first (start-up) epoch not timed."""
+    torch.set_num_threads(1)
+    module = ShardDataModule(str(folder), batch_size=batch_size, num_workers=workers, pairs_per_identity=pairs,
+                             shuffle_buffer=64, seed=0, persistent_workers=True)
+    module.setup("fit")
+    loader = module.train_dataloader()
+    items, start = 0, 0.0
+    for epoch in range(epochs + 1):
+        if epoch == 1:
+            items, start = 0, time.perf_counter()
+        module.set_epoch(epoch)
+        for batch in loader:
+            items += batch["identity"].shape[0]
+    return items / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--identities", type=int, default=24)
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=64, help="shard resolution for the loader bench")
+    parser.add_argument("--render-groups", type=int, default=2)
+    parser.add_argument("--out", default="eval/results/bench_data.md")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", message=".*worker processes in total.*")
+
+    rows = []
+    for res in (64, 128, 256):
+        rate = render_rate(res, args.views, args.render_groups)
+        rows.append((f"render {res}px, 1 core", f"{rate:.2f} views/s", f"{1 / rate:.3f} s/view"))
+        print(rows[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "bench"
+        start = time.perf_counter()
+        synth(folder, args.identities, args.views, args.resolution, seed=0, shard_size=4, progress=False)
+        took = time.perf_counter() - start
+        rows.append((f"synth shards {args.resolution}px ({args.identities}x{args.views} views, 1 process)",
+                     f"{args.identities * args.views / took:.2f} views/s", f"{took:.1f} s total"))
+        print(rows[-1])
+        raw, mbps, dec = raw_and_decode_rate(folder)
+        rows.append(("raw tar read (bytes only)", f"{raw:.0f} identities/s", f"{mbps:.0f} MB/s"))
+        rows.append(("tar read + decode (PNG, npy, crc)", f"{dec:.0f} identities/s", f"{dec * args.views:.0f} views/s"))
+        print(rows[-2:])
+        for workers in (1, 2, 4):
+            rate = loader_rate(folder, workers, batch_size=8, pairs=4)
+            rows.append((f"loader, {workers} worker(s), pairs+mask+flow", f"{rate:.0f} pairs/s", ""))
+            print(rows[-1])
+
+    lines = [
+        "# Data-path throughput (eval/bench_data.py)",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+        f"Python {platform.python_version()}. Other jobs may share the CPU: read ratios, not absolutes.",
+        f"Loader: {args.identities} identities x {args.views} views at {args.resolution}px, 4 pairs per "
+        "identity, batch 8, persistent workers, 3 epochs after an untimed start-up epoch.",
+        "",
+        "| what | rate | note |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        "",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""SLURM: render and submit ``icp fit`` jobs; survive preemption; keep the global batch fixed.
+
+Three pieces, all about running one experiment on many processes that may be stopped at any time:
+
+* ``render_script`` / ``submit``: an sbatch script from ``slurm/fit.sbatch.j2`` that runs the
+  resolved config saved in the run directory under ``srun`` (one task per GPU), with
+  ``--signal=USR1@90`` and ``--requeue``. Lightning's ``SLURMEnvironment`` reads ranks, nodes and
+  the master address from the SLURM variables, so ``trainer.num_nodes``/``devices`` only have to
+  match ``--nodes``/``--ntasks-per-node``, which ``prepare_config`` makes sure of.
+* ``PreemptionCheckpoint``: the one SIGUSR1 handler. It only notes the signal; at the next
+  optimizer-step boundary all ranks agree to stop, save ``last.ckpt`` (which ``icp fit`` resumes
+  from), requeue the job and stop. It also keeps the global RNG states in every checkpoint.
+* ``accumulation_steps`` + ``GlobalBatchSize``: the optimizer sees the same global batch whatever
+  the number of GPUs (``global_batch_size`` = per-device batch x devices x nodes x accumulation).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from icp.core.errors import ConfigError, IcpError
+from icp.core.paths import SLURM_TEMPLATES
+from icp.core.secrets import leaks
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_DIR = SLURM_TEMPLATES
+SCRIPT_NAME = "job.sbatch"
+
+
+# ------------------------------------------------------------------------- global batch size
+
+
+def accumulation_steps(global_batch_size: int, per_device_batch_size: int, devices: int, num_nodes: int = 1) -> int:
+    """Gradient-accumulation steps that make ``global_batch_size`` on ``devices x num_nodes``."""
+    per_step = int(per_device_batch_size) * int(devices) * int(num_nodes)
+    if per_step <= 0 or global_batch_size <= 0:
+        raise ConfigError(f"global_batch_size={global_batch_size} needs a positive per-device batch size "
+                          f"and device count (got batch {per_device_batch_size} x {devices} devices x {num_nodes} nodes)")
+    if global_batch_size % per_step:
+        raise ConfigError(
+            f"global_batch_size={global_batch_size} is not a multiple of per-device batch {per_device_batch_size} "
+            f"x {devices} devices x {num_nodes} nodes = {per_step}; change data.batch_size or global_batch_size")
+    return global_batch_size // per_step
+
+
+class GlobalBatchSize(L.Callback):
+    """Sets ``trainer.accumulate_grad_batches`` from the world size at ``fit`` start.
+
+    Config: ``callbacks.global_batch: {_target_: icp.cluster.slurm.GlobalBatchSize, global_batch_size: 64,
+    per_device_batch_size: ${data.batch_size}}``. Runs in ``setup``, before any batch is drawn.
+    """
+
+    def __init__(self, global_batch_size: int, per_device_batch_size: int):
+        self.global_batch_size = int(global_batch_size)
+        self.per_device_batch_size = int(per_device_batch_size)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        steps = accumulation_steps(self.global_batch_size, self.per_device_batch_size,
+                                   trainer.num_devices, trainer.num_nodes)
+        if trainer.accumulate_grad_batches not in (1, steps):
+            raise ConfigError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} conflicts with "
+                              f"global_batch_size={self.global_batch_size}; remove one of them")
+        trainer.accumulate_grad_batches = steps
+        if trainer.is_global_zero:
+            log.info("global batch %d = %d per device x %d devices x %d nodes x %d accumulation",
+                     self.global_batch_size, self.per_device_batch_size, trainer.num_devices,
+                     trainer.num_nodes, steps)
+
+
+# ------------------------------------------------------------------------------- preemption
+
+
+def rng_states() -> dict[str, Any]:
+    """Global RNG states as tensors and plain values (checkpoints load with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Save-and-requeue on ``SIGUSR1`` at a step boundary; RNG states in every checkpoint.
+
+    Why not Lightning's own SLURM handler: it saves ``hpc_ckpt_N.ckpt`` from inside the signal
+    handler, i.e. at whatever bytecode the main thread was running (possibly between the optimizer
+    update and the progress counters), into a place ``icp fit`` does not resume from, and each
+    rank acts on its own. Here the handler only sets a flag; at the end of the next optimizer step
+    the ranks reduce it (so all stop at the same step), every rank joins the save (FSDP needs it),
+    and rank 0 requeues. Lightning's handler is switched off (``auto_requeue=False``) so this is
+    the only one.
+    """
+
+    def __init__(self, signum: str = "SIGUSR1", requeue: bool = True):
+        self.signum = signal.Signals[signum] if isinstance(signum, str) else signal.Signals(signum)
+        self.requeue = requeue
+        self.requested = False
+        self._previous: Any = None
+        self._last_step = -1
+        self._pending_rng: dict[str, Any] | None = None
+        self._trainer: L.Trainer | None = None
+
+    # -- signal handling
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        self._trainer = trainer
+        # Lightning registers its handler after `setup`; disabling auto-requeue keeps it away.
+        envs = {getattr(trainer.strategy, "cluster_environment", None),
+                getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)}
+        for env in envs:
+            if isinstance(env, SLURMEnvironment):
+                env.auto_requeue = False
+        # Installed this early so that a signal during a slow start (restoring a large checkpoint)
+        # is kept for the first step instead of killing the task (USR1's default action).
+        self.requested = False
+        if self._previous is None and _main_thread():
+            self._previous = signal.signal(self.signum, self._note)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        if _main_thread():  # again, in case another handler was set since `setup`
+            signal.signal(self.signum, self._note)
+
+    def _note(self, signum, frame) -> None:
+        # Only a flag: the state is saved where it is consistent (on_train_batch_end).
+        self.requested = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending_rng is not None:  # see load_state_dict
+            set_rng_states(self._pending_rng)
+            self._pending_rng = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._last_step:
+            return  # inside a gradient-accumulation window: no consistent state to save yet
+        self._last_step = trainer.global_step
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        path = preemption_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            log.info("preemption signal: saved %s at step %d", path, trainer.global_step)
+            if self.requeue:
+                requeue_job()
+        trainer.should_stop = True
+
+    # -- RNG states travel in every checkpoint (periodic ones too)
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        last = bool(trainer is not None and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        return {"rng": rng_states(), "mid_epoch": not last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rng = state_dict.get("rng")
+        if rng is None:
+            return
+        # A resumed run rebuilds its train iterator right after restoring, and a DataLoader
+        # without its own generator draws a seed from the global RNG then; the uninterrupted run
+        # drew it at the epoch start: before a mid-epoch save, after an end-of-epoch one.
+        # Restoring at the matching point keeps both runs on the same random stream.
+        if state_dict.get("mid_epoch", True):
+            self._pending_rng = rng
+        else:
+            set_rng_states(rng)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def preemption_checkpoint_path(trainer: L.Trainer) -> Path:
+    """``last.ckpt`` beside the periodic checkpoints: what ``icp fit`` resumes from first."""
+    ckpt = trainer.checkpoint_callback
+    folder = Path(ckpt.dirpath) if ckpt is not None and getattr(ckpt, "dirpath", None) else \
+        Path(trainer.default_root_dir) / "checkpoints"
+    return folder / "last.ckpt"
+
+
+def requeue_job() -> bool:
+    """``scontrol requeue`` this job (array tasks too); False when not under SLURM or it fails."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job or not re.fullmatch(r"[0-9_]+", job):
+        log.info("preemption signal outside a SLURM job: checkpoint saved, nothing to requeue")
+        return False
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode != 0:
+        log.warning("scontrol requeue %s failed: %s", job, done.stderr.strip())
+        return False
+    log.info("requeued SLURM job %s", job)
+    return True
+
+
+# ------------------------------------------------------------------------ rendering, submit
+
+
+@dataclass
+class JobSpec:
+    """What ``icp slurm submit`` asks Slurm for (the flags of the verb, one to one)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpu: bool = False               # G processes per node on CPU, no GPU request (tests, debugging)
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    env_setup: str = ""             # e.g. "source .venv/bin/activate"; sbatch also exports the caller's env
+    job_name: str | None = None
+    signal_seconds: int = 90
+    icp_command: str = "icp"
+    extra_sbatch: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ConfigError(f"--nodes ({self.nodes}) and --gpus-per-node ({self.gpus_per_node}) must be >= 1")
+        if self.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", self.time):
+            raise ConfigError(f"--time {self.time!r} is not a Slurm time (minutes, HH:MM:SS or D-HH:MM:SS)")
+
+
+def prepare_config(cfg: DictConfig, spec: JobSpec) -> DictConfig:
+    """Make the trainer match the allocation; add the preemption callback if the config lacks it.
+
+    ``trainer.num_nodes``/``devices`` must equal ``--nodes``/``--ntasks-per-node`` or Lightning's
+    SLURM environment refuses to start. DDP is the default strategy; a config may choose another
+    (e.g. ``trainer.strategy=fsdp``).
+    """
+    spec.check()
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_struct(cfg, False)
+    cfg.trainer.num_nodes = spec.nodes
+    cfg.trainer.devices = spec.gpus_per_node
+    cfg.trainer.accelerator = "cpu" if spec.cpu else "gpu"
+    if OmegaConf.select(cfg, "trainer.strategy", default=None) in (None, "auto"):
+        cfg.trainer.strategy = "ddp"
+    callbacks = OmegaConf.select(cfg, "callbacks", default=None) or {}
+    targets = {str(OmegaConf.select(node, "_target_", default="")) for node in callbacks.values() if node}
+    if f"{__name__}.PreemptionCheckpoint" not in targets:
+        if not callbacks:
+            cfg.callbacks = {}
+        cfg.callbacks.preemption = {"_target_": f"{__name__}.PreemptionCheckpoint"}
+    return cfg
+
+
+def render_script(cfg: DictConfig, run_dir: Path, spec: JobSpec, template: Path | None = None) -> str:
+    import jinja2
+
+    template = Path(template) if template else TEMPLATE_DIR / "fit.sbatch.j2"
+    if not template.is_file():
+        raise ConfigError(f"sbatch template {template} not found; pass --template PATH or run from a checkout of icp")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    name = spec.job_name or f"icp-{OmegaConf.select(cfg, 'experiment', default='run')}-{run_dir.name}"
+    script = env.from_string(template.read_text()).render(
+        run_dir=run_dir.as_posix(), job_name=re.sub(r"[^\w.-]", "_", name), nodes=spec.nodes,
+        tasks_per_node=spec.gpus_per_node, gpus_per_node=None if spec.cpu else spec.gpus_per_node,
+        cpus_per_task=spec.cpus_per_task, mem=spec.mem, time=spec.time, partition=spec.partition,
+        account=spec.account, signal_seconds=spec.signal_seconds, extra_sbatch=spec.extra_sbatch,
+        env_setup=spec.env_setup, icp_command=spec.icp_command,
+        config=shlex.quote((run_dir / "config.yaml").as_posix()),
+    )
+    leaked = leaks(script)
+    if leaked:
+        # Redacting would silently break the job; sbatch passes the submitting shell's environment on.
+        raise ConfigError(f"the sbatch script would contain the value of {', '.join(leaked)} (from --env-setup, "
+                          "--sbatch or the job name); export it in your shell instead, sbatch passes it on")
+    return script
+
+
+def parse_job_id(sbatch_stdout: str) -> str:
+    """The job id from ``sbatch --parsable`` (``123`` or ``123;cluster``) or plain ``sbatch``."""
+    match = re.search(r"^\s*(\d+)(;\S+)?\s*$", sbatch_stdout, re.M) or re.search(r"Submitted batch job (\d+)", sbatch_stdout)
+    if not match:
+        raise IcpError(f"could not read a job id from sbatch's answer: {sbatch_stdout.strip()[:200]!r}")
+    return match.group(1)
+
+
+def submit(cfg: DictConfig, spec: JobSpec, dry_run: bool = False, template: Path | None = None,
+           sbatch: str = "sbatch") -> tuple[Path, str, str | None]:
+    """Prepare the run directory, write its sbatch script and submit it.
+
+    Returns (run directory, script text, job id); with ``dry_run`` nothing is written or
+    submitted and the job id is None.
+    """
+    from icp.core import rundir
+
+    cfg = prepare_config(cfg, spec)
+    run_dir = rundir.run_dir_of(cfg)
+    script = render_script(cfg, run_dir, spec, template)
+    if dry_run:
+        return run_dir, script, None
+    if shutil.which(sbatch) is None:
+        raise IcpError(f"'{sbatch}' not found on PATH: submit from a Slurm login node, or use --dry-run to see the script")
+    run_dir = rundir.prepare(cfg)
+    path = run_dir / SCRIPT_NAME
+    path.write_text(script)
+    done = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no message"]
+        raise IcpError(f"sbatch refused {path}: {reason[0]}")
+    job_id = parse_job_id(done.stdout)
+    with open(run_dir / "logs" / "slurm_jobs.txt", "a") as fh:
+        fh.write(job_id + "\n")
+    return run_dir, script, job_id

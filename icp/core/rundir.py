@@ -1,0 +1,77 @@
+"""Run directories: ``<run.root>/<experiment>/<name>/`` with config, checkpoints, logs, samples.
+
+Resumable by default (edm2, DESIGN.md §4): running the same command again lands in the same
+directory and continues from its last checkpoint, which is what SLURM requeue needs. When no
+``run.name`` is given the name is a hash of the resolved config, so the same command maps to the
+same directory and a changed config to a new one. A named run whose saved config differs from
+the new one is refused (naming the differing keys) instead of silently mixing two experiments;
+``run.allow_config_change=true`` accepts the change on purpose (e.g. raising max_steps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from icp.core import config as cfglib
+from icp.core.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"
+# Keys that say where/how a run is stored, not what it computes: they do not enter the hash and
+# may change between invocations of the same run.
+_VOLATILE = ("run",)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    data = yaml.safe_load(cfglib.to_yaml(cfg))
+    for key in _VOLATILE:
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    experiment = OmegaConf.select(cfg, "experiment", default=None) or "default"
+    name = OmegaConf.select(cfg, "run.name", default=None) or f"cfg-{config_hash(cfg)}"
+    root = Path(OmegaConf.select(cfg, "run.root", default="runs"))
+    return root / str(experiment) / str(name)
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new), key=str):
+        path = f"{prefix}.{key}" if prefix else str(key)
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys.extend(_diff(a, b, path))
+        elif a != b:
+            keys.append(path)
+    return keys
+
+
+def prepare(cfg: DictConfig) -> Path:
+    """Create (or re-open) the run directory and write the resolved config into it."""
+    run_dir = run_dir_of(cfg)
+    saved = run_dir / CONFIG_FILE
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text()) or {}
+        new = yaml.safe_load(cfglib.to_yaml(cfg))
+        changed = [k for k in _diff(old, new) if k.split(".")[0] not in _VOLATILE]
+        if changed and not OmegaConf.select(cfg, "run.allow_config_change", default=False):
+            shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config (changed: {shown}); choose another "
+                "run.name, or pass run.allow_config_change=true to continue it with the new config"
+            )
+        if changed:
+            # Keep the history of accepted changes instead of overwriting the old config.
+            n = len(list(run_dir.glob("config.*.yaml")))
+            saved.replace(run_dir / f"config.{n}.yaml")
+    for sub in ("checkpoints", "samples", "logs"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    cfglib.save(cfg, saved)
+    return run_dir
+

@@ -1,0 +1,210 @@
+"""Inference: profile photo(s) + target portrait -> the target re-rendered with the profile's identity.
+
+Real photos are detected and aligned to the canonical face frame first (``icp.data.faces``, MTCNN),
+so inference sees what training saw. The target is patch-masked as in training (paper §3.2: the
+surviving ~20% of patches carry pose and lighting, not identity); the trained
+:class:`~icp.tasks.adaptation.AdaptationTask` matches, warps and injects, and ``sample()`` denoises.
+
+Relighting (paper's 3D-aware relighting, claim (d)): ``light`` replaces the target's lighting
+before masking, so the output keeps the target's pose under the new light. It is either another
+portrait (its low-frequency shading and colour are transferred in the aligned frame) or a light
+spec ``"dir=x,y,z;color=r,g,b;ambient=a"`` (a directional light on an ellipsoidal head proxy).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from icp.core import config as cfglib
+from icp.data import keys as K
+from icp.data.faces import detect_and_align
+from icp.data.masking import random_patch_mask
+from icp.core.errors import DataError, WeightsError
+from icp.tasks.adaptation import EXTRA_PROFILES, AdaptationTask
+
+ImageLike = Union[str, Path, Image.Image, Tensor]
+RUN_CONFIG = "config.yaml"
+
+
+# ------------------------------------------------------------------------------ loading a run
+
+
+def load_task(checkpoint: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False,
+              compile: bool = False) -> tuple[AdaptationTask, DictConfig]:
+    """The adaptation task of a run (dir or .ckpt in it), with its weights and EMA; -> (task, run config).
+
+    ``trust_checkpoint``: allow a checkpoint that needs full unpickling (it can run code from the file).
+    ``compile``: torch.compile the nets (CUDA; ~2 minutes once, repaid only over many images, so
+    off for the pipeline's few portraits; bf16 weights and CUDA-graphed steps apply either way).
+    """
+    from icp.tasks import loading
+
+    run_dir, _ = loading.locate_run(Path(checkpoint).expanduser())
+    cfg = cfglib.load(run_dir / RUN_CONFIG)
+    target = str(OmegaConf.select(cfg, "model._target_", default=""))
+    if not target.endswith("AdaptationTask"):
+        raise WeightsError(f"{run_dir}: is a '{target or 'unknown'}' run; `icp generate` needs an adaptation run "
+                           "(experiments/adaptation/*.yaml)")
+    task = loading.load_task(checkpoint, device, trust_checkpoint=trust_checkpoint, compile=compile)
+    return task, cfg
+
+
+# --------------------------------------------------------------------------------- images
+
+
+def read_image(image: ImageLike, name: str | None = None) -> tuple[Image.Image, str]:
+    if isinstance(image, (str, Path)):
+        try:
+            return Image.open(image).convert("RGB"), name or str(image)
+        except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+            raise DataError(f"cannot read image {image} ({type(err).__name__}); pass a PNG or JPEG file") from None
+    if isinstance(image, Tensor):
+        arr = ((image.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(arr), name or "<tensor>"
+    return image.convert("RGB"), name or "<image>"
+
+
+def prepare_face(image: ImageLike, resolution: int, align: bool = True, name: str | None = None) -> Tensor:
+    """(3, R, R) in [-1, 1]: detected + aligned face crop (``align``) or a centre crop resized."""
+    pil, name = read_image(image, name)
+    if align:
+        return detect_and_align(pil, resolution, source=name).image
+    w, h = pil.size
+    s = min(w, h)
+    pil = pil.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    pil = pil.resize((resolution, resolution), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def save_image(image: Tensor, path: str | Path) -> Path:
+    """Write a (3, H, W) [-1, 1] image as PNG."""
+    pil, _ = read_image(image)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------- relighting
+
+
+def _blur(x: Tensor, sigma: float) -> Tensor:
+    radius = max(1, int(3 * sigma))
+    k = torch.exp(-torch.arange(-radius, radius + 1, dtype=x.dtype) ** 2 / (2 * sigma**2))
+    k = k / k.sum()
+    c = x.shape[0]
+    x = F.pad(x[None], (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)[0]
+
+
+def transfer_lighting(target: Tensor, light: Tensor, sigma_frac: float = 0.12) -> Tensor:
+    """Give ``target`` the low-frequency shading and colour of ``light`` (both aligned, [-1, 1])."""
+    sigma = sigma_frac * target.shape[-1]
+    t01, l01 = (target + 1) / 2, (light + 1) / 2
+    ratio = (_blur(l01, sigma) + 0.02) / (_blur(t01, sigma) + 0.02)
+    return (t01 * ratio).clamp(0, 1) * 2 - 1
+
+
+def parse_light_spec(spec: str) -> dict:
+    """``"dir=x,y,z;color=r,g,b;ambient=a"`` (any subset) -> dict; x right, y up, z to the viewer."""
+    out = {"dir": (0.0, 0.0, 1.0), "color": (1.0, 1.0, 1.0), "ambient": 0.35}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        try:
+            nums = tuple(float(v) for v in value.split(","))
+        except ValueError:
+            nums = ()
+        if key not in out or not nums or len(nums) != (1 if key == "ambient" else 3):
+            raise DataError(f"light spec '{spec}': cannot read '{part}' (write e.g. "
+                            "--light 'dir=-1,0.3,1;color=1,0.9,0.8;ambient=0.3' or give a portrait file)")
+        out[key] = nums[0] if key == "ambient" else nums
+    if math.hypot(*out["dir"]) == 0:
+        raise DataError(f"light spec '{spec}': the direction must not be 0,0,0")
+    return out
+
+
+def synthetic_lighting(target: Tensor, spec: str) -> Tensor:
+    """Re-light an aligned target with a directional light on an ellipsoidal head proxy."""
+    p = parse_light_spec(spec)
+    _, h, w = target.shape
+    ys, xs = torch.meshgrid(torch.linspace(1, -1, h), torch.linspace(-1, 1, w), indexing="ij")
+    # Head proxy in the aligned frame: an ellipse ~ the face template's extent (icp.data.faces).
+    u, v = xs / 0.62, (ys - 0.02) / 0.80
+    nz = (1 - u**2 - v**2).clamp_min(0).sqrt()
+    inside = (u**2 + v**2) < 1
+    normal = torch.stack((torch.where(inside, u, 0 * u), torch.where(inside, v, 0 * v),
+                          torch.where(inside, nz, 1 + 0 * nz)))
+    d = torch.tensor(p["dir"], dtype=torch.float32)
+    lambert = (normal * (d / d.norm()).view(3, 1, 1)).sum(0).clamp_min(0)
+    shade = p["ambient"] + (1 - p["ambient"]) * lambert
+    color = torch.tensor(p["color"], dtype=torch.float32).view(3, 1, 1)
+    # Divide out the old flat shading guess (mean brightness) so the spec sets the light level.
+    out = (target + 1) / 2 * shade * color / shade[inside].mean().clamp_min(1e-3)
+    return out.clamp(0, 1) * 2 - 1
+
+
+# -------------------------------------------------------------------------------- pipeline
+
+
+class PortraitPipeline:
+    """``pipe(profiles, target, ...) -> (3, R, R)`` in [-1, 1]; see the module docstring."""
+
+    def __init__(self, task: AdaptationTask, resolution: int | None = None, mask_ratio: float = 0.8,
+                 patch_size: int = 8, align: bool = True):
+        self.task = task.eval()
+        unet = task.backbone.unet
+        self.resolution = resolution or int(unet.config.sample_size) * task.backbone.downscale
+        self.mask_ratio, self.patch_size, self.align = mask_ratio, patch_size, align
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, device: str | None = None, align: bool = True,
+                        trust_checkpoint: bool = False, compile: bool = False) -> "PortraitPipeline":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        task, cfg = load_task(checkpoint, device, trust_checkpoint=trust_checkpoint, compile=compile)
+        return cls(task, resolution=OmegaConf.select(cfg, "data.resolution", default=None),
+                   mask_ratio=float(OmegaConf.select(cfg, "data.mask_ratio", default=0.8)),
+                   patch_size=int(OmegaConf.select(cfg, "data.patch_size", default=8)), align=align)
+
+    def prepare(self, profiles: Sequence[ImageLike], target: ImageLike, light: ImageLike | None = None,
+                prompt: str | None = None, seed: int = 0) -> dict:
+        """The batch the task samples from (useful to inspect what the model sees)."""
+        if not profiles:
+            raise DataError("give at least one profile photo (--profile P.png)")
+        res = self.resolution
+        faces = [prepare_face(p, res, self.align) for p in profiles]
+        tgt = prepare_face(target, res, self.align)
+        if light is not None:
+            if isinstance(light, str) and "=" in light and not Path(light).exists():
+                tgt = synthetic_lighting(tgt, light)
+            else:
+                tgt = transfer_lighting(tgt, prepare_face(light, res, self.align))
+        keep = random_patch_mask((1, res, res), self.mask_ratio, self.patch_size,
+                                 generator=torch.Generator().manual_seed(seed))
+        device = self.task.device
+        batch = {K.PROFILE: faces[0][None].to(device), K.TARGET: tgt[None].to(device),
+                 K.TARGET_KEEP: keep.to(device), K.TARGET_MASKED: (tgt[None] * keep).to(device)}
+        if len(faces) > 1:
+            batch[EXTRA_PROFILES] = [f[None].to(device) for f in faces[1:]]
+        if prompt:
+            batch[K.PROMPT] = [prompt]
+        return batch
+
+    @torch.no_grad()
+    def __call__(self, profiles: Sequence[ImageLike], target: ImageLike, prompt: str | None = None,
+                 steps: int = 20, seed: int = 0, light: ImageLike | None = None,
+                 guidance_scale: float | None = None) -> Tensor:
+        batch = self.prepare(profiles, target, light, prompt, seed)
+        generator = torch.Generator(device=self.task.device).manual_seed(seed)
+        out = self.task.sample(batch, num_steps=steps, guidance_scale=guidance_scale, generator=generator)
+        return out[0].cpu()

@@ -1,0 +1,161 @@
+"""The jobs of ``eval/paper_claims.py``: every sub-fit and evaluation, their run dirs and order.
+
+A job is a named unit with dependencies: a *fit* (an ordinary ``icp fit`` of an experiment file
+with overrides, run by ``icp.jobs.fit.fit`` into ``<root>/fits/<experiment>/cfg-<hash>/``) or an
+*evaluation* (``claims.measure``, writing ``<root>/evals/<name>.json``). Every path follows from
+the config alone -- a fit's run directory is the hash of its resolved config, and a later fit names
+an earlier one's directory (the pretrained backbone folder, the stitching run) before it exists --
+so the whole plan is known up front, a sub-process can rebuild it to run one job, and a re-run
+skips every job whose output is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from icp.core import config as cfglib
+from icp.core import rundir
+from icp.jobs.stages import EXPERIMENTS, resolve_device, shards_dirs
+
+
+@dataclass
+class Job:
+    name: str
+    kind: str                      # "fit" | "eval"
+    deps: list[str] = field(default_factory=list)
+    cfg: DictConfig | None = None  # fits: the resolved fit config
+    spec: dict = field(default_factory=dict)  # evals: what the measurement needs
+    cost: float = 1.0              # rough relative duration: long jobs start first
+
+    @property
+    def run_dir(self) -> Path:
+        return rundir.run_dir_of(self.cfg)
+
+
+def ratio_tag(ratio: float) -> str:
+    return f"m{round(float(ratio) * 100):03d}"
+
+
+def fit_config(cfg: DictConfig, node: str, experiment: str, extra: list[str]) -> DictConfig:
+    """The fit config of one variant: its experiment file + the shared and the variant's overrides."""
+    fit = cfg.fits[node]
+    train, heldout = shards_dirs(cfg)
+    accelerator = "gpu" if resolve_device(cfg) == "cuda" else "cpu"
+    overrides = [
+        f"run.root={Path(cfg.root) / 'fits'}", f"experiment={experiment}", f"seed={cfg.seed}",
+        f"data.shards={train}", f"data.val_shards={heldout}", f"data.resolution={cfg.data.resolution}",
+        f"trainer.accelerator={accelerator}", "trainer.devices=1", "logger.wandb=null",
+        *[str(o) for o in fit.get("overrides", [])], *extra,
+    ]
+    return cfglib.load(EXPERIMENTS / fit.config, overrides)
+
+
+def _backbone(pretrain_dir: Path) -> list[str]:
+    # Two overrides: a merge would keep the tiny builder's keys, which pretrained() does not take.
+    return ["model.backbone=null",
+            "model.backbone={_target_: icp.models.backbone.pretrained, path: " + str(pretrain_dir / "backbone") + "}"]
+
+
+def build(cfg: DictConfig) -> dict[str, Job]:
+    jobs: dict[str, Job] = {}
+
+    def add(job: Job) -> Job:
+        jobs[job.name] = job
+        return job
+
+    claims = cfg.claims
+    embedder = add(Job("embedder", "fit", cfg=fit_config(cfg, "embedder", "claims_embedder", [])))
+    pretrain = add(Job("pretrain", "fit", cfg=fit_config(cfg, "pretrain", "claims_pretrain", []), cost=3))
+    stitch: dict[float, Job] = {}
+    for ratio in claims.masking.ratios:
+        extra = [*_backbone(pretrain.run_dir), f"data.mask_ratio={float(ratio)}"]
+        stitch[float(ratio)] = add(Job(f"stitch_{ratio_tag(ratio)}", "fit", deps=["pretrain"], cost=4,
+                                       cfg=fit_config(cfg, "stitching", "claims_stitching", extra)))
+    main = stitch.get(float(claims.masking.main_ratio))
+    if main is None:
+        from icp.core.errors import ConfigError
+
+        raise ConfigError(f"claims.masking.main_ratio={claims.masking.main_ratio} must be one of claims.masking.ratios")
+    heldout = shards_dirs(cfg)[1]
+    fl = claims.fast_learner
+    curve = ("+callbacks.flow_curve={_target_: icp.tasks.adaptation.FlowCurve, shards: " + str(heldout)
+             + f", steps: {list(fl.steps)}, pairs: {fl.pairs}, pairs_per_identity: {fl.pairs_per_identity}, "
+             + f"resolution: {cfg.data.resolution}, mask_ratio: {float(claims.masking.main_ratio)}, "
+             + f"patch_size: {cfg.evaluate.patch_size}, seed: {cfg.seed}}}")
+    base_adapt = [*_backbone(pretrain.run_dir), f"model.appearance_from={main.run_dir}",
+                  f"data.mask_ratio={float(claims.masking.main_ratio)}"]
+    variants = {"adapt_base": ["+model.matching_init=base", curve],
+                "adapt_random": ["+model.matching_init=random", curve],
+                "adapt_nowarp": ["+model.matching_init=base", "model.warp_identity=false"]}
+    weight = float(fl.get("supervised_weight", 0.0))
+    if weight > 0:  # a reference, not the paper's method: what the same Matching Net reaches with the true flow
+        variants["adapt_flowsup"] = ["+model.matching_init=base", f"model.aux_flow_weight={weight}", curve]
+    oracle = bool(claims.warping.get("true_flow", False))
+    if oracle:  # the warp with the renderer's flow: what warping is worth when the matching is right
+        variants["adapt_truewarp"] = ["+model.matching_init=base", "+model.flow_source=ground_truth"]
+    for name, extra in variants.items():
+        add(Job(name, "fit", deps=[main.name], cost=4,
+                cfg=fit_config(cfg, "adaptation", "claims_adaptation", base_adapt + extra)))
+    emb = str(embedder.run_dir / "embedder.pt")
+    for ratio, job in stitch.items():
+        add(Job(f"eval_masking_{ratio_tag(ratio)}", "eval", deps=[job.name, "embedder"], cost=0.5,
+                spec={"claim": "masking", "run": str(job.run_dir), "embedder": emb, "mask_ratio": ratio}))
+    warp_evals = [("warp", "adapt_base"), ("nowarp", "adapt_nowarp")] + ([("truewarp", "adapt_truewarp")] if oracle else [])
+    for name, run in warp_evals:
+        add(Job(f"eval_warping_{name}", "eval", deps=[run, "embedder"], cost=0.8,
+                spec={"claim": "warping", "run": str(jobs[run].run_dir), "embedder": emb,
+                      "mask_ratio": float(claims.masking.main_ratio)}))
+    add(Job("eval_relighting", "eval", deps=["adapt_base", main.name, "embedder"], cost=0.6,
+            spec={"claim": "relighting", "runs": {"adaptation": str(jobs["adapt_base"].run_dir),
+                                                  "stitching": str(main.run_dir)},
+                  "embedder": emb, "mask_ratio": float(claims.masking.main_ratio)}))
+    return jobs
+
+
+# Claim settings that only decide whether a reference job exists (so toggling one keeps the cache)
+PLAN_ONLY = {"warping": ("true_flow",), "fast_learner": ("supervised_weight",)}
+
+
+def eval_key(cfg: DictConfig, job: Job) -> str:
+    """What an evaluation's result depends on: its spec, the evaluation settings, the data, the seed."""
+    claim = OmegaConf.to_container(cfg.claims[job.spec["claim"]], resolve=True)
+    for key in PLAN_ONLY.get(job.spec["claim"], ()):  # they add jobs, they do not change this one
+        claim.pop(key, None)
+    data = {"spec": job.spec, "evaluate": OmegaConf.to_container(cfg.evaluate, resolve=True), "claim": claim,
+            "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def eval_path(cfg: DictConfig, job: Job) -> Path:
+    return Path(cfg.root) / "evals" / f"{job.name}.json"
+
+
+def is_done(cfg: DictConfig, job: Job) -> bool:
+    """A fit that reached max_steps (and wrote what its consumers read); an eval with the same key."""
+    if job.kind == "eval":
+        path = eval_path(cfg, job)
+        return path.is_file() and json.loads(path.read_text()).get("key") == eval_key(cfg, job)
+    run = job.run_dir
+    if not _reached_max_steps(job) or not (run / "checkpoints" / "last.ckpt").is_file():
+        return False
+    if job.name == "pretrain" and not (run / "backbone" / "unet").is_dir():
+        return False
+    if job.name == "embedder" and not (run / "embedder.pt").is_file():
+        return False
+    return True
+
+
+def has_result(cfg: DictConfig, job: Job) -> bool:
+    """What the report reads is there: a fit's final metrics (checkpoints may be left behind when a
+    root is fetched from another machine), an evaluation with the same key."""
+    return is_done(cfg, job) if job.kind == "eval" else _reached_max_steps(job)
+
+
+def _reached_max_steps(job: Job) -> bool:
+    metrics = job.run_dir / "fit_metrics.json"
+    return metrics.is_file() and json.loads(metrics.read_text()).get("global_step", -1) >= int(job.cfg.trainer.max_steps)

@@ -1,0 +1,140 @@
+"""``icp fit``: build data, task and trainer from a config and train into a run directory.
+
+Top-level config nodes (see experiments/base.yaml): ``data`` (a LightningDataModule), ``model``
+(the task, a LightningModule), ``trainer`` (``lightning.Trainer`` kwargs), ``callbacks`` (name ->
+node; null disables one), ``logger`` (csv / wandb switches), ``checkpoint`` (cadence, how many to
+keep). This module adds what every run needs so that experiment files stay small: checkpoints
+written atomically into the run directory, resume from the newest intact one, CSV and offline W&B
+logs, the resolved config saved beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from omegaconf import DictConfig, OmegaConf
+
+from icp.core import config as cfglib
+from icp.core import rundir
+from icp.core.checkpointing import AtomicCheckpointIO, resumable_checkpoint
+from icp.core.errors import ConfigError
+from icp.core.secrets import redact_tree
+
+log = logging.getLogger(__name__)
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
+    callbacks: list[L.Callback] = []
+    nodes = OmegaConf.select(cfg, "callbacks", default=None) or {}
+    for name, node in nodes.items():
+        if node is None:
+            continue
+        callbacks.append(cfglib.instantiate(node, cfg, f"callbacks.{name}"))
+    global_batch = OmegaConf.select(cfg, "global_batch_size", default=None)
+    if global_batch and not any(type(c).__name__ == "GlobalBatchSize" for c in callbacks):
+        from icp.cluster.slurm import GlobalBatchSize
+
+        # The global batch stays fixed when the number of GPUs changes: accumulation fills the gap.
+        callbacks.append(GlobalBatchSize(int(global_batch), int(cfg.data.batch_size)))
+    every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps", default=100)
+    keep = OmegaConf.select(cfg, "checkpoint.keep_last", default=3)
+    # Monitoring the global step keeps the newest `keep` periodic checkpoints; last.ckpt is the
+    # resume point (also written on SIGUSR1 preemption by Lightning's SLURM handler).
+    callbacks.append(ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
+        every_n_train_steps=every, save_last=True, save_top_k=keep, monitor="step", mode="max",
+    ))
+    return callbacks
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """A stable W&B id per run directory, so a resumed run appends to the same W&B run.
+
+    Derived from the directory rather than drawn at random, so every rank of a multi-process
+    job (and every requeue) agrees on it without writing a shared file.
+    """
+    return "icp-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = []
+    if OmegaConf.select(cfg, "logger.csv", default=True):
+        # A new version folder per invocation: Lightning's CSV writer would otherwise replace the
+        # earlier metrics.csv of a resumed run with only the new rows.
+        loggers.append(CSVLogger(save_dir=str(run_dir / "logs"), name="csv"))
+    wandb_cfg = OmegaConf.select(cfg, "logger.wandb", default=None)
+    if wandb_cfg:
+        from lightning.pytorch.loggers import WandbLogger
+
+        opts = OmegaConf.to_container(wandb_cfg, resolve=True)
+        mode = opts.pop("mode", "offline")
+        if mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"logger.wandb.mode must be offline, online or disabled, not {mode!r}")
+        # Lightning 2.6 + wandb 0.31: `offline=True` sets a removed mode; pass `mode` instead.
+        loggers.append(WandbLogger(
+            save_dir=str(run_dir), name=f"{cfg.experiment}/{run_dir.name}", id=wandb_run_id(run_dir),
+            resume="allow", mode=mode, config=redact_tree(json.loads(json.dumps(
+                OmegaConf.to_container(cfg, resolve=True), default=str))), **opts,
+        ))
+    return loggers
+
+
+def build(cfg: DictConfig, run_dir: Path) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Instantiate data, task and trainer (no training); used by ``fit`` and the config tests."""
+    datamodule = cfglib.instantiate(cfg.data, cfg, "data")
+    model = cfglib.instantiate(cfg.model, cfg, "model")
+    trainer = cfglib.instantiate(
+        cfg.trainer, cfg, "trainer",
+        callbacks=build_callbacks(cfg, run_dir),
+        logger=build_loggers(cfg, run_dir) or False,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+    )
+    return datamodule, model, trainer
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """Close this fit's W&B run: otherwise the next fit in the process (``icp run`` trains several
+    stages) would silently log into the same run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def fit(cfg: DictConfig) -> Path:
+    """Train ``cfg`` into its run directory, resuming if it holds a checkpoint; returns the dir."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run_dir = rundir.prepare(cfg)
+    L.seed_everything(int(OmegaConf.select(cfg, "seed", default=0)), workers=True, verbose=False)
+    datamodule, model, trainer = build(cfg, run_dir)
+    ckpt = resumable_checkpoint(run_dir / "checkpoints")
+    if ckpt is not None and trainer.is_global_zero:
+        print(f"icp: resuming {run_dir} from {ckpt.name}")
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    finally:
+        _finish_wandb(trainer)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = {getattr(c, "_last_global_step_saved", None) for c in trainer.checkpoint_callbacks}
+    # Only for a run that reached its end: a preempted run already saved its resume point.
+    reached_end = trainer.max_steps < 0 or trainer.global_step >= trainer.max_steps
+    if trainer.state.finished and reached_end and trainer.global_step not in saved:
+        # Periodic checkpoints only land on multiples of every_n_train_steps: keep the final
+        # weights too, so evaluation and a later longer run start from the end of this one.
+        trainer.save_checkpoint(last)
+    if trainer.is_global_zero:
+        metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics["global_step"] = trainer.global_step
+        (run_dir / "fit_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return run_dir
