@@ -83,7 +83,7 @@ def test_unknown_kwarg_names_key_file_and_accepted_keys(tmp_path):
 def test_targets_outside_the_allow_list_are_refused(tmp_path):
     f = write(tmp_path / "evil.yaml", "x: {_target_: os.system, command: 'echo pwned'}\n")
     cfg = cfglib.load(f)
-    with pytest.raises(ConfigError, match="outside the allowed modules"):
+    with pytest.raises(ConfigError, match="outside the allowed targets"):
         cfglib.instantiate(cfg.x, cfg, "x")
     f2 = write(tmp_path / "ok.yaml", "security: {allowed_targets: [collections]}\nx: {_target_: collections.OrderedDict}\n")
     with pytest.raises(ConfigError, match="cannot extend the list itself"):  # the file cannot trust a module
@@ -113,7 +113,9 @@ def test_unsafe_resolvers_and_secret_env_reads_are_refused(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="resolver 'python.eval'"):
         cfglib.load(write(tmp_path / "b.yaml", "k: ${python.eval:1+1}\n"))
     monkeypatch.setenv("ICP_DATA", "/data")
-    assert cfglib.load(write(tmp_path / "c.yaml", "k: ${oc.env:ICP_DATA}\n")).k == "/data"
+    # Environment reads are denied unless the config names the variable and the runner approves it.
+    c = write(tmp_path / "c.yaml", "security: {env: [ICP_DATA]}\nk: ${oc.env:ICP_DATA}\n")
+    assert cfglib.load(c, ["security.allowed_env=[ICP_DATA]"]).k == "/data"
 
 
 def test_mandatory_values_are_filled_by_plain_overrides(tmp_path):

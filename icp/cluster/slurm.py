@@ -16,7 +16,6 @@ Three pieces, all about running one experiment on many processes that may be sto
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import random
@@ -254,6 +253,12 @@ class JobSpec:
             raise ConfigError(f"--nodes ({self.nodes}) and --gpus-per-node ({self.gpus_per_node}) must be >= 1")
         if self.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", self.time):
             raise ConfigError(f"--time {self.time!r} is not a Slurm time (minutes, HH:MM:SS or D-HH:MM:SS)")
+        # Each value lands on one line of the script: no value may end that line and start another.
+        for flag, value in (("--partition", self.partition), ("--account", self.account), ("--mem", self.mem),
+                            ("--job-name", self.job_name), ("--time", self.time), ("icp command", self.icp_command),
+                            *(("--sbatch", x) for x in self.extra_sbatch)):
+            if value is not None and (_LINE_BREAK.search(str(value)) or not str(value).strip()):
+                raise ConfigError(f"{flag} {value!r}: a value of an sbatch option must be one non-empty line")
 
 
 def prepare_config(cfg: DictConfig, spec: JobSpec) -> DictConfig:
@@ -264,7 +269,9 @@ def prepare_config(cfg: DictConfig, spec: JobSpec) -> DictConfig:
     (e.g. ``trainer.strategy=fsdp``).
     """
     spec.check()
-    cfg = copy.deepcopy(cfg)
+    from icp.core import config as cfglib
+
+    cfg = cfglib.copy(cfg)  # keeps the command-line approvals (security.*) of the loaded config
     OmegaConf.set_struct(cfg, False)
     cfg.trainer.num_nodes = spec.nodes
     cfg.trainer.devices = spec.gpus_per_node
@@ -280,8 +287,19 @@ def prepare_config(cfg: DictConfig, spec: JobSpec) -> DictConfig:
     return cfg
 
 
+# Control characters and the line separators some shells or editors honour.
+_LINE_BREAK = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+# Characters a run directory may have in the script: it stands unquoted in #SBATCH lines.
+_SAFE_PATH = re.compile(r"[\w./+,:=@-]+")
+
+
 def render_script(cfg: DictConfig, run_dir: Path, spec: JobSpec, template: Path | None = None) -> str:
     import jinja2
+
+    spec.check()
+    if not _SAFE_PATH.fullmatch(run_dir.as_posix()):
+        raise ConfigError(f"run directory {run_dir.as_posix()!r} cannot stand in an sbatch script (spaces, quotes or "
+                          "control characters); choose run.root, experiment and run.name of letters, digits and _ . - /")
 
     template = Path(template) if template else TEMPLATE_DIR / "fit.sbatch.j2"
     if not template.is_file():

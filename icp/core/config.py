@@ -11,10 +11,14 @@ mapping's other keys as keyword arguments (``_partial_: true`` returns a ``funct
 for optimizers and schedulers that need parameters later). A key the target does not accept is
 an error naming the key, the file that set it and the keys the target accepts.
 
-Targets resolve only inside an allow-list of module prefixes (``security.allowed_targets``
-extends it), and interpolations may use only OmegaConf's own data resolvers, never one that
-reads a secret from the environment: a config downloaded from someone else cannot run code or
-copy a key into a run directory.
+Targets are an explicit allow-list of callables (``ALLOWED_CALLABLES``, ``ALLOWED_FAMILIES``),
+matched on the module that defines the object; only the person running icp widens it
+(``security.allowed_targets`` on the command line, ``$ICP_ALLOWED_TARGETS``). Interpolations may
+use only OmegaConf's own data resolvers, and ``oc.env`` reads nothing unless the config names the
+variable (``security.env``) and the person running icp approves it (``security.allowed_env`` on
+the command line, ``$ICP_ALLOWED_ENV``); secret-looking names are never read. A YAML file holds at
+most ``MAX_YAML_NODES`` nodes (alias bombs). A config downloaded from someone else cannot run code
+or copy a key into a run directory.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import importlib
 import inspect
 import os
 import re
+import sys
 import weakref
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,28 +39,52 @@ from omegaconf.errors import OmegaConfBaseException
 
 from icp.core.errors import ConfigError
 
-DEFAULT_ALLOWED_TARGETS = (
-    "icp",
-    "torch",
-    "lightning",
-    "diffusers",
-    "transformers",
-    "torchmetrics",
-    "peft",
+# What a config may build: an explicit allow-list of callables, never whole packages (torch,
+# lightning, diffusers and transformers hold many functions that run shell commands, load shared
+# libraries or unpickle files). A ``_target_`` is resolved by importing its module and taking one
+# attribute; the object must be a class or function *defined* where the allow-list says (its
+# ``__module__``/``__qualname__``), so ``torch.os.system`` or ``icp.core.config.os.system`` never
+# resolve to the shell. Exact callables, by defining module and qualified name:
+ALLOWED_CALLABLES = frozenset({
+    "lightning.pytorch.trainer.trainer.Trainer",
+    "icp.models.backbone.tiny",
+    "icp.models.backbone.pretrained",
+    "icp.models.backbone.sd15",
+    "icp.models.backbone.sd15_architecture",
+})
+# Families: classes defined under a module prefix that derive from a base class of that family.
+ALLOWED_FAMILIES = (
+    ("torch.optim", "torch.optim.optimizer.Optimizer"),
+    ("torch.optim.lr_scheduler", "torch.optim.lr_scheduler.LRScheduler"),
+    ("torch.nn.modules", "torch.nn.modules.module.Module"),
+    ("diffusers.schedulers", "diffusers.schedulers.scheduling_utils.SchedulerMixin"),
+    ("diffusers.models", "diffusers.models.modeling_utils.ModelMixin"),
+    ("lightning.pytorch.callbacks", "lightning.pytorch.callbacks.callback.Callback"),
+    ("lightning.pytorch.loggers", "lightning.pytorch.loggers.logger.Logger"),
+    ("icp", "lightning.pytorch.core.module.LightningModule"),
+    ("icp", "lightning.pytorch.core.datamodule.LightningDataModule"),
+    ("icp", "lightning.pytorch.callbacks.callback.Callback"),
+    ("icp", "torch.nn.modules.module.Module"),
 )
-# Resolvers that only select or reshape config data; anything else (including custom resolvers a
-# third-party package may register) is refused.
 ALLOWED_TARGETS_ENV = "ICP_ALLOWED_TARGETS"
-# Callables inside allowed packages that load pickles, compile or fetch code: never config targets.
+# Never allowed, even when widened: named for a clearer message (the allow-list refuses them anyway).
 DENIED_TARGETS = ("torch.load", "torch.hub", "torch.utils.cpp_extension", "torch.jit.load", "torch.package",
                   "torch.serialization", "lightning.pytorch.core.saving",
                   "transformers.dynamic_module_utils", "diffusers.utils.dynamic_modules_utils")
 # Keyword arguments that switch a safe loader into running code from a file or a hub repository.
 DENIED_KWARGS = {"weights_only": False, "trust_remote_code": True, "allow_pickle": True}
 DENIED_KWARG_NAMES = ("custom_pipeline",)
+# Resolvers that only select or reshape config data (oc.env is replaced by the gated reader below);
+# anything else (including custom resolvers a third-party package may register) is refused.
 SAFE_RESOLVERS = {"oc.select", "oc.dict.keys", "oc.dict.values", "oc.create", "oc.env"}
-SECRET_NAME = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)$|^WANDB_API", re.IGNORECASE)
-_RESOLVER_USE = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:([^}]*)\}")
+# Every `${name:` in a string (whatever the spacing or nesting): a resolver call.
+_RESOLVER_USE = re.compile(r"\$\{\s*([^\s:{}$]+)\s*:")
+# Environment reads: a config names the variables it reads (security.env) and the person running it
+# approves them (security.allowed_env on the command line, or this environment variable).
+ALLOWED_ENV_ENV = "ICP_ALLOWED_ENV"
+# The most YAML nodes (scalars, mappings, sequences, aliases counted each time they are used) one
+# config file may hold: an alias bomb of a few hundred bytes expands to billions of nodes.
+MAX_YAML_NODES = 200_000
 _META_KEYS = ("defaults", "extends")
 
 
@@ -138,6 +167,8 @@ def _apply_override(cfg: DictConfig, item: str, origins: dict[str, str]) -> None
     key, _, raw = item.partition("=")
     adding = key.startswith("+")
     key = key.lstrip("+").strip()
+    # The approvals of the person running icp may be given whether or not the config has the key.
+    adding = adding or key in ("security.allowed_targets", "security.allowed_env")
     if not key:
         raise ConfigError(f"override '{item}' has no key")
     try:
@@ -193,12 +224,23 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
     cfg = _compose(Path(path), origins, ())
     for item in overrides:
         _apply_override(cfg, item, origins)
-    check_interpolations(cfg)
     # Origins live beside the config (keyed by identity, dropped with it) so that errors raised
-    # while instantiating can name the file that set a key.
+    # while instantiating can name the file that set a key, and approvals count only from the
+    # command line.
     _ORIGINS[id(cfg)] = origins
     weakref.finalize(cfg, _ORIGINS.pop, id(cfg), None)
+    check_interpolations(cfg)
     return cfg
+
+
+def copy(cfg: DictConfig) -> DictConfig:
+    """A deep copy that keeps the origins (and so the command-line approvals) of ``cfg``."""
+    import copy as _copy
+
+    new = _copy.deepcopy(cfg)
+    _ORIGINS[id(new)] = dict(_ORIGINS.get(id(cfg), {}))
+    weakref.finalize(new, _ORIGINS.pop, id(new), None)
+    return new
 
 
 _ORIGINS: dict[int, dict[str, str]] = {}
@@ -212,6 +254,63 @@ def origin_of(cfg: DictConfig, key: str) -> str:
             return origins[key]
         key = key.rpartition(".")[0]
     return "the config"
+
+
+_NO_DEFAULT = object()
+
+
+def _env_names(root: Any, key: str) -> set[str]:
+    try:
+        value = OmegaConf.select(root, key, default=None, throw_on_resolution_failure=False)
+    except OmegaConfBaseException:
+        return set()
+    if isinstance(value, str):
+        return {value}
+    return {str(v) for v in value} if isinstance(value, ListConfig) else set()
+
+
+def approved_env(root: Any) -> set[str]:
+    """Variables the person running icp approved: ``$ICP_ALLOWED_ENV`` (comma separated) and
+    ``security.allowed_env`` when set on the command line (a config file cannot approve itself)."""
+    approved = {p.strip() for p in os.environ.get(ALLOWED_ENV_ENV, "").split(",") if p.strip()}
+    if isinstance(root, DictConfig) and origin_of(root, "security.allowed_env") == "command line":
+        approved |= _env_names(root, "security.allowed_env")
+    return approved
+
+
+def _read_env(key: Any, default: Any = _NO_DEFAULT, *, _root_: Any = None) -> Any:
+    """``${oc.env:NAME[,default]}`` with environment access denied by default: NAME must be named in
+    the config's ``security.env`` and approved by the person running it, and never look secret.
+    Called with the final name, so nested names, quoted names and defaults cannot get around it."""
+    from icp.core.secrets import is_secret_name
+
+    name = str(key)
+    if is_secret_name(name):
+        raise ConfigError(f"the config reads the secret-looking environment variable '{name}'; secrets must stay out of "
+                          "configs (they are saved in every run directory): let the library that needs it read it")
+    declared = _env_names(_root_, "security.env")
+    if name not in declared or name not in approved_env(_root_):
+        raise ConfigError(
+            f"the config reads the environment variable '{name}', which is denied by default: the config must name "
+            f"it (security.env: [{name}]) and you must approve it (security.allowed_env=[{name}] on the command line "
+            f"or {ALLOWED_ENV_ENV}={name})")
+    if name in os.environ:
+        return os.environ[name]
+    if default is _NO_DEFAULT:
+        raise ConfigError(f"environment variable '{name}' is not set (the config reads it with ${{oc.env:{name}}})")
+    return default if default is None else str(default)
+
+
+OmegaConf.register_resolver("oc.env", _read_env, replace=True, annotation_validation="off")
+
+
+def _gate_error(err: BaseException) -> ConfigError | None:
+    """The ConfigError of the environment gate inside an OmegaConf resolution error, if any."""
+    while err is not None:
+        if isinstance(err, ConfigError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def check_interpolations(cfg: DictConfig) -> None:
@@ -233,16 +332,21 @@ def check_interpolations(cfg: DictConfig) -> None:
                 if value in node:
                     raise ConfigError(f"config key '{path}' holds the value of the secret ${env_name}; secrets must "
                                       "stay out of configs (they are saved in every run directory)")
-            for name, args in _RESOLVER_USE.findall(node):
+            for name in _RESOLVER_USE.findall(node):
                 if name not in SAFE_RESOLVERS:
                     raise ConfigError(f"config key '{path}' uses resolver '{name}', which is not allowed "
                                       f"(allowed: {', '.join(sorted(SAFE_RESOLVERS))})")
-                if name == "oc.env" and SECRET_NAME.search(args.split(",")[0].strip()):
-                    raise ConfigError(f"config key '{path}' reads the secret '{args.split(',')[0].strip()}' from "
-                                      "the environment; secrets must stay out of configs (pass them as env vars to "
-                                      "the library that needs them)")
 
     walk(cfg, "")
+    # Resolve once now so that an environment read the gate refuses is reported at load, naming the
+    # key; other resolution problems (e.g. a mandatory ??? still open) surface where they are used.
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        gate = _gate_error(err)
+        if gate is not None:
+            key = getattr(err, "full_key", None)
+            raise ConfigError(f"config key '{key}': {gate}" if key else str(gate)) from None
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -250,7 +354,8 @@ def to_yaml(cfg: DictConfig) -> str:
     try:
         return OmegaConf.to_yaml(cfg, resolve=True)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot resolve config: {_short(err)}") from None
+        gate = _gate_error(err)
+        raise ConfigError(str(gate) if gate is not None else f"cannot resolve config: {_short(err)}") from None
 
 
 def save(cfg: DictConfig, path: str | Path) -> None:
@@ -266,8 +371,9 @@ def save(cfg: DictConfig, path: str | Path) -> None:
 
 
 def allowed_targets(cfg: DictConfig | None) -> tuple[str, ...]:
-    """Module prefixes ``_target_`` may name: the defaults, ``$ICP_ALLOWED_TARGETS`` (comma
-    separated) and ``security.allowed_targets`` when it was set on the command line.
+    """What widens the allow-list: ``$ICP_ALLOWED_TARGETS`` (comma separated) and
+    ``security.allowed_targets`` when it was set on the command line. Each entry is a module prefix
+    (``tests``) or an exact name; it matches the module an object is *defined* in.
 
     A config file cannot widen the list itself: a downloaded YAML that trusted ``os`` would
     otherwise run any command it likes.
@@ -275,37 +381,82 @@ def allowed_targets(cfg: DictConfig | None) -> tuple[str, ...]:
     env = tuple(p.strip() for p in os.environ.get(ALLOWED_TARGETS_ENV, "").split(",") if p.strip())
     extra: tuple[str, ...] = ()
     if cfg is not None and origin_of(cfg, "security.allowed_targets") == "command line":
-        extra = tuple(OmegaConf.select(cfg, "security.allowed_targets", default=None) or ())
-    return DEFAULT_ALLOWED_TARGETS + env + extra
+        extra = tuple(str(x) for x in (OmegaConf.select(cfg, "security.allowed_targets", default=None) or ()))
+    return env + extra
 
 
-def locate(name: str, allowed: Iterable[str] = DEFAULT_ALLOWED_TARGETS, where: str = "the config") -> Any:
-    """Import ``pkg.mod.Attr`` if it lies under an allowed module prefix."""
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _defined_object(name: str) -> Any:
+    """The class or function ``name`` names: its module imported, one attribute taken, and the
+    object found again under its own ``__module__``/``__qualname__`` (so no attribute walk through
+    another module, and no module, builtin or bound method); None when there is no such object."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:  # includes ModuleNotFoundError: 'torch.os' is an attribute, not a module
+        return None
+    except Exception:  # noqa: BLE001 - a broken third-party module is "cannot be imported"
+        return None
+    obj = getattr(module, attr, None)
+    if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+        return None
+    home = sys.modules.get(getattr(obj, "__module__", "") or "")
+    qualname = getattr(obj, "__qualname__", "")
+    if home is None or "<" in qualname:
+        return None
+    found: Any = home
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return obj if found is obj else None
+
+
+def _canonical(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _base(path: str) -> Any:
+    module_name, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def target_allowed(obj: Any, widened: Iterable[str] = ()) -> bool:
+    """Whether a config may build ``obj`` (a class or function found by :func:`_defined_object`)."""
+    canonical = _canonical(obj)
+    if canonical in ALLOWED_CALLABLES:
+        return True
+    if any(_under(canonical, p) or _under(obj.__module__, p) for p in widened):
+        return not any(_under(canonical, d) for d in DENIED_TARGETS)
+    if not inspect.isclass(obj):
+        return False
+    for prefix, base in ALLOWED_FAMILIES:
+        if _under(obj.__module__, prefix) and issubclass(obj, _base(base)):
+            return True
+    return False
+
+
+def locate(name: str, allowed: Iterable[str] = (), where: str = "the config") -> Any:
+    """The class or function ``_target_: name`` may build (see ``ALLOWED_CALLABLES``/``ALLOWED_FAMILIES``);
+    ``allowed``: module prefixes or names trusted beyond them (from the command line or environment)."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", name):
         raise ConfigError(f"{where}: _target_ {name!r} is not a dotted import path like 'torch.optim.AdamW'")
     allowed = tuple(allowed)
-    if any(name == p or name.startswith(p + ".") for p in DENIED_TARGETS):
+    if any(_under(name, p) for p in DENIED_TARGETS):
         raise ConfigError(f"{where}: _target_ '{name}' can load or compile code and is never allowed in a config")
-    if not any(name == p or name.startswith(p + ".") for p in allowed):
-        raise ConfigError(f"{where}: _target_ '{name}' is outside the allowed modules ({', '.join(allowed)}); "
-                          f"if you trust it, pass security.allowed_targets=[{name.split('.')[0]}] on the command "
-                          f"line or set {ALLOWED_TARGETS_ENV} (a config file cannot extend the list itself)")
-    parts = name.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name and module_name.startswith(err.name):
-                continue
-            raise
-        try:
-            for attr in parts[split:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            break
-        return obj
-    raise ConfigError(f"{where}: _target_ '{name}' cannot be imported (check the spelling)")
+    obj = _defined_object(name)
+    if obj is None:
+        raise ConfigError(f"{where}: _target_ '{name}' is outside the allowed targets: it is not a class or Python "
+                          "function defined in an importable module (check the spelling; e.g. torch.optim.AdamW)")
+    if not target_allowed(obj, allowed):
+        raise ConfigError(
+            f"{where}: _target_ '{name}' ({_canonical(obj)}) is outside the allowed targets (icp's tasks, data "
+            "modules, callbacks, nets and backbone builders; torch.optim, torch.optim.lr_scheduler, torch.nn "
+            "modules; diffusers schedulers and models; Lightning's Trainer, callbacks and loggers); if you trust "
+            f"it, pass security.allowed_targets=[{obj.__module__}] on the command line or set {ALLOWED_TARGETS_ENV} "
+            "(a config file cannot extend the list itself)")
+    return obj
 
 
 def accepted_keys(target: Any) -> tuple[set[str], bool]:
@@ -353,13 +504,13 @@ def _build(node: Any, cfg: DictConfig | None, path: str, allowed: tuple[str, ...
     if "_target_" not in node:
         return {k: _build(v, cfg, f"{path}.{k}" if path else k, allowed, {}, call) for k, v in node.items()}
     where = f"{origin_of(cfg, path) if cfg is not None else 'the config'} ({path or 'root'})"
-    target = locate(node["_target_"], allowed, where)
     partial = bool(node.get("_partial_", False))
     kwargs = {k: v for k, v in node.items() if k not in ("_target_", "_partial_")}
     for key, value in kwargs.items():
         if key in DENIED_KWARG_NAMES or (key in DENIED_KWARGS and value == DENIED_KWARGS[key]):
             raise ConfigError(f"config key '{path}.{key}' (set in {origin_of(cfg, f'{path}.{key}') if cfg is not None else 'the config'}) "
                               "would let a loader run code from a file or hub; it is refused in configs")
+    target = locate(node["_target_"], allowed, where)
     names, var_kw = accepted_keys(target)
     if not var_kw:
         for key in list(kwargs) + list(runtime):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -33,11 +34,22 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+# One path component: a config's experiment or run.name cannot leave run.root ('..', '/') or carry
+# control characters (a newline would end a line of the sbatch script that names the directory).
+_COMPONENT = re.compile(r"[A-Za-z0-9_+=,@-][A-Za-z0-9_.+=,@-]*")
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     experiment = OmegaConf.select(cfg, "experiment", default=None) or "default"
     name = OmegaConf.select(cfg, "run.name", default=None) or f"cfg-{config_hash(cfg)}"
-    root = Path(OmegaConf.select(cfg, "run.root", default="runs"))
-    return root / str(experiment) / str(name)
+    root = str(OmegaConf.select(cfg, "run.root", default="runs"))
+    for key, value in (("experiment", experiment), ("run.name", name)):
+        if not _COMPONENT.fullmatch(str(value)):
+            raise ConfigError(f"{key}={str(value)!r} cannot name a run directory: use letters, digits and _ . + = , @ - "
+                              "(no '/', no leading '.', no spaces or control characters)")
+    if any(ord(c) < 32 or ord(c) == 127 or c in "\u2028\u2029\x85" for c in root):
+        raise ConfigError(f"run.root={root!r} cannot hold a run directory: it contains control characters")
+    return Path(root) / str(experiment) / str(name)
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -1,0 +1,212 @@
+"""Issue 27: crafted configs, shards, images, checkpoints and metrics records.
+
+Each test names the case of the issue it covers. Every test runs under a time limit
+(``time_limit``): a hang fails the test instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from icp.core import config as cfglib
+from icp.core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Fail (TimeoutError) when the block runs longer than ``seconds`` (main thread, SIGALRM)."""
+    assert threading.current_thread() is threading.main_thread()
+
+    def fire(signum, frame):
+        raise TimeoutError(f"hung: still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(autouse=True)
+def _limit(request):
+    """Every test here: 120 s at most (a hang is a failure, not a stuck CI job)."""
+    with time_limit(getattr(request.node.get_closest_marker("limit"), "args", (120,))[0]):
+        yield
+
+
+def icp(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess (hangs become a TimeoutExpired failure)."""
+    full = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "icp.cli", *args], capture_output=True, text=True,
+                          env=full, cwd=cwd or ROOT, timeout=timeout)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------ code execution via _target_
+
+
+@pytest.mark.parametrize("target", ["torch.os.system", "icp.core.config.os.system", "lightning.os.system",
+                                    "icp.core.config.importlib.import_module", "torch.optim.torch.load",
+                                    "torch.optim.Optimizer.__init__.__globals__", "builtins.eval",
+                                    "diffusers.utils.dynamic_modules_utils.get_class_from_dynamic_module",
+                                    "torch.utils.data.DataLoader", "torch.hub.load_state_dict_from_url"])
+def test_targets_reaching_code_are_refused(tmp_path, target):
+    marker = tmp_path / "pwned"
+    cfg = cfglib.load(write(tmp_path / "evil.yaml", f"x: {{_target_: {target}, command: 'touch {marker}'}}\n"))
+    with pytest.raises(ConfigError, match="allowed"):
+        cfglib.instantiate(cfg.x, cfg, "x")
+    with pytest.raises(ConfigError, match="allowed"):
+        cfglib.validate(cfg.x, cfg, "x")
+    assert not marker.exists()
+
+
+def test_targets_the_configs_use_still_build(tmp_path):
+    import torch
+
+    cfg = cfglib.load(write(tmp_path / "ok.yaml", """
+net: {_target_: torch.nn.Linear, in_features: 2, out_features: 1}
+opt: {_target_: torch.optim.AdamW, _partial_: true, lr: 0.1}
+sched: {_target_: torch.optim.lr_scheduler.StepLR, _partial_: true, step_size: 3}
+noise: {_target_: diffusers.DDPMScheduler, num_train_timesteps: 10}
+cb: {_target_: lightning.pytorch.callbacks.LearningRateMonitor}
+pre: {_target_: icp.cluster.slurm.PreemptionCheckpoint}
+"""))
+    net = cfglib.instantiate(cfg.net, cfg, "net")
+    opt = cfglib.instantiate(cfg.opt, cfg, "opt")(net.parameters())
+    assert isinstance(opt, torch.optim.AdamW)
+    cfglib.instantiate(cfg.sched, cfg, "sched")(opt)
+    assert cfglib.instantiate(cfg.noise, cfg, "noise").config.num_train_timesteps == 10
+    cfglib.instantiate(cfg.cb, cfg, "cb")
+    cfglib.instantiate(cfg.pre, cfg, "pre")
+    for name in ("trainer", "callbacks", "data", "model"):  # every shipped experiment still validates
+        for exp in sorted((ROOT / "experiments").rglob("*.yaml")):
+            full = cfglib.load(exp)
+            if name in full and full[name] is not None:
+                cfglib.validate(full[name], full, name)
+
+
+def test_run_directory_config_cannot_run_code(tmp_path):
+    """`icp generate`/`icp eval` read <run>/config.yaml: the same allow-list applies."""
+    import torch
+
+    from icp.tasks.loading import load_task
+
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    write(run / "config.yaml", f"experiment: x\nmodel: {{_target_: torch.os.system, command: 'touch {marker}'}}\n")
+    (run / "checkpoints").mkdir()
+    torch.save({"state_dict": {}}, run / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigError, match="allowed"):
+        load_task(run)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------ secrets via interpolation
+
+LEAKY = {
+    "nested": "name: DB_PASSWD\nk: ${oc.env:${name}}\n",
+    "select_default": "k: ${oc.select:nope,${oc.env:DB_PASSWD}}\n",
+    "env_default": "k: ${oc.env:ICP_UNSET_XYZ,${oc.env:DB_PASSWD}}\n",
+    "quoted": "k: ${oc.env:'DB_PASSWD'}\n",
+    "credential": "k: ${oc.env:SERVICE_CREDENTIAL}\n",
+    "plain_name": "k: ${oc.env:ICP_INNOCENT}\n",      # not secret-looking, but never approved
+    "spaced": "k: ${ oc.env : DB_PASSWD }\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(LEAKY))
+def test_interpolations_cannot_read_the_environment_by_default(tmp_path, monkeypatch, case):
+    monkeypatch.setenv("DB_PASSWD", "hunter2-planted")
+    monkeypatch.setenv("SERVICE_CREDENTIAL", "cred-planted-1234")
+    monkeypatch.setenv("ICP_INNOCENT", "plain-planted-value")
+    path = write(tmp_path / f"{case}.yaml", LEAKY[case])
+    with pytest.raises(ConfigError):
+        cfg = cfglib.load(path)
+        text = cfglib.to_yaml(cfg)  # what a run directory would keep
+        assert "planted" not in text, text
+
+
+def test_environment_reads_need_the_config_to_name_them_and_the_runner_to_approve(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICP_DATA", "/data")
+    monkeypatch.setenv("DB_PASSWD", "hunter2-planted")
+    declared = write(tmp_path / "c.yaml", "security: {env: [ICP_DATA]}\nk: ${oc.env:ICP_DATA}\n")
+    with pytest.raises(ConfigError, match="ICP_DATA"):  # named by the config, not approved
+        cfglib.to_yaml(cfglib.load(declared))
+    assert cfglib.load(declared, ["security.allowed_env=[ICP_DATA]"]).k == "/data"
+    monkeypatch.setenv("ICP_ALLOWED_ENV", "ICP_DATA")
+    assert cfglib.load(declared).k == "/data"
+    undeclared = write(tmp_path / "u.yaml", "k: ${oc.env:ICP_DATA}\n")
+    with pytest.raises(ConfigError, match="ICP_DATA"):  # approved, but the config did not name it
+        cfglib.to_yaml(cfglib.load(undeclared))
+    # A secret-looking name is never readable, declared and approved or not.
+    monkeypatch.setenv("ICP_ALLOWED_ENV", "DB_PASSWD")
+    secret = write(tmp_path / "s.yaml", "security: {env: [DB_PASSWD]}\nk: ${oc.env:DB_PASSWD}\n")
+    with pytest.raises(ConfigError, match="DB_PASSWD"):
+        cfglib.to_yaml(cfglib.load(secret))
+
+
+def test_one_definition_of_secret_looking():
+    from icp.core import secrets
+
+    for name in ("DB_PASSWD", "SERVICE_CREDENTIAL", "WANDB_API_KEY", "HF_TOKEN", "MY_SECRET_X", "api_key"):
+        assert secrets.is_secret_name(name)
+    assert not hasattr(cfglib, "SECRET_NAME") or cfglib.SECRET_NAME is secrets.SECRET_NAME
+
+
+# ------------------------------------------------------------------------------ sbatch injection
+
+
+@pytest.mark.parametrize("override", ['experiment="x\\nrm -rf $HOME #"', 'run.name="a\\ntouch /tmp/pwned"',
+                                      'run.root="r\\rtouch /tmp/pwned"', "experiment='a b; touch pwned'",
+                                      'experiment="x\\u2028touch pwned"'])
+def test_no_config_value_adds_a_line_to_the_sbatch_script(tmp_path, monkeypatch, override):
+    from icp.cluster.slurm import JobSpec, submit
+
+    monkeypatch.chdir(tmp_path)
+    cfg = cfglib.load(ROOT / "tests/configs/toy.yaml", [override])
+    try:
+        _, script, _ = submit(cfg, JobSpec(cpu=True), dry_run=True)
+    except ConfigError as err:
+        assert "\n" not in str(err) and "\r" not in str(err)
+        return
+    normal = submit(cfglib.load(ROOT / "tests/configs/toy.yaml"), JobSpec(cpu=True), dry_run=True)[1]
+    assert len(script.splitlines()) == len(normal.splitlines())
+    assert "pwned" not in script and "rm -rf" not in script
+
+
+def test_sbatch_options_from_the_command_line_cannot_add_lines(tmp_path, monkeypatch):
+    from icp.cluster.slurm import JobSpec, submit
+
+    monkeypatch.chdir(tmp_path)
+    cfg = cfglib.load(ROOT / "tests/configs/toy.yaml")
+    for spec in (JobSpec(cpu=True, partition="p\ntouch pwned"), JobSpec(cpu=True, extra_sbatch=["--x=1\nid"]),
+                 JobSpec(cpu=True, mem="1G\nid"), JobSpec(cpu=True, account="a\rid")):
+        with pytest.raises(ConfigError):
+            submit(cfg, spec, dry_run=True)
+
+
+@pytest.mark.parametrize("override", ["experiment=../../etc", "run.name=../../outside", "experiment=a/b",
+                                      "run.name=..", 'experiment="x\\ny"', "run.name=.hidden"])
+def test_run_directory_stays_under_its_root(tmp_path, override):
+    from icp.core import rundir
+
+    cfg = cfglib.load(ROOT / "tests/configs/toy.yaml", [override, f"run.root={tmp_path / 'runs'}"])
+    with pytest.raises(ConfigError, match="run directory"):
+        rundir.run_dir_of(cfg)
