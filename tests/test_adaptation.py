@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from icp.data import keys as K
 from icp.core.errors import ConfigError, WeightsError
 from icp.models.backbone import tiny
-from icp.tasks.adaptation import AdaptationTask, flow_metrics
+from icp.tasks.adaptation import AdaptationTask
+from icp.tasks.flows import flow_metrics
 from icp.tasks.stitching import StitchingTask
 
 RES = 32

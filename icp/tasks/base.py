@@ -1,12 +1,13 @@
 """DiffusionTask: the shared LightningModule base of the stitching and adaptation tasks.
 
 It owns what every IC-Portrait stage has in common: the backbone (generation UNet, codec, text
-encoder), text conditioning with a default prompt, noise + timestep sampling and the denoising
-loss, classifier-free-guidance dropout, which backbone parts train (frozen / LoRA / full), an
-EMA of the trained weights (swapped in for validation and sampling, stored in checkpoints),
-optimizer + scheduler from ``_partial_`` config nodes, gradient checkpointing, the performance
-switches of ``perf`` (icp.perf: bf16 frozen weights, compilation, fused AdamW, batched CFG and
-CUDA graphs in sampling), and ``sample()`` -- the only door evaluation uses.
+encoder), text conditioning with a default prompt, the denoising loss and the sampling loop
+(pure functions of ``icp.diffusion``, called with the task's model), classifier-free-guidance
+dropout, which backbone parts train (frozen / LoRA / full), an EMA of the trained weights
+(icp.tasks.weights: swapped in for validation and sampling, stored in checkpoints), optimizer +
+scheduler from ``_partial_`` config nodes, gradient checkpointing, the performance switches of
+``perf`` (icp.perf: bf16 frozen weights, compilation, fused AdamW, batched CFG and CUDA graphs
+in sampling), and ``sample()`` -- the only door evaluation uses.
 
 A subclass supplies the condition through two hooks:
 
@@ -30,21 +31,21 @@ from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from diffusers import ModelMixin
-from diffusers.training_utils import EMAModel
 
+from icp import diffusion as D
 from icp import perf as perflib
 from icp.data import keys as K
-from icp.core.errors import ConfigError, WeightsError
+from icp.core.errors import ConfigError
 from icp.models.backbone import Backbone
+from icp.tasks.weights import TrainedWeights
 
 log = logging.getLogger(__name__)
 Residuals = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 TRAIN_UNET_MODES = ("frozen", "lora", "full")
 
 
-class DiffusionTask(L.LightningModule):
+class DiffusionTask(TrainedWeights, L.LightningModule):
     """Base task. Config kwargs are flat; ``backbone`` is a built object, ``optimizer`` and
     ``lr_scheduler`` are ``functools.partial`` objects (``_partial_: true`` nodes)."""
 
@@ -95,18 +96,8 @@ class DiffusionTask(L.LightningModule):
         backbone.unet.requires_grad_(train_unet == "full")
         if train_unet == "lora":
             self._add_lora(lora_rank)
-        self._ema: EMAModel | None = None
+        self._init_trained_weights()  # EMA state (icp.tasks.weights)
         self._text_cache: dict[str, torch.Tensor] = {}
-        self._ema_pending: dict | None = None
-        self._ema_swapped = False
-
-    def _add_lora(self, rank: int) -> None:
-        from peft import LoraConfig
-
-        # Attention projections, as in diffusers' LoRA training scripts; B=0 at init -> no-op.
-        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                            target_modules=["to_k", "to_q", "to_v", "to_out.0"])
-        self.backbone.unet.add_adapter(config)
 
     # ------------------------------------------------------------------------ subclass hooks
 
@@ -161,10 +152,7 @@ class DiffusionTask(L.LightningModule):
         latents = self.encode_images(batch[K.TARGET], sample=True)
         b = latents.shape[0]
         scheduler = self.backbone.noise_scheduler
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator,
-                                  device=latents.device).long()
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy, noise, timesteps = D.noise_latents(latents, scheduler, generator)
         text = self.text_states(batch, b)
         keep = torch.ones(b, device=latents.device)
         if self.training and self.cond_drop_prob > 0:
@@ -174,13 +162,7 @@ class DiffusionTask(L.LightningModule):
         down = tuple(r * keep.view(-1, 1, 1, 1).to(r.dtype) for r in down)
         mid = mid * keep.view(-1, 1, 1, 1).to(mid.dtype)
         pred = self.unet(noisy, timesteps, text, (down, mid))
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        elif scheduler.config.prediction_type == "sample":
-            target = latents
-        else:
-            target = noise
-        return {"loss": F.mse_loss(pred.float(), target.float())}
+        return {"loss": D.denoising_loss(pred, D.prediction_target(scheduler, latents, noise, timesteps))}
 
     # --------------------------------------------------------------------------- Lightning hooks
 
@@ -205,9 +187,6 @@ class DiffusionTask(L.LightningModule):
         bs = batch[K.TARGET].shape[0]
         for name, value in losses.items():
             self.log(f"val/{name}", value, prog_bar=name == "loss", batch_size=bs, sync_dist=True)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
@@ -285,16 +264,6 @@ class DiffusionTask(L.LightningModule):
                                                             compile=compile)
         return self.perf_applied
 
-    # -- EMA of the trained weights
-    def _ensure_ema(self) -> EMAModel | None:
-        if self.ema_decay > 0 and self._ema is None:
-            self._ema = EMAModel(self.trainable_parameters(), decay=self.ema_decay,
-                                 foreach=bool(self.perf_active["foreach_ema"]))
-            if self._ema_pending is not None:
-                self._ema.load_state_dict(self._ema_pending)
-                self._ema_pending = None
-        return self._ema
-
     def _mark_graph_step(self) -> None:
         """Begin a step of inductor's CUDA graphs (compile: reduce-overhead, the training default).
 
@@ -314,69 +283,6 @@ class DiffusionTask(L.LightningModule):
 
     def on_validation_batch_start(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
         self._mark_graph_step()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema = self._ensure_ema()
-        if ema is not None:
-            ema.to(self.device)
-            ema.step(self.trainable_parameters())
-
-    @contextlib.contextmanager
-    def ema_weights(self):
-        """Temporarily load the EMA weights into the trained parameters (no-op without EMA)."""
-        ema = self._ensure_ema()
-        if ema is None or self._ema_swapped:
-            yield
-            return
-        params = self.trainable_parameters()
-        ema.to(self.device)
-        ema.store(params)
-        ema.copy_to(params)
-        self._ema_swapped = True
-        try:
-            yield
-        finally:
-            ema.restore(params)
-            self._ema_swapped = False
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_ema = self.ema_weights()
-        self._val_ema.__enter__()
-
-    def on_validation_epoch_end(self) -> None:
-        ctx = getattr(self, "_val_ema", None)
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-            self._val_ema = None
-
-    # -- checkpoints: trained weights + EMA, not the (large, reloadable) frozen backbone
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self._ema is not None:
-            checkpoint["ema"] = self._ema.state_dict()
-        if not self.save_frozen_weights:
-            # Only the backbone's frozen weights: they come back from its path. A frozen task net
-            # (e.g. an Appearance Net loaded from another run) must stay in the checkpoint.
-            frozen = {n for n, p in self.named_parameters() if not p.requires_grad and n.startswith("backbone.")}
-            state = checkpoint["state_dict"]
-            for name in frozen & set(state):
-                del state[name]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.setdefault("state_dict", {})
-        trained = {n for n, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(trained - set(state))
-        # Frozen weights were left out on save: they come back from the backbone path, so the
-        # strict state-dict load still checks everything else.
-        for name, param in self.named_parameters():
-            if not param.requires_grad and name.startswith("backbone.") and name not in state:
-                state[name] = param.detach()
-        if missing:
-            raise WeightsError(f"checkpoint lacks {len(missing)} trained weights (e.g. '{missing[0]}'): it was "
-                               "written by a different model config; resume with the config it was trained with")
-        if "ema" in checkpoint:
-            self._ema_pending = checkpoint["ema"]
-            self._ema = None
-            self._ensure_ema()
 
     # ------------------------------------------------------------------------------- sampling
 
@@ -405,23 +311,22 @@ class DiffusionTask(L.LightningModule):
         """
         batched = self.perf_active["batched_cfg"]
 
-        def predict(x: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        def conditional(x: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+            # a copy: schedulers may keep past outputs beyond the step
+            return self.unet(x, tb, text, self.condition(state, x, tb, text)).to(torch.float32, copy=True)
+
+        def branches(x: torch.Tensor, tb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             residuals = self.condition(state, x, tb, text)
-            if uncond is None:  # a copy: schedulers may keep past outputs beyond the step
-                return self.unet(x, tb, text, residuals).to(torch.float32, copy=True)
             if batched:
                 down, mid = residuals
                 pair = (tuple(torch.cat([r, torch.zeros_like(r)]) for r in down),
                         torch.cat([mid, torch.zeros_like(mid)]))
                 both = self.unet(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([text, uncond.to(text.dtype)]),
                                  pair).float()
-                pred, pred_u = both.chunk(2)
-            else:
-                pred = self.unet(x, tb, text, residuals).float()
-                pred_u = self.unet(x, tb, uncond).float()
-            return pred_u + guidance * (pred - pred_u)
+                return both.chunk(2)
+            return self.unet(x, tb, text, residuals).float(), self.unet(x, tb, uncond).float()
 
-        return predict
+        return conditional if uncond is None else D.classifier_free_guidance(branches, guidance)
 
     def _graphed_prediction(self, state: Any, text: torch.Tensor, uncond: torch.Tensor | None,
                             guidance: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -474,15 +379,7 @@ class DiffusionTask(L.LightningModule):
         self.eval()
         try:
             with self.ema_weights(), self._precision_context(graphs):
-                noise_device = generator.device if generator is not None else self.device
-                latents = torch.randn(shape, generator=generator, device=noise_device).to(self.device)
-                scheduler = self.backbone.sampling_scheduler(self.sampler)
-                # The scheduler steps on host timesteps, the model gets them on the device (moved
-                # once): with device timesteps DDIM's step reads each back (alphas_cumprod[t],
-                # prev_t >= 0), a host sync per step that idles the GPU between graph replays.
-                scheduler.set_timesteps(num_steps, device="cpu")
-                model_timesteps = scheduler.timesteps.to(self.device)
-                latents = latents * scheduler.init_noise_sigma
+                noise = D.initial_noise(shape, generator, self.device)
                 self._mark_graph_step()
                 state = self.prepare_condition(batch)
                 text = self.text_states(batch, b)
@@ -492,11 +389,15 @@ class DiffusionTask(L.LightningModule):
                     predict = self._graphed_prediction(state, text, uncond, guidance)
                 else:
                     predict = self.guided_prediction(state, text, uncond, guidance)
-                for t, model_t in zip(scheduler.timesteps, model_timesteps):
-                    self._mark_graph_step()
-                    x = scheduler.scale_model_input(latents, t)
-                    pred = predict(x, model_t.expand(b))
-                    latents = scheduler.step(pred, t, latents).prev_sample
+
+                def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                    self._mark_graph_step()  # one graph step per sampling step
+                    return predict(x, t)
+
+                # The scheduler steps on host timesteps, the model gets them on the device
+                # (icp.diffusion.sample): no host sync per step between graph replays.
+                latents = D.sample(denoise, noise, self.backbone.sampling_scheduler(self.sampler), num_steps,
+                                   model_device=self.device)
                 self._mark_graph_step()
                 images = self.backbone.codec.decode(latents)
         finally:
