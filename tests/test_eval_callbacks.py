@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from icp.data import keys as K
-from icp.eval.callbacks import EvalCallback, evaluate
+from icp.eval.callbacks import EvalCallback
+from icp.eval.paired import evaluate_pairs
 from icp.models.embedder import IdentityEmbedderNet, export
 from icp.eval.evaluator import Evaluator, build_extractors
 from icp.eval.heldout import heldout_loader, take
@@ -72,7 +73,8 @@ def test_callback_logs_to_csv_run_dir_and_wandb_offline(tmp_path, tmp_path_facto
     trainer.fit(model, data)
     wandb_logger.experiment.finish()
 
-    assert model.calls == 2  # step 2 only (not repeated at train end): 4 samples in batches of 2
+    # step 2 only (not repeated at train end): 4 samples in batches of 2, method + other-identity baseline
+    assert model.calls == 4
     latest = json.loads((tmp_path / "eval" / "latest.json").read_text())
     metrics = latest["metrics"]
     for key in ("id_cos_icp", "psnr", "psnr_fg", "ssim", "light_colour_err", "shading_err", "fid", "kid"):
@@ -85,6 +87,7 @@ def test_callback_logs_to_csv_run_dir_and_wandb_offline(tmp_path, tmp_path_facto
     # CSV logger
     rows = list(csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv")))))
     assert any(r.get("eval/psnr") for r in rows) and any(r.get("eval/fid") for r in rows)
+    assert any(r.get("eval/psnr@other_identity") for r in rows)
     # per-identity table and grid
     table = list(csv.DictReader(open(tmp_path / "eval" / "identities_step0000002.csv")))
     assert sorted(int(r["identity"]) for r in table) == [50, 51, 52, 53] and "psnr" in table[0]
@@ -92,7 +95,15 @@ def test_callback_logs_to_csv_run_dir_and_wandb_offline(tmp_path, tmp_path_facto
     # W&B offline run directory holds the logged keys
     run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
-    assert list(run_dirs[0].glob("files/media/images/eval/grid_*.png"))
+    logged = list(run_dirs[0].glob("files/media/images/eval/grid_*.png"))
+    assert logged
+    # the logged pixels are the saved grid's (uint8), not a black image
+    from PIL import Image
+    import numpy as np
+
+    pixels = np.asarray(Image.open(logged[0]).convert("RGB"))
+    assert np.array_equal(pixels, np.asarray(Image.open(tmp_path / "samples" / "eval_step0000002.png").convert("RGB")))
+    assert pixels.std() > 10 and (pixels < 250).mean() > 0.3
     assert list(run_dirs[0].glob("files/media/table/eval/identities_*.table.json"))
     keys = (b"eval/psnr", b"eval/fid", b"eval/id_cos_icp", b"eval/grid", b"eval/identities")
     deadline = time.time() + 20  # wandb-core writes the .wandb record file from its own process
@@ -110,20 +121,20 @@ def _worker(rank, world, port, shards, embedder, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        evaluator = Evaluator(build_extractors(identity=["icp"], embedder=embedder, fid=False))
+        extractors = build_extractors(identity=["icp"], embedder=embedder, fid=False)
         loader = heldout_loader(shards, mask_ratio=0.5, patch_size=8, batch_size=1)
-        scalars, rows, _ = evaluate(Noisy().sample, take(loader, IDS // world), evaluator, torch.device("cpu"),
-                                    num_steps=1)
-        queue.put((rank, scalars, rows))
+        res = evaluate_pairs(Noisy().sample, take(loader, IDS // world), extractors, "cpu", num_steps=1)
+        queue.put((rank, res.scalars["method"], res.rows["method"]))
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_each_heldout_sample_evaluated_once(heldout):
     shards, embedder = str(heldout / "shards"), str(heldout / "embedder.pt")
-    evaluator = Evaluator(build_extractors(identity=["icp"], embedder=embedder, fid=False))
+    extractors = build_extractors(identity=["icp"], embedder=embedder, fid=False)
     loader = heldout_loader(shards, mask_ratio=0.5, patch_size=8, batch_size=1)  # same noise per sample as ranks
-    single, single_rows, _ = evaluate(Noisy().sample, take(loader, IDS), evaluator, torch.device("cpu"), num_steps=1)
+    res = evaluate_pairs(Noisy().sample, take(loader, IDS), extractors, "cpu", num_steps=1)
+    single = res.scalars["method"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -17,8 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from icp.jobs.claims import pairs as P  # noqa: E402
-from icp.jobs.claims import runner  # noqa: E402
-from icp.jobs.claims.plan import Job  # noqa: E402
+from icp.jobs import runner  # noqa: E402
+from icp.jobs.runner import Job  # noqa: E402
 
 from icp.data import keys as K  # noqa: E402
 
@@ -41,7 +41,7 @@ def _numbers(cell: str) -> list[float]:
 
 @pytest.mark.slow
 def test_ci_config_runs_end_to_end_and_caches(tmp_path, capsys, one_thread):
-    import paper_claims
+    from icp.jobs.claims import study as paper_claims
 
     args = ["--config", str(ROOT / "tests/configs/paper_claims_ci.yaml"), f"root={tmp_path}/runs",
             f"report={tmp_path}/out/paper_claims", f"data.out={tmp_path}/shards"]
@@ -100,14 +100,6 @@ def part_of(md: str, section: str) -> str:
     return md[start:end if end > 0 else None]
 
 
-def test_swapped_profiles_always_come_from_another_identity():
-    ids = torch.tensor([5, 5, 5, 7, 9, 9])
-    batch = {K.IDENTITY: ids, K.PROFILE: ids.float().view(-1, 1, 1, 1).expand(-1, 3, 2, 2)}
-    swapped = P.swap_profiles(batch)
-    assert (swapped[K.PROFILE][:, 0, 0, 0] != ids.float()).all()
-    assert P.swap_profiles({K.IDENTITY: torch.tensor([3, 3]), K.PROFILE: torch.zeros(2, 3, 2, 2)}) is None
-
-
 def test_pairs_are_bucketed_by_yaw_difference_and_interleaved():
     groups = P.render_heldout(40, 3, views=4, resolution=16, seed=0)
     edges = [0, 30, 60, 180]
@@ -125,14 +117,16 @@ def test_pairs_are_bucketed_by_yaw_difference_and_interleaved():
 def test_parallel_runner_keeps_dependency_order_and_skips_after_a_failure(tmp_path):
     stamp = tmp_path / "order.txt"
     code = {"a": "ok", "b": "ok", "bad": "fail", "c": "ok", "after_bad": "ok"}
-    jobs = {"a": Job("a", "eval"), "b": Job("b", "eval", deps=["a"]), "bad": Job("bad", "eval"),
-            "c": Job("c", "eval", deps=["a", "b"]), "after_bad": Job("after_bad", "eval", deps=["bad"])}
+    jobs = {name: Job(name, "step", key="k", result=tmp_path / f"{name}.json")
+            for name in ("a", "b", "bad", "c", "after_bad")}
+    jobs["b"].deps, jobs["c"].deps, jobs["after_bad"].deps = ["a"], ["a", "b"], ["bad"]
+    (tmp_path / "a.json").write_text('{"key": "k"}')  # a is cached: its result holds its key
 
     def command(job):
         action = "raise SystemExit(3)" if code[job.name] == "fail" else "pass"
         return [sys.executable, "-c", f"open({str(stamp)!r}, 'a').write({job.name!r} + '\\n'); {action}"]
 
-    status = runner.run(jobs, is_done=lambda j: j.name == "a", execute=None, command=command, parallel=2,
+    status = runner.run(jobs, execute=None, command=command, parallel=2,
                         log_dir=tmp_path / "logs", timeline=runner.Timeline())
     assert status == {"a": "cached", "b": "done", "bad": "failed", "c": "done", "after_bad": "skipped"}
     ran = stamp.read_text().split()

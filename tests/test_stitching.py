@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from icp.data import keys as K
 from icp.core.errors import WeightsError
 from icp.models import backbone as B
-from icp.tasks.grids import SampleGrid
+from icp.eval.samples import SampleGrid
 from icp.tasks.stitching import StitchingTask
 
 

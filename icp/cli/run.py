@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     from icp.cli.fit import add_config_arguments
-    from icp.jobs.stages import STAGES
+    from icp.jobs.run import STAGES
 
     p = sub.add_parser("run", help="the main job: data -> embedder -> stitching -> adaptation -> evaluation -> report",
                        description="Run every stage of a pipeline config (experiments/quickstart.yaml). "
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from icp.core import config as cfglib
-    from icp.jobs import stages as mainjob
+    from icp.jobs import run as mainjob
     from icp.cli.fit import print_dry_run
 
     cfg = cfglib.load(args.config, args.overrides)

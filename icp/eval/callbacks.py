@@ -1,13 +1,15 @@
-"""In-loop evaluation: every N steps, generate the held-out set with the task's ``sample()`` and
-score it (icp.eval.evaluator), on all ranks.
+"""In-loop evaluation: every N steps, the one paired evaluation (icp.eval.paired) of the held-out
+set with the task's ``sample()``, on all ranks.
 
 Each rank generates its own slice of the held-out set (sample i on rank i % world, see
 icp/eval/heldout.py), metric states reduce across ranks, and per-sample rows are gathered, so
 every sample is evaluated exactly once. Rank 0 then logs
-- scalars ``eval/<metric>`` to every logger of the trainer (CSV and W&B alike),
-- an image grid (profile | masked target | generated | truth) to ``<run dir>/samples/`` and W&B,
+- scalars ``eval/<metric>`` and, per baseline, ``eval/<metric>@<baseline>`` and the paired
+  difference ``eval/<metric>-<baseline>`` to every logger of the trainer (CSV and W&B alike),
+- a labelled image grid (profile | masked target | generated | baselines | truth) to
+  ``<run dir>/samples/`` and W&B (as uint8 pixels),
 - a per-identity table to ``<run dir>/eval/identities_step<N>.csv`` and W&B,
-- ``<run dir>/eval/latest.json`` (scalars + extractors + unavailable metrics).
+- ``<run dir>/eval/latest.json`` (scalars, intervals, comparisons, extractors, unavailable metrics).
 Evaluation reaches the task ONLY through ``sample(batch, num_steps, guidance_scale, generator)``.
 """
 
@@ -17,53 +19,16 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import lightning as L
 import torch
-import torch.distributed as dist
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from torchvision.utils import make_grid, save_image
 
-from icp.data import keys as K
+from icp.eval import baselines as B
 from icp.eval.evaluator import Evaluator, build_extractors, per_identity
-from icp.eval.heldout import heldout_loader, take
-
-
-def grid(batch: dict, generated: torch.Tensor, n: int) -> torch.Tensor:
-    """(3, H', W') in [0, 1]: one row per sample, columns profile | masked target | generated | truth."""
-    cols = [batch[K.PROFILE], batch.get(K.TARGET_MASKED, torch.zeros_like(generated)), generated,
-            batch.get(K.TARGET, torch.zeros_like(generated))]
-    tiles = torch.stack([c[:n].detach().float().cpu() for c in cols], 1).flatten(0, 1)
-    return make_grid((tiles.clamp(-1, 1) + 1) / 2, nrow=len(cols), padding=2, pad_value=1.0)
-
-
-def gather_rows(rows: list[dict]) -> list[dict]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, rows)
-        return [r for part in parts for r in part]
-    return rows
-
-
-def evaluate(sample: Callable, batches: Iterable[dict], evaluator: Evaluator, device: torch.device,
-             num_steps: int = 20, guidance_scale: float | None = None, seed: int = 0,
-             grid_samples: int = 0) -> tuple[dict, list[dict], torch.Tensor | None]:
-    """Generate and score ``batches`` (this rank's slice); return (scalars over all ranks,
-    per-sample rows of all ranks, this rank's image grid or None). Every rank must call it."""
-    evaluator.reset()
-    rows, grid_img = [], None
-    for batch in batches:
-        batch = move_data_to_device(batch, device)
-        # Seeded by the batch's first identity, not the step or rank: same noise every evaluation.
-        first = int(batch[K.IDENTITY][0]) if K.IDENTITY in batch else 0
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first)
-        outputs = sample(batch, num_steps=num_steps, guidance_scale=guidance_scale, generator=generator)
-        rows += evaluator.update(outputs, batch)
-        if grid_img is None and grid_samples > 0:
-            grid_img = grid(batch, outputs, grid_samples)
-    scalars = evaluator.compute()
-    return scalars, gather_rows(rows), grid_img
+from icp.eval.grids import grid
+from icp.eval.heldout import heldout_loader, interleaved
+from icp.eval.paired import METHOD, PairedResult, evaluate_pairs
 
 
 class EvalCallback(L.Callback):
@@ -74,6 +39,8 @@ class EvalCallback(L.Callback):
         shards: held-out shard folder; None = the datamodule's validation loader.
         num_samples: held-out pairs per evaluation, over all ranks.
         identity: identity extractors to use, of "icp", "dlib", "facenet".
+        baselines: baselines generated beside the method (icp.eval.baselines; default: another identity's
+            profile, which doubles the sampling cost; [] for none).
         embedder / dlib_models_dir / facenet_weights / inception_torchscript / clip_model: local
             weights (eval.* options); a metric whose weights are absent is reported unavailable.
     """
@@ -85,7 +52,7 @@ class EvalCallback(L.Callback):
                  embedder: str | None = None, dlib_models_dir: str | None = None, facenet_weights: str | None = None,
                  fid: bool = True, inception_torchscript: str | None = None, clip_model: str | None = None,
                  kid_subset_size: int = 100, grid_samples: int = 8, at_train_end: bool = True,
-                 prefix: str = "eval"):
+                 prefix: str = "eval", baselines: list[str] | tuple[str, ...] = ("other_identity",)):
         self.every_n_steps, self.shards, self.num_samples = every_n_steps, shards, num_samples
         self.batch_size, self.resolution, self.mask_ratio, self.patch_size = batch_size, resolution, mask_ratio, patch_size
         self.seed, self.num_steps, self.guidance_scale = seed, num_steps, guidance_scale
@@ -95,7 +62,9 @@ class EvalCallback(L.Callback):
                                      inception_torchscript=inception_torchscript, clip_model=clip_model)
         self.kid_subset_size, self.grid_samples = kid_subset_size, grid_samples
         self.at_train_end, self.prefix = at_train_end, prefix
-        self.evaluator: Evaluator | None = None
+        self.baselines = B.resolve(list(baselines))
+        self.evaluators: dict[str, Evaluator] = {}
+        self.extractors = None
         self._last_step = -1
 
     # -- hooks
@@ -117,7 +86,7 @@ class EvalCallback(L.Callback):
                 from icp.core.errors import ConfigError
 
                 raise ConfigError("callbacks.eval: set shards (a held-out shard folder) or give the datamodule val_shards")
-            return take(dm.val_dataloader(), per_rank)
+            return interleaved(dm.val_dataloader(), per_rank, self.batch_size)
 
         def pick(name, default):
             mine = getattr(self, name)
@@ -125,53 +94,60 @@ class EvalCallback(L.Callback):
 
         loader = heldout_loader(self.shards, resolution=pick("resolution", None), mask_ratio=pick("mask_ratio", 0.8),
                                 patch_size=pick("patch_size", 8), seed=self.seed, batch_size=self.batch_size)
-        return take(loader, per_rank)
+        return interleaved(loader, per_rank, self.batch_size)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         self._last_step = step = trainer.global_step
-        if self.evaluator is None:
-            self.evaluator = Evaluator(build_extractors(device=pl_module.device, **self.extractor_kwargs),
-                                       kid_subset_size=self.kid_subset_size)
-        self.evaluator.to(pl_module.device)
-        with torch.no_grad():
-            scalars, rows, grid_img = evaluate(pl_module.sample, self._batches(trainer), self.evaluator,
-                                               pl_module.device, self.num_steps, self.guidance_scale, self.seed,
-                                               self.grid_samples if trainer.is_global_zero else 0)
+        if self.extractors is None:
+            self.extractors = build_extractors(device=pl_module.device, **self.extractor_kwargs)
+        result = evaluate_pairs(pl_module.sample, self._batches(trainer), self.extractors, pl_module.device,
+                                baselines=self.baselines, num_steps=self.num_steps,
+                                guidance_scale=self.guidance_scale, seed=self.seed,
+                                grid_samples=self.grid_samples if trainer.is_global_zero else 0,
+                                kid_subset_size=self.kid_subset_size, evaluators=self.evaluators)
         if trainer.is_global_zero:
-            self._write(trainer, step, scalars, rows, grid_img)
-        return scalars
+            self._write(trainer, step, result)
+        return result.scalars[METHOD]
 
-    def _write(self, trainer: L.Trainer, step: int, scalars: dict, rows: list[dict], grid_img) -> None:
+    def _write(self, trainer: L.Trainer, step: int, result: PairedResult) -> None:
         root = Path(trainer.default_root_dir)
+        scalars = result.scalars[METHOD]
         logged = {f"{self.prefix}/{k}": v for k, v in scalars.items()}
-        logged[f"{self.prefix}/samples"] = float(len(rows))
+        for arm, values in result.scalars.items():
+            if arm != METHOD:
+                logged.update({f"{self.prefix}/{k}@{arm}": v for k, v in values.items()})
+        for arm, found in result.comparisons.items():
+            logged.update({f"{self.prefix}/{k}-{arm}": c["mean"] for k, c in found.items() if c["n"]})
+        logged[f"{self.prefix}/samples"] = float(result.samples)
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=step)
         out = root / "eval"
         out.mkdir(parents=True, exist_ok=True)
-        columns, table = per_identity(rows)
+        columns, table = per_identity(result.rows[METHOD])
         with open(out / f"identities_step{step:07d}.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
             writer.writerows(table)
-        record = {"step": step, "samples": len(rows), "metrics": scalars,
-                  "extractors": self.evaluator.extractors.describe(),
-                  "unavailable": self.evaluator.extractors.unavailable, "no_valid_samples": self.evaluator.empty}
+        record = {"step": step, "samples": result.samples, "metrics": scalars, "baselines": {
+                      a: v for a, v in result.scalars.items() if a != METHOD},
+                  "intervals": result.intervals, "comparisons": result.comparisons,
+                  "extractors": self.extractors.describe(), "unavailable": self.extractors.unavailable,
+                  "no_valid_samples": result.empty[METHOD]}
         (out / "latest.json").write_text(json.dumps(record, indent=2, allow_nan=True))
-        png = None
-        if grid_img is not None:
+        image = None
+        if result.grid_columns:
             (root / "samples").mkdir(parents=True, exist_ok=True)
-            png = root / "samples" / f"eval_step{step:07d}.png"
-            save_image(grid_img, png)
-        self._to_wandb(trainer, step, columns, table, png)
+            image = grid(result.grid_columns, row_labels=[f"id {i}" for i in result.grid_identities])
+            image.save(root / "samples" / f"eval_step{step:07d}.png")
+        self._to_wandb(trainer, step, columns, table, image, result)
 
-    def _to_wandb(self, trainer: L.Trainer, step: int, columns, table, png) -> None:
+    def _to_wandb(self, trainer: L.Trainer, step: int, columns, table, image, result: PairedResult) -> None:
         from lightning.pytorch.loggers import WandbLogger
 
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                if png is not None:
-                    logger.log_image(f"{self.prefix}/grid", images=[str(png)], step=step,
-                                     caption=["profile | masked target | generated | truth"])
+                if image is not None:
+                    caption = " | ".join(label for label, _ in result.grid_columns)
+                    logger.log_image(f"{self.prefix}/grid", images=[image], step=step, caption=[caption])
                 clean = [[None if isinstance(v, float) and math.isnan(v) else v for v in r] for r in table]
                 logger.log_table(f"{self.prefix}/identities", columns=columns, data=clean, step=step)

@@ -116,6 +116,25 @@ def build_extractors(
 
 
 GT_METRICS = ("psnr", "psnr_fg", "ssim", "light_colour_err", "shading_err")
+# What each metric means (every report prints it) and which direction is better.
+MEANINGS = {
+    "id_cos_icp": "cosine similarity of output and profile in the icp synthetic-identity embedder (higher = same person)",
+    "id_cos_dlib": "cosine similarity of output and profile, dlib 128-D face descriptor (real recogniser)",
+    "id_cos_facenet": "cosine similarity of output and profile, FaceNet (real recogniser)",
+    "face_fail_dlib": "fraction of outputs in which dlib's detector found no face",
+    "face_fail_facenet": "fraction of outputs in which MTCNN found no face",
+    "psnr": "PSNR (dB) of output vs the true render of the profile identity in the target pose and light",
+    "psnr_fg": "PSNR (dB) on the head only (target foreground mask)",
+    "ssim": "SSIM of output vs the true render",
+    "light_colour_err": "error of the mean head colour vs the true render (lighting colour)",
+    "shading_err": "error of the head's shading statistics vs the true render (lighting direction)",
+    "clip_i": "CLIP image similarity of output and profile",
+    "clip_t": "CLIP similarity of output and prompt",
+    "fid": "FID of outputs vs true renders (TF-FID Inception; few samples: compare runs, not papers)",
+    "kid": "KID of outputs vs true renders (TF-FID Inception)",
+}
+LOWER_IS_BETTER = frozenset({"face_fail_dlib", "face_fail_facenet", "light_colour_err", "shading_err", "fid", "kid",
+                   "flow_epe", "flow_epe_zero"})
 
 
 class Evaluator(nn.Module):

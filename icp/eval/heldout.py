@@ -12,6 +12,8 @@ from typing import Iterator
 
 from torch.utils.data import DataLoader
 
+from icp.data import keys as K
+
 from icp.data.datamodule import PairMaker
 from icp.data.shards.read import ShardStream
 
@@ -44,3 +46,27 @@ def manifest_sha256(shards: str) -> str:
     from pathlib import Path
 
     return sha256_file(Path(shards) / "manifest.json")
+
+
+def interleaved(batches, max_items: int | None, batch_size: int) -> Iterator[dict]:
+    """The first ``max_items`` pairs of ``batches``, re-batched so consecutive pairs belong to different
+    identities (round robin). A held-out stream yields several pairs of one head in a row; without this
+    a batch can hold a single identity and has no other-identity baseline."""
+    import torch
+
+    items: list[dict] = []
+    for batch in take(batches, max_items):
+        n = len(next(v for v in batch.values() if hasattr(v, "__len__")))
+        items += [{k: v[i] for k, v in batch.items()} for i in range(n)]
+    by_id: dict[int, list[dict]] = {}
+    for item in items:
+        by_id.setdefault(int(item[K.IDENTITY]) if K.IDENTITY in item else -1, []).append(item)
+    order, queues = [], list(by_id.values())
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        yield {k: torch.stack([c[k] for c in chunk]) if isinstance(chunk[0][k], torch.Tensor) else [c[k] for c in chunk]
+               for k in chunk[0]}

@@ -14,15 +14,15 @@ import json
 import subprocess
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from icp import __version__
 from icp.core import config as cfglib
 from icp.core.errors import ConfigError, DataError
-from icp.eval.callbacks import evaluate
-from icp.eval.evaluator import Evaluator, build_extractors
-from icp.eval.heldout import heldout_loader, take
+from icp.eval import baselines as B
+from icp.eval.evaluator import build_extractors
+from icp.eval.heldout import heldout_loader, interleaved
+from icp.eval.paired import METHOD, evaluate_pairs
 
 FORMAT = "icp-metrics"
 DEFAULT_PROTOCOL = Path("eval") / "protocol.yaml"
@@ -102,14 +102,15 @@ def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str |
         dlib_models_dir=met.get("dlib_models_dir"), facenet_weights=met.get("facenet_weights"),
         fid=bool(met.get("fid", True)), inception_torchscript=met.get("inception_torchscript"),
         clip_model=met.get("clip_model"), device=device)
-    evaluator = Evaluator(extractors, kid_subset_size=int(met.get("kid_subset_size", 50))).to(device)
     loader = heldout_loader(str(shards), resolution=int(resolution), mask_ratio=pairs["mask_ratio"],
                             patch_size=pairs["patch_size"], pairs_per_identity=pairs["pairs_per_identity"],
                             seed=pairs["seed"], batch_size=int(gen.get("batch_size", 8)))
-    with torch.no_grad():
-        scalars, rows, _ = evaluate(task.sample, take(loader, int(pairs["num_samples"])), evaluator,
-                                    torch.device(device), int(gen["num_steps"]), gen.get("guidance_scale"),
-                                    int(gen.get("seed", 0)))
+    batch_size = int(gen.get("batch_size", 8))
+    result = evaluate_pairs(task.sample, interleaved(loader, int(pairs["num_samples"]), batch_size), extractors, device,
+                            baselines=B.resolve(list(protocol.get("baselines", ["other_identity"]))),
+                            num_steps=int(gen["num_steps"]), guidance_scale=gen.get("guidance_scale"),
+                            seed=int(gen.get("seed", 0)), kid_subset_size=int(met.get("kid_subset_size", 50)))
+    scalars = result.scalars[METHOD]
     described = extractors.describe()
     manifest = shards / "manifest.json"
     key = protocol_key(protocol, sha256_of(manifest), int(resolution), described)
@@ -119,8 +120,10 @@ def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str |
         "format": FORMAT, "version": 1,
         "run": str(run_dir), "checkpoint": str(ckpt), "checkpoint_sha256": ckpt_sha, "task": type(task).__name__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "metrics": scalars, "samples": len(rows), "unavailable": extractors.unavailable,
-        "no_valid_samples": evaluator.empty,
+        "metrics": scalars, "samples": result.samples, "unavailable": extractors.unavailable,
+        "no_valid_samples": result.empty[METHOD],
+        "baselines": {arm: v for arm, v in result.scalars.items() if arm != METHOD},
+        "intervals": result.intervals[METHOD], "comparisons": result.comparisons,
         "extractors": described,
         "dataset": {"shards": str(shards), "manifest": str(manifest), "manifest_sha256": key["dataset_manifest_sha256"]},
         "protocol": key, "protocol_id": protocol_id(key),

@@ -1,201 +1,144 @@
-"""The main job's evaluation stage: held-out identities, a baseline, relighting, pictures.
+"""The main job's evaluate step: the paired evaluation of held-out identities, flows, relighting.
 
 Everything is measured on identities never seen in training (a disjoint index range of the
-generator). The identity question is answered against a baseline that keeps everything but the
-identity: the same model, the same masked targets, the same noise, but each profile replaced by
-another held-out identity's profile. If generation uses the profile, its output must be closer
-(in the identity embedder's space) to the true profile than the baseline's output is.
+generator), through the one paired evaluation (icp.eval.paired): the method beside the
+other-identity profile (same model, masked targets and noise; the profile is always another
+identity's), the copied and mirrored profile, model-free inpainting of the masked target and the
+true render (the ceiling). Intervals are bootstrapped over identities.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from omegaconf import DictConfig
-from torchvision.utils import make_grid, save_image
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from icp.data import keys as K
+from icp.eval import baselines as B
 from icp.eval import metrics as M
-from icp.eval.evaluator import Evaluator, build_extractors
-from icp.eval.heldout import heldout_loader, take
-from icp.jobs.stages import shards_dirs
-from icp.tasks.loading import load_task
+from icp.eval import relighting as RL
+from icp.eval.evaluator import LOWER_IS_BETTER, MEANINGS, build_extractors
+from icp.eval.grids import save_grid
+from icp.eval.heldout import heldout_loader, interleaved, take
+from icp.eval.paired import METHOD, evaluate_pairs
+from icp.eval.stats import fmt_interval
+from icp.jobs.runner import Job, shards_dirs
 
-MEANINGS = {
-    "id_cos_icp": "cosine similarity of output and profile in the icp synthetic-identity embedder (higher = same person)",
-    "id_cos_dlib": "cosine similarity of output and profile, dlib 128-D face descriptor (real recogniser)",
-    "face_fail_dlib": "fraction of outputs in which dlib's detector found no face",
-    "psnr": "PSNR (dB) of output vs the true render of the profile identity in the target pose and light",
-    "psnr_fg": "PSNR (dB) on the head only (target foreground mask)",
-    "ssim": "SSIM of output vs the true render",
-    "light_colour_err": "error of the mean head colour vs the true render (lighting colour)",
-    "shading_err": "error of the head's shading statistics vs the true render (lighting direction)",
-    "fid": "FID of outputs vs true renders (TF-FID Inception; few samples: compare runs, not papers)",
-    "kid": "KID of outputs vs true renders (TF-FID Inception)",
+FLOW_MEANINGS = {
     "flow_epe": "matching-flow end-point error in pixels vs the renderer's ground truth (lower is better)",
     "flow_pck": "fraction of co-visible target pixels whose matched profile pixel is within 5% of the image size",
     "flow_epe_zero": "end-point error of the zero (no-motion) flow: the baseline a useful matcher must beat",
 }
-FLOW_KEYS = ("flow_epe", "flow_pck", "flow_epe_zero")
-LOWER_IS_BETTER = {"psnr": False, "psnr_fg": False, "ssim": False, "face_fail_dlib": True,
-                   "light_colour_err": True, "shading_err": True, "fid": True, "kid": True, "flow_epe": True, "flow_epe_zero": True}
+DEFAULT_BASELINES = ("other_identity", "copy_profile", "mirror_profile", "inpaint", "truth")
 
 
-def other_identity(batch: dict) -> dict:
-    """The same batch with every profile taken from the next sample (another identity)."""
-    swapped = dict(batch)
-    swapped[K.PROFILE] = batch[K.PROFILE].roll(1, dims=0)
-    return swapped
+def evaluate(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], device: str = "cpu") -> dict:
+    from icp.tasks.loading import load_task
 
-
-def evaluate(cfg: DictConfig, run_dir: Path, device: str = "cpu") -> dict:
     ev = cfg.evaluate
-    state = json.loads((run_dir / "stages.json").read_text())
     out_dir = run_dir / "evaluate"
-    out_dir.mkdir(exist_ok=True)
-    task = load_task(state["adaptation"]["result"]["run_dir"], device=device)
-    embedder = Path(state["embedder"]["result"]["run_dir"]) / "embedder.pt"
-    extractors = build_extractors(identity=tuple(ev.identity), embedder=str(embedder), fid=bool(ev.fid), device=device)
-    model_eval, base_eval = Evaluator(extractors).to(device), Evaluator(extractors).to(device)
-    heldout = str(shards_dirs(cfg)[1])
-    loader = heldout_loader(heldout, resolution=cfg.data.resolution, mask_ratio=ev.mask_ratio, patch_size=ev.patch_size,
-                            pairs_per_identity=ev.pairs_per_identity, seed=cfg.seed, batch_size=ev.batch_size)
-    flow_avg = M.Averages(list(FLOW_KEYS))
-    grids, base_grids = [], []
-    model_rows: list[dict] = []
-    base_rows: list[dict] = []
-    ceiling: list[float] = []
-    batches = tqdm(take(loader, ev.pairs), total=-(-ev.pairs // ev.batch_size), desc="evaluate", unit="batch")
-    for i, batch in enumerate(batches):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = load_task(jobs["adaptation"].run_dir, device=device)
+    extractors = build_extractors(identity=tuple(ev.identity), embedder=str(jobs["embedder"].run_dir / "embedder.pt"),
+                                  fid=bool(ev.fid), device=device)
+    baselines = B.resolve(list(OmegaConf.select(cfg, "evaluate.baselines", default=None) or DEFAULT_BASELINES))
+    loader = heldout_loader(str(shards_dirs(cfg)[1]), resolution=cfg.data.resolution, mask_ratio=ev.mask_ratio,
+                            patch_size=ev.patch_size, pairs_per_identity=ev.pairs_per_identity, seed=cfg.seed,
+                            batch_size=ev.batch_size)
+    bar = tqdm(total=-(-int(ev.pairs) // int(ev.batch_size)), desc="evaluate", unit="batch")
+    result = evaluate_pairs(task.sample, interleaved(loader, int(ev.pairs), int(ev.batch_size)), extractors, device, baselines=baselines,
+                            num_steps=int(ev.steps), seed=int(cfg.seed), grid_samples=6, progress=bar)
+    bar.close()
+    save_grid(out_dir / "grid.png", result.grid_columns, row_labels=[f"id {i}" for i in result.grid_identities])
+    flows = flow_scores(task, cfg, out_dir, device)
+    relight = relighting(task, cfg, out_dir, device)
+    return summarise(result, extractors, flows, relight)
+
+
+def flow_scores(task, cfg: DictConfig, out_dir: Path, device: str) -> dict:
+    """Matching-flow error against the renderer's flow, beside the zero flow (adaptation only)."""
+    if not hasattr(task, "predict_flow"):
+        return {}
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from torchvision.utils import save_image
+
+    from icp.tasks.adaptation import flow_metrics, flow_picture
+
+    ev = cfg.evaluate
+    loader = heldout_loader(str(shards_dirs(cfg)[1]), resolution=cfg.data.resolution, mask_ratio=ev.mask_ratio,
+                            patch_size=ev.patch_size, pairs_per_identity=ev.pairs_per_identity, seed=cfg.seed,
+                            batch_size=ev.batch_size)
+    avg = M.Averages(list(FLOW_MEANINGS))
+    for i, batch in enumerate(take(loader, int(ev.pairs))):
         batch = move_data_to_device(batch, device)
-        generator = torch.Generator(device).manual_seed(cfg.seed + i)
-        out = task.sample(batch, num_steps=ev.steps, generator=generator)
-        generator = torch.Generator(device).manual_seed(cfg.seed + i)  # same noise for the baseline
-        swapped = other_identity(batch)
-        base = task.sample(swapped, num_steps=ev.steps, generator=generator)
-        model_rows += model_eval.update(out, batch)
-        base_rows += base_eval.update(base, batch)  # scored against the TRUE profile and target
-        if "icp" in extractors.identity:  # the ceiling: the true render of the target view
-            truth = extractors.identity["icp"](batch[K.TARGET]).embeddings
-            ref = extractors.identity["icp"](batch[K.PROFILE]).embeddings
-            ceiling += M.embedding_cosine(truth, ref).tolist()
-        if hasattr(task, "predict_flow") and K.FLOW_GT in batch:
-            from icp.tasks.adaptation import flow_metrics, flow_picture
-
+        if K.FLOW_GT not in batch:
+            return {}
+        with torch.no_grad():
             flows = task.predict_flow(batch)
-            found = flow_metrics(flows, task.match_levels, batch, task.pck_alpha)
-            flow_avg.update({k: found[k].reshape(1) for k in FLOW_KEYS})
-            if i == 0:
-                picture = flow_picture(flows, task.match_levels, batch, count=6)[None]
-                scale = max(1, 96 // batch[K.TARGET].shape[-1])
-                save_image(torch.nn.functional.interpolate(picture, scale_factor=scale, mode="nearest"),
-                           out_dir / "flows.png")
+        found = flow_metrics(flows, task.match_levels, batch, task.pck_alpha)
+        avg.update({k: found[k].reshape(1) for k in FLOW_MEANINGS})
         if i == 0:
-            n = min(6, out.shape[0])
-            grids = [batch[K.PROFILE][:n], batch[K.TARGET_MASKED][:n], out[:n], batch[K.TARGET][:n]]
-            base_grids = [swapped[K.PROFILE][:n], base[:n], batch[K.TARGET][:n]]
-    scores, baseline = model_eval.compute(), base_eval.compute()
-    if flow_avg.update_count:
-        scores.update({k: float(v) for k, v in flow_avg.compute().items()})
-    _save_rows(out_dir / "grid.png", grids)
-    _save_rows(out_dir / "baseline_grid.png", base_grids)
-    relight = relighting_strip(task, cfg, out_dir / "relight.png", device)
-    paired = paired_difference(model_rows, base_rows, key="id_cos_icp" if "icp" in extractors.identity else None)
-    if ceiling:
-        paired["true_render_id_cos"] = sum(ceiling) / len(ceiling)
-    return _summarise(out_dir, scores, baseline, extractors, relight, paired)
+            picture = flow_picture(flows, task.match_levels, batch, count=6)[None]
+            scale = max(1, 96 // batch[K.TARGET].shape[-1])
+            save_image(torch.nn.functional.interpolate(picture, scale_factor=scale, mode="nearest"), out_dir / "flows.png")
+    return {k: float(v) for k, v in avg.compute().items()}
 
 
-def _save_rows(path: Path, rows: list[torch.Tensor]) -> None:
-    if rows:
-        # One row per sample: its columns are the given image kinds.
-        tiles = torch.stack(rows, dim=1).flatten(0, 1)
-        if tiles.shape[-1] < 96:  # tiny renders: enlarge (nearest) so a person can see them
-            tiles = torch.nn.functional.interpolate(tiles.float(), scale_factor=96 // tiles.shape[-1], mode="nearest")
-        save_image(make_grid(tiles.float().cpu() * 0.5 + 0.5, nrow=len(rows), padding=2), path)
+def relighting(task, cfg: DictConfig, out_dir: Path, device: str) -> dict:
+    """The first held-out identities in one pose under several lights (icp.eval.relighting)."""
+    ev, d = cfg.evaluate, cfg.data
+    s = RL.relight_set(int(d.identities), min(int(ev.get("relight_identities", 4)), int(d.heldout_identities)),
+                       int(ev.relight_lights), int(d.resolution), int(d.seed), int(cfg.seed), float(ev.mask_ratio),
+                       int(ev.patch_size))
+    out = RL.generate(task.sample, s, int(ev.steps), device, int(cfg.seed))
+    cols, labels = RL.grid_columns(out, s, n_show=1)
+    save_grid(out_dir / "relight.png", cols, row_labels=labels)
+    found = {}
+    for name, images in (("method", out), ("inpaint", RL.inpainted(s))):
+        rows = RL.scores(images, s)
+        found[name] = {k: sum(r[k] for r in rows) / len(rows) for k in RL.KEYS}
+    return found
 
 
-def relighting_strip(task, cfg: DictConfig, path: Path, device: str) -> dict:
-    """One held-out identity in one pose under several lights: target, generation per light."""
-    from icp.render import renderer as R
-    from icp.render.lighting import sample_light
-    from icp.data.masking import apply_mask, random_patch_mask
-
-    ev, res = cfg.evaluate, cfg.data.resolution
-    identity_index = int(cfg.data.identities)  # the first held-out identity
-    ident = R.sample_identity(identity_index, cfg.data.seed)[None]
-    pose_p, light_p, bg_p = R.sample_view(identity_index, 0, cfg.data.seed)
-    pose_t, _, bg_t = R.sample_view(identity_index, 1, cfg.data.seed)
-    profile = R.render(ident, pose_p[None], light_p[None], bg_p[None], res)["rgb"] * 2 - 1
-    g = torch.Generator().manual_seed(cfg.seed)
-    lights = torch.stack([sample_light(g) for _ in range(ev.relight_lights)])
-    n = lights.shape[0]
-    targets = R.render(ident.expand(n, -1), pose_t[None].expand(n, -1), lights, bg_t[None].expand(n, -1), res)["rgb"] * 2 - 1
-    keep = random_patch_mask((1, res, res), ev.mask_ratio, ev.patch_size, generator=g).expand(n, -1, -1, -1)
-    batch = move_data_to_device({K.PROFILE: profile.expand(n, -1, -1, -1), K.TARGET: targets,
-                        K.TARGET_MASKED: apply_mask(targets, keep), K.TARGET_KEEP: keep}, device)
-    out = task.sample(batch, num_steps=ev.steps, generator=torch.Generator(device).manual_seed(cfg.seed))
-    _save_rows(path, [batch[K.PROFILE], batch[K.TARGET_MASKED], out, batch[K.TARGET]])
-    # Relighting works if each output's lighting follows its own target rather than a fixed one.
-    mask = torch.ones_like(out[:, :1])
-    own = M.lighting_error(out, batch[K.TARGET], mask)[0].mean()
-    other = M.lighting_error(out, batch[K.TARGET].roll(1, dims=0), mask)[0].mean()
-    return {"light_err_own_target": float(own), "light_err_other_light": float(other)}
-
-
-def paired_difference(model_rows: list[dict], base_rows: list[dict], key: str | None) -> dict:
-    """Per-pair model - baseline differences of ``key``: mean, standard error, win rate.
-
-    Pairs share the masked target and the noise, so the paired difference isolates what the
-    profile contributes, and its standard error says whether +0.09 is more than chance.
-    """
-    if key is None:
-        return {}
-    diffs = [m[key] - b[key] for m, b in zip(model_rows, base_rows)
-             if m.get(key) == m.get(key) and b.get(key) == b.get(key)]  # drop NaN (no valid sample)
-    if len(diffs) < 2:
-        return {}
-    n = len(diffs)
-    mean = sum(diffs) / n
-    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
-    return {"metric": key, "pairs": n, "mean_diff": mean, "stderr": sd / n ** 0.5,
-            "win_rate": sum(d > 0 for d in diffs) / n}
-
-
-def _summarise(out_dir: Path, scores: dict, baseline: dict, extractors, relight: dict, paired: dict) -> dict:
+def summarise(result, extractors, flows: dict, relight: dict) -> dict:
     described = extractors.describe()
+    arms = list(result.scalars)
     rows = []
-    for name in sorted(set(scores) | set(baseline)):
-        value, base = scores.get(name), baseline.get(name)
-        lower = LOWER_IS_BETTER.get(name, False)
-        if value is None or base is None:
-            better = None
-        elif abs(value - base) <= 1e-6 * max(abs(value), abs(base), 1.0):
-            better = "tie"
-        else:
-            better = "icp" if (value < base) == lower else "baseline"
-        extractor = extractor_of(name, described)
-        rows.append({"name": name, "value": _f(value), "baseline": _f(base), "better": better,
-                     "extractor": extractor, "meaning": MEANINGS.get(name, "")})
+    for name in sorted(set().union(*(result.scalars[a] for a in arms)) | set(flows)):
+        row = {"name": name, "value": result.scalars[METHOD].get(name, flows.get(name)),
+               "interval": fmt_interval(result.intervals[METHOD].get(name, {})) if name not in flows else None,
+               "extractor": extractor_of(name, described), "meaning": MEANINGS.get(name, FLOW_MEANINGS.get(name, "")),
+               "lower_is_better": name in LOWER_IS_BETTER, "baselines": {}, "versus": {}}
+        for arm in arms[1:]:
+            row["baselines"][arm] = result.scalars[arm].get(name)
+            if name in result.comparisons.get(arm, {}):
+                row["versus"][arm] = result.comparisons[arm][name]
+        if name == "flow_epe" and "flow_epe_zero" in flows:
+            row["baselines"]["zero_flow"] = flows["flow_epe_zero"]
+        rows.append(row)
     for name, why in extractors.unavailable.items():
-        rows.append({"name": name, "value": "unavailable", "meaning": why})
-    summary = identity_verdict(scores, baseline, paired)
-    if "flow_epe" in scores and "flow_epe_zero" in scores:
-        learned = scores["flow_epe"] < scores["flow_epe_zero"]
-        summary += (f" Matching: flow EPE {scores['flow_epe']:.2f} px vs {scores['flow_epe_zero']:.2f} px for the "
+        rows.append({"name": name, "value": None, "unavailable": why, "meaning": why})
+    summary = identity_verdict(result)
+    if "flow_epe" in flows and "flow_epe_zero" in flows:
+        learned = flows["flow_epe"] < flows["flow_epe_zero"]
+        summary += (f" Matching: flow EPE {flows['flow_epe']:.2f} px vs {flows['flow_epe_zero']:.2f} px for the "
                     f"zero flow, so the Matching Net {'has' if learned else 'has NOT yet'} learned useful "
                     "correspondence at this scale.")
-    notes = [f"relighting: lighting error of each output vs its own target's light {relight['light_err_own_target']:.4f}, "
-             f"vs another light {relight['light_err_other_light']:.4f} (lower own = the output follows the new light)",
-             "baseline = the same model, masked targets and noise, with each profile swapped for another held-out identity's"]
-    result = {"summary": summary, "metrics": rows, "extractors": described, "relighting": relight,
-              "paired_identity": paired, "notes": notes}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    return {"metrics": str(out_dir / "metrics.json"), "summary": summary}
+    m, i = relight["method"], relight["inpaint"]
+    notes = [f"relighting: the output follows its own target's light by {m['follow_shading']:+.4f} (shading) and "
+             f"{m['follow_colour']:+.4f} (colour); model-free inpainting of the masked target scores "
+             f"{i['follow_shading']:+.4f} / {i['follow_colour']:+.4f} (positive = closer to its own light than "
+             "to the other lights)",
+             "baselines: the same model, masked targets and noise with each profile swapped for another held-out "
+             "identity's (never the same identity); the profile copied and mirrored; model-free inpainting of the "
+             "masked target; the true render (the ceiling)",
+             "intervals: 95 % bootstrap over identities (pairs of one identity are resampled together); a "
+             "comparison with fewer than 20 valid pairs is never called better or worse"]
+    return {"summary": summary, "metrics": rows, "arms": arms, "extractors": described, "relighting": relight,
+            "flows": flows, "samples": result.samples, "notes": notes,
+            "per_pair": {arm: rs for arm, rs in result.rows.items()}}
 
 
 def extractor_of(metric: str, described: dict) -> str:
@@ -211,21 +154,19 @@ def extractor_of(metric: str, described: dict) -> str:
     return "renderer ground truth"
 
 
-def identity_verdict(scores: dict, baseline: dict, paired: dict | None = None) -> str:
-    key = "id_cos_icp" if "id_cos_icp" in scores else next((k for k in scores if k.startswith("id_cos_")), None)
+def identity_verdict(result) -> str:
+    method = result.scalars[METHOD]
+    key = "id_cos_icp" if "id_cos_icp" in method else next((k for k in method if k.startswith("id_cos_")), None)
     if key is None:
         return "No identity extractor was available, so identity preservation was not measured."
-    ours, base = float(scores[key]), float(baseline[key])
-    verdict = "beats" if ours > base else "does NOT beat"
-    text = (f"Identity: generated portraits of held-out identities have {key} = {ours:.3f} to their profile; "
-            f"the other-identity baseline has {base:.3f}. icp {verdict} the baseline by {ours - base:+.3f}")
-    if paired:
-        text += (f" (paired over {paired['pairs']} pairs: {paired['mean_diff']:+.3f} ± {paired['stderr']:.3f} s.e., "
-                 f"icp closer in {paired['win_rate']:.0%} of pairs)")
-        if "true_render_id_cos" in paired:
-            text += f"; the true render of the target view scores {paired['true_render_id_cos']:.3f} (the ceiling)"
-    return text + "."
-
-
-def _f(value):
-    return None if value is None else float(value)
+    text = f"Identity: generated portraits of held-out identities have {key} = {fmt_interval(result.intervals[METHOD][key])}."
+    versus = result.comparisons.get("other_identity", {}).get(key)
+    if versus:
+        base = result.intervals["other_identity"][key]
+        said = {"better": "beats", "worse": "is WORSE than", "no difference": "does NOT beat",
+                "too few": "cannot be compared with (too few valid pairs)"}[versus["verdict"]]
+        text += (f" icp {said} the other-identity baseline ({base['mean']:.3f}): paired difference "
+                 f"{fmt_interval(versus)}, icp closer in {versus['win_rate']:.0%} of pairs.")
+    if "truth" in result.intervals:
+        text += f" The true render scores {result.intervals['truth'][key]['mean']:.3f} (the ceiling)."
+    return text

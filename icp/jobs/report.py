@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 
 PICTURES = (
-    ("grid.png", "Held-out identities: profile | masked target | generated | ground truth"),
-    ("baseline_grid.png", "Baseline (profile of another identity): profile used | generated | ground truth"),
+    ("grid.png", "Held-out identities (one per row): profile | masked target | generated | each baseline | true render"),
     ("flows.png", "Matching flow target→profile, rows: profile, target, true flow, predicted flow (colour wheel), profile warped by it"),
-    ("relight.png", "Relighting, one row per new light: profile | masked target under that light | generated | true render"),
+    ("relight.png", "Relighting: one identity and pose, one column per light; rows: true render, generated"),
     ("loss_curves.png", "Training losses per stage"),
 )
 
@@ -59,18 +58,30 @@ def plot_losses(stages: dict, out: Path) -> Path | None:
     return out
 
 
-def _table(rows: list[dict], columns: list[tuple[str, str]]) -> list[list[str]]:
-    return [[_fmt(row.get(key)) for key, _ in columns] for row in rows]
+def _table(rows: list[dict], arms: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Metric rows -> (header, cells): icp with its interval, each baseline, the paired verdicts."""
+    from icp.eval.baselines import LABELS
+    from icp.eval.stats import fmt_interval
+
+    header = ["metric", "icp [95% CI]", *[LABELS.get(a, a) for a in arms], "icp vs other identity", "extractor",
+              "what it means"]
+    cells = []
+    for row in rows:
+        if row.get("unavailable"):
+            cells.append([row["name"], "unavailable", *[""] * len(arms), "", "", row["unavailable"]])
+            continue
+        value = row.get("interval") or _fmt(row.get("value"))
+        versus = row.get("versus", {}).get("other_identity")
+        vs = f"{fmt_interval(versus)}: {versus['verdict']}" if versus else ""
+        cells.append([row["name"], value, *[_fmt(row.get("baselines", {}).get(a)) for a in arms], vs,
+                      _fmt(row.get("extractor")), _fmt(row.get("meaning"))])
+    return header, cells
 
 
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
-
-
-METRIC_COLUMNS = [("name", "metric"), ("value", "icp"), ("baseline", "baseline"), ("better", "better"),
-                  ("extractor", "extractor"), ("meaning", "what it means")]
 
 
 def write_report(run_dir: Path) -> dict[str, Path]:
@@ -87,9 +98,12 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     timings = [(name, entry.get("seconds")) for name, entry in stages.items()]
 
     md = [f"# icp report: {run_dir}", "", "## Summary", "", summary, ""]
-    md += ["## Metrics (held-out identities)", "", "| " + " | ".join(t for _, t in METRIC_COLUMNS) + " |",
-           "|" + "---|" * len(METRIC_COLUMNS)]
-    md += ["| " + " | ".join(cells) + " |" for cells in _table(metrics, METRIC_COLUMNS)]
+    arms = [a for a in evaluation.get("arms", []) if a != "method"]
+    if any("flow_epe" == r.get("name") for r in metrics):
+        arms.append("zero_flow")
+    header, table = _table(metrics, arms)
+    md += ["## Metrics (held-out identities)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in table]
     for path, caption in pictures:
         md += ["", f"## {caption}", "", f"![{caption}]({path})"]
     md += ["", "## Stages", "", "| stage | seconds |", "|---|---|"] + [f"| {n} | {s} |" for n, s in timings]
@@ -99,9 +113,8 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     (run_dir / "report.md").write_text("\n".join(md) + "\n")
 
     esc = html.escape
-    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>"
-                   for cells in _table(metrics, METRIC_COLUMNS))
-    head = "".join(f"<th>{esc(t)}</th>" for _, t in METRIC_COLUMNS)
+    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in table)
+    head = "".join(f"<th>{esc(t)}</th>" for t in header)
     figs = "".join(f"<h2>{esc(c)}</h2><img src='{esc(p)}' style='max-width:100%;image-rendering:pixelated'>"
                    for p, c in pictures)
     stage_rows = "".join(f"<tr><td>{esc(n)}</td><td>{esc(_fmt(s))}</td></tr>" for n, s in timings)

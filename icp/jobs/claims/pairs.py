@@ -91,24 +91,3 @@ def batches(groups: dict[int, dict], pairs: list[tuple[int, int, int]], batch_si
         chunk = pairs[start:start + batch_size]
         items = [make_pair(groups[i], i, p, t, mask_ratio, patch_size, seed) for i, p, t in chunk]
         yield default_collate(items)
-
-
-def swap_profiles(batch: dict) -> dict | None:
-    """The same batch with each profile replaced by the next pair's profile *of another identity*.
-
-    Consecutive pairs may share an identity (several pairs per head); a plain roll would then
-    hand many pairs a different view of the same person, which is no baseline at all.
-    """
-    ids = batch[K.IDENTITY].tolist()
-    n = len(ids)
-    if len(set(ids)) < 2:
-        return None  # no other identity in this batch: no baseline for it
-    source = []
-    for i in range(n):
-        j = (i + 1) % n
-        while ids[j] == ids[i]:
-            j = (j + 1) % n
-        source.append(j)
-    swapped = dict(batch)
-    swapped[K.PROFILE] = batch[K.PROFILE][source]
-    return swapped

@@ -18,23 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from icp.core import config as cfglib
-from icp.core import rundir
-from icp.jobs.stages import EXPERIMENTS, resolve_device, shards_dirs
-
-
-@dataclass
-class Job:
-    name: str
-    kind: str                      # "fit" | "eval"
-    deps: list[str] = field(default_factory=list)
-    cfg: DictConfig | None = None  # fits: the resolved fit config
-    spec: dict = field(default_factory=dict)  # evals: what the measurement needs
-    cost: float = 1.0              # rough relative duration: long jobs start first
-
-    @property
-    def run_dir(self) -> Path:
-        return rundir.run_dir_of(self.cfg)
+from icp.jobs import runner
+from icp.jobs.runner import Job, shards_dirs
 
 
 def ratio_tag(ratio: float) -> str:
@@ -44,15 +29,8 @@ def ratio_tag(ratio: float) -> str:
 def fit_config(cfg: DictConfig, node: str, experiment: str, extra: list[str]) -> DictConfig:
     """The fit config of one variant: its experiment file + the shared and the variant's overrides."""
     fit = cfg.fits[node]
-    train, heldout = shards_dirs(cfg)
-    accelerator = "gpu" if resolve_device(cfg) == "cuda" else "cpu"
-    overrides = [
-        f"run.root={Path(cfg.root) / 'fits'}", f"experiment={experiment}", f"seed={cfg.seed}",
-        f"data.shards={train}", f"data.val_shards={heldout}", f"data.resolution={cfg.data.resolution}",
-        f"trainer.accelerator={accelerator}", "trainer.devices=1", "logger.wandb=null",
-        *[str(o) for o in fit.get("overrides", [])], *extra,
-    ]
-    return cfglib.load(EXPERIMENTS / fit.config, overrides)
+    overrides = ["logger.wandb=null", *[str(o) for o in fit.get("overrides", [])], *extra]
+    return runner.fit_config(cfg, Path(cfg.root) / "fits", experiment, fit.config, overrides)
 
 
 def _backbone(pretrain_dir: Path) -> list[str]:
@@ -69,8 +47,10 @@ def build(cfg: DictConfig) -> dict[str, Job]:
         return job
 
     claims = cfg.claims
-    embedder = add(Job("embedder", "fit", cfg=fit_config(cfg, "embedder", "claims_embedder", [])))
-    pretrain = add(Job("pretrain", "fit", cfg=fit_config(cfg, "pretrain", "claims_pretrain", []), cost=3))
+    embedder = add(Job("embedder", "fit", needs=("embedder.pt",),
+                       cfg=fit_config(cfg, "embedder", "claims_embedder", [])))
+    pretrain = add(Job("pretrain", "fit", needs=("backbone/unet",), cost=3,
+                       cfg=fit_config(cfg, "pretrain", "claims_pretrain", [])))
     stitch: dict[float, Job] = {}
     for ratio in claims.masking.ratios:
         extra = [*_backbone(pretrain.run_dir), f"data.mask_ratio={float(ratio)}"]
@@ -103,17 +83,20 @@ def build(cfg: DictConfig) -> dict[str, Job]:
                 cfg=fit_config(cfg, "adaptation", "claims_adaptation", base_adapt + extra)))
     emb = str(embedder.run_dir / "embedder.pt")
     for ratio, job in stitch.items():
-        add(Job(f"eval_masking_{ratio_tag(ratio)}", "eval", deps=[job.name, "embedder"], cost=0.5,
+        add(Job(f"eval_masking_{ratio_tag(ratio)}", "step", deps=[job.name, "embedder"], cost=0.5,
                 spec={"claim": "masking", "run": str(job.run_dir), "embedder": emb, "mask_ratio": ratio}))
     warp_evals = [("warp", "adapt_base"), ("nowarp", "adapt_nowarp")] + ([("truewarp", "adapt_truewarp")] if oracle else [])
     for name, run in warp_evals:
-        add(Job(f"eval_warping_{name}", "eval", deps=[run, "embedder"], cost=0.8,
+        add(Job(f"eval_warping_{name}", "step", deps=[run, "embedder"], cost=0.8,
                 spec={"claim": "warping", "run": str(jobs[run].run_dir), "embedder": emb,
                       "mask_ratio": float(claims.masking.main_ratio)}))
-    add(Job("eval_relighting", "eval", deps=["adapt_base", main.name, "embedder"], cost=0.6,
+    add(Job("eval_relighting", "step", deps=["adapt_base", main.name, "embedder"], cost=0.6,
             spec={"claim": "relighting", "runs": {"adaptation": str(jobs["adapt_base"].run_dir),
                                                   "stitching": str(main.run_dir)},
                   "embedder": emb, "mask_ratio": float(claims.masking.main_ratio)}))
+    for job in jobs.values():
+        if job.kind == "step":
+            job.key, job.result = eval_key(cfg, job), eval_path(cfg, job)
     return jobs
 
 
@@ -128,34 +111,10 @@ def eval_key(cfg: DictConfig, job: Job) -> str:
         claim.pop(key, None)
     data = {"spec": job.spec, "evaluate": OmegaConf.to_container(cfg.evaluate, resolve=True), "claim": claim,
             "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": int(cfg.seed)}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return runner.digest(data)
 
 
 def eval_path(cfg: DictConfig, job: Job) -> Path:
     return Path(cfg.root) / "evals" / f"{job.name}.json"
 
 
-def is_done(cfg: DictConfig, job: Job) -> bool:
-    """A fit that reached max_steps (and wrote what its consumers read); an eval with the same key."""
-    if job.kind == "eval":
-        path = eval_path(cfg, job)
-        return path.is_file() and json.loads(path.read_text()).get("key") == eval_key(cfg, job)
-    run = job.run_dir
-    if not _reached_max_steps(job) or not (run / "checkpoints" / "last.ckpt").is_file():
-        return False
-    if job.name == "pretrain" and not (run / "backbone" / "unet").is_dir():
-        return False
-    if job.name == "embedder" and not (run / "embedder.pt").is_file():
-        return False
-    return True
-
-
-def has_result(cfg: DictConfig, job: Job) -> bool:
-    """What the report reads is there: a fit's final metrics (checkpoints may be left behind when a
-    root is fetched from another machine), an evaluation with the same key."""
-    return is_done(cfg, job) if job.kind == "eval" else _reached_max_steps(job)
-
-
-def _reached_max_steps(job: Job) -> bool:
-    metrics = job.run_dir / "fit_metrics.json"
-    return metrics.is_file() and json.loads(metrics.read_text()).get("global_step", -1) >= int(job.cfg.trainer.max_steps)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from icp.jobs.claims import verdicts as V
 from icp.jobs.claims.measure import mean_se
 from icp.jobs.claims.plan import Job, eval_path, ratio_tag
-from icp.jobs.claims.runner import Timeline
+from icp.jobs.runner import Timeline
 
 LIMITATIONS = [
     "Tiny models: a UNet of a few million parameters (paper: SD1.5, 860 M) pretrained here for minutes on "
@@ -67,7 +67,7 @@ def collect(cfg: DictConfig, jobs: dict[str, Job]) -> dict:
         if curve:
             out["curves"][init] = curve
     for name, job in jobs.items():
-        if job.kind == "eval":
+        if job.kind == "step":
             out["evals"][name] = _load(eval_path(cfg, job))
     emb = _load(jobs["embedder"].run_dir / "fit_metrics.json")
     out["embedder_auc"] = emb.get("val/verif_auc") if emb else None

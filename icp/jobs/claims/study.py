@@ -26,13 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from icp.jobs.claims import plan as planlib  # noqa: E402
-from icp.jobs.claims import runner  # noqa: E402
+from icp.jobs import runner  # noqa: E402
 
 from icp.core import config as cfglib  # noqa: E402
 from icp.data.shards.format import MANIFEST  # noqa: E402
 from icp.core.errors import DataError, IcpError  # noqa: E402
 from icp.core.paths import EVAL  # noqa: E402
-from icp.jobs.stages import resolve_device, shards_dirs, stage_data  # noqa: E402
+from icp.jobs.runner import resolve_device, shards_dirs  # noqa: E402
 
 DEFAULT_CONFIG = EVAL / "paper_claims.yaml"
 
@@ -55,19 +55,14 @@ def execute(cfg, job: planlib.Job, device: str) -> None:
         from icp.jobs.fit import fit
 
         fit(job.cfg)
-        if not planlib.is_done(cfg, job):
+        if not runner.is_done(job):
             raise RuntimeError(f"fit {job.name} ended without reaching trainer.max_steps ({job.run_dir})")
         return
     from icp.jobs.claims import measure
 
     out_dir = Path(cfg.root) / "evals"
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = measure.CLAIMS[job.spec["claim"]](cfg, job.spec, out_dir, job.name, device)
-    result["key"] = planlib.eval_key(cfg, job)
-    path = planlib.eval_path(cfg, job)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, default=float))
-    tmp.replace(path)
+    runner.write_result(job, measure.CLAIMS[job.spec["claim"]](cfg, job.spec, out_dir, job.name, device))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +98,7 @@ def report_only(cfg, args, jobs: dict[str, planlib.Job], device: str) -> int:
         raise DataError(f"{root / 'timeline.json'} not found: --report-only needs a root that eval/paper_claims.py "
                        "ran in (set root=...)")
     timeline = runner.Timeline(root / "timeline.json", record=False)
-    status = {name: "cached" if planlib.has_result(cfg, job) else "missing" for name, job in jobs.items()}
+    status = {name: "cached" if runner.has_result(job) else "missing" for name, job in jobs.items()}
     final = all(s == "cached" for s in status.values())
     path = report.write(cfg, jobs, timeline, status, device, final, _config_name(args.config, args.overrides))
     missing = sorted(n for n, s in status.items() if s != "cached")
@@ -119,7 +114,7 @@ def coordinate(cfg, args, jobs: dict[str, planlib.Job], device: str) -> int:
     print(f"paper_claims: {len(jobs)} jobs on {device}, {parallel} at a time, runs under {cfg.root}", flush=True)
     timeline.start("data")
     rendered = all((d / MANIFEST).is_file() for d in shards_dirs(cfg))
-    stage_data(cfg, Path(cfg.root))  # shards: skipped per shard when already rendered (the manifest checks the config)
+    runner.render_data(cfg)  # shards: skipped per shard when already rendered (the manifest checks the config)
     timeline.end("data", "cached" if rendered else "done")
     status: dict[str, str] = {"data": timeline.spans["data"]["status"]}
 
@@ -131,7 +126,7 @@ def coordinate(cfg, args, jobs: dict[str, planlib.Job], device: str) -> int:
     threads = max(1, (os.cpu_count() or 1) // parallel)
     command = [sys.executable, "-m", "icp.jobs.claims", "--config", str(args.config), *args.overrides]
     found = runner.run(
-        jobs, is_done=lambda j: planlib.is_done(cfg, j), execute=lambda j: execute(cfg, j, device),
+        jobs, execute=lambda j: execute(cfg, j, device), prefix="paper_claims",
         command=lambda j: [*command, "--run-job", j.name], parallel=parallel,
         log_dir=Path(cfg.root) / "logs", timeline=timeline, on_change=write,
         env={"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})

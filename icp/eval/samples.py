@@ -2,8 +2,8 @@
 
 Every ``every_n_steps`` optimizer steps it calls the task's ``sample()`` on a fixed batch (the
 first training batch it sees, cut to ``num_samples``) with a fixed seed, so grids of successive
-steps are directly comparable. The PNG goes to ``<run dir>/samples/`` and, when a W&B logger is
-attached, to W&B as well.
+steps are directly comparable. The labelled PNG (icp.eval.grids) goes to ``<run dir>/samples/``
+and, when a W&B logger is attached, the same uint8 pixels to W&B.
 """
 
 from __future__ import annotations
@@ -12,18 +12,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torchvision.utils import make_grid, save_image
 
 from icp.data import keys as K
+from icp.eval.grids import grid
 
-COLUMNS = "profile | masked target | generated | ground truth"
+COLUMNS = ("profile", "masked target", "generated", "ground truth")
 
 
-def grid_image(batch: dict, generated: torch.Tensor) -> torch.Tensor:
-    """One row per sample, four columns (see COLUMNS); returns (3, H', W') in [0, 1]."""
-    columns = [batch[K.PROFILE], batch[K.TARGET_MASKED], generated, batch.get(K.TARGET, torch.zeros_like(generated))]
-    tiles = torch.stack([c.detach().float().cpu() for c in columns], dim=1).flatten(0, 1)
-    return make_grid((tiles.clamp(-1, 1) + 1) / 2, nrow=len(columns), padding=2, pad_value=1.0)
+def grid_image(batch: dict, generated: torch.Tensor):
+    """One row per sample, the four COLUMNS, labelled; a uint8 PIL image."""
+    images = [batch[K.PROFILE], batch[K.TARGET_MASKED], generated, batch.get(K.TARGET, torch.zeros_like(generated))]
+    return grid(list(zip(COLUMNS, images)))
 
 
 def _head(batch: dict, n: int) -> dict:
@@ -68,13 +67,13 @@ class SampleGrid(L.Callback):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         images = pl_module.sample(batch, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
                                   generator=generator)
-        grid = grid_image(batch, images)
+        image = grid_image(batch, images)
         path = Path(trainer.default_root_dir) / "samples" / f"step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
+        image.save(path)
         from lightning.pytorch.loggers import WandbLogger
 
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples", images=[grid], step=step, caption=[COLUMNS])
+                logger.log_image(key="samples", images=[image], step=step, caption=[" | ".join(COLUMNS)])
         return path
