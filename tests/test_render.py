@@ -7,10 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from icp.render import renderer as R
-from icp.render.lighting import ambient_light
 from icp.core.errors import DataError
 
 RES = 64
+
+
+def ambient_light(level: float = 1.0) -> torch.Tensor:
+    """A pose-independent light (27,): uniform radiance ``level`` in every channel (SH band 0 only)."""
+    sh = torch.zeros(3, 9)
+    sh[:, 0] = level * 2 * math.sqrt(math.pi)
+    return sh.reshape(R.LIGHT_DIM)
 
 
 @pytest.fixture(scope="module")

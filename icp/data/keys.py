@@ -35,6 +35,3 @@ TARGET_LIGHT = "target_light"      # (B, L)
 PROFILE_LANDMARKS = "profile_landmarks"  # (B, K, 2) pixel x, y
 TARGET_LANDMARKS = "target_landmarks"    # (B, K, 2)
 PROMPT = "prompt"                  # list[str] text prompt per sample (not a tensor)
-
-IMAGE_KEYS = (PROFILE, TARGET, TARGET_MASKED)
-GROUND_TRUTH_KEYS = (PROFILE_COORDS, TARGET_COORDS, FLOW_GT, FLOW_VALID, PROFILE_FG, TARGET_FG)

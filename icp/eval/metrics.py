@@ -58,31 +58,6 @@ def ssim(output: Tensor, target: Tensor) -> Tensor:
     return structural_similarity_index_measure(x, y, data_range=1.0, kernel_size=kernel, reduction="none")
 
 
-def landmark_error(pred: Tensor, gt: Tensor, normaliser: Tensor | float, valid: Tensor | None = None) -> Tensor:
-    """Mean landmark distance per sample, divided by ``normaliser`` (e.g. inter-ocular distance).
-
-    pred, gt: (B, K, 2) pixels; valid: (B, K) bool for landmarks to count (visible / detected).
-    """
-    dist = (pred.float() - gt.float()).norm(dim=-1)
-    if valid is None:
-        mean = dist.mean(1)
-    else:
-        v = valid.float()
-        mean = (dist * v).sum(1) / v.sum(1).clamp_min(1)
-    return mean / torch.as_tensor(normaliser, dtype=mean.dtype, device=mean.device)
-
-
-def flow_errors(flow: Tensor, gt: Tensor, valid: Tensor | None = None, threshold: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Per-sample end-point error (pixels) and PCK@threshold, using icp.models.matching's definitions."""
-    from icp.models.matching import endpoint_error, pck
-
-    epe = torch.stack([endpoint_error(flow[i:i + 1], gt[i:i + 1], None if valid is None else valid[i:i + 1])
-                       for i in range(len(flow))])
-    acc = torch.stack([pck(flow[i:i + 1], gt[i:i + 1], None if valid is None else valid[i:i + 1], threshold)
-                       for i in range(len(flow))])
-    return epe, acc
-
-
 LUMA = (0.299, 0.587, 0.114)
 
 

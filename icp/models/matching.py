@@ -12,7 +12,6 @@ centre of the cell at column x, row y, so coordinates run 0..W-1 and 0..H-1.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -249,15 +248,3 @@ def flow_to_color(flow: Tensor, max_flow: float | None = None, valid: Tensor | N
         col = col * valid.to(col.dtype)
     return col.clamp(0, 1)
 
-
-def save_flow_png(flow: Tensor, path: str | Path, max_flow: float | None = None, valid: Tensor | None = None) -> Path:
-    """Write the colour-wheel images of a batch side by side as one PNG; returns the path."""
-    from PIL import Image
-
-    img = flow_to_color(flow, max_flow=max_flow, valid=valid)  # (B, 3, H, W)
-    row = torch.cat(list(img), dim=2)  # (3, H, B*W)
-    arr = (row.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-    return path

@@ -139,14 +139,6 @@ def build_geometry(identity: Tensor) -> dict[str, Tensor]:
 
 
 # -- SDF primitives (points (N, 3); parameters gathered to (N, k)) ---------------------------
-def sd_ellipsoid(p: Tensor, c: Tensor, r: Tensor) -> Tensor:
-    """Inigo Quilez's bound-ish ellipsoid distance: cheap, smooth, good near the surface."""
-    q = (p - c) / r
-    k0 = q.norm(dim=-1)
-    k1 = (q / r).norm(dim=-1).clamp_min(1e-6)
-    return k0 * (k0 - 1.0) / k1
-
-
 def sd_capsule(p: Tensor, a: Tensor, b: Tensor, ra: Tensor, rb: Tensor) -> Tensor:
     """Capsule with radius linear along its axis (a tapered cylinder with round ends)."""
     ba = b - a

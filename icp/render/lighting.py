@@ -74,9 +74,3 @@ def sample_light(gen: torch.Generator) -> Tensor:
     sh[:, 0] = sh[:, 0] + amb * 2 * math.sqrt(math.pi)  # uniform radiance -> L00
     return sh.reshape(LIGHT_DIM)
 
-
-def ambient_light(level: float = 1.0, device="cpu") -> Tensor:
-    """A pose-independent light (27,): uniform radiance ``level`` in every channel."""
-    sh = torch.zeros(3, 9, device=device)
-    sh[:, 0] = level * 2 * math.sqrt(math.pi)
-    return sh.reshape(LIGHT_DIM)
