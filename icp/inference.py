@@ -38,7 +38,7 @@ RUN_CONFIG = "config.yaml"
 # ------------------------------------------------------------------------------ loading a run
 
 
-def load_task(checkpoint: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False,
+def load_adaptation(checkpoint: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False,
               compile: bool = False) -> tuple[AdaptationTask, DictConfig]:
     """The adaptation task of a run (dir or .ckpt in it), with its weights and EMA; -> (task, run config).
 
@@ -171,7 +171,7 @@ class PortraitPipeline:
     def from_checkpoint(cls, checkpoint: str | Path, device: str | None = None, align: bool = True,
                         trust_checkpoint: bool = False, compile: bool = False) -> "PortraitPipeline":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        task, cfg = load_task(checkpoint, device, trust_checkpoint=trust_checkpoint, compile=compile)
+        task, cfg = load_adaptation(checkpoint, device, trust_checkpoint=trust_checkpoint, compile=compile)
         return cls(task, resolution=OmegaConf.select(cfg, "data.resolution", default=None),
                    mask_ratio=float(OmegaConf.select(cfg, "data.mask_ratio", default=0.8)),
                    patch_size=int(OmegaConf.select(cfg, "data.patch_size", default=8)), align=align)
