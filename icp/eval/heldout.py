@@ -41,13 +41,6 @@ def take(loader, max_items: int | None) -> Iterator[dict]:
         yield batch
 
 
-def manifest_sha256(shards: str) -> str:
-    from icp.data.shards.format import sha256_file
-    from pathlib import Path
-
-    return sha256_file(Path(shards) / "manifest.json")
-
-
 def interleaved(batches, max_items: int | None, batch_size: int) -> Iterator[dict]:
     """The first ``max_items`` pairs of ``batches``, re-batched so consecutive pairs belong to different
     identities (round robin). A held-out stream yields several pairs of one head in a row; without this

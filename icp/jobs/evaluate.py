@@ -64,7 +64,7 @@ def flow_scores(task, cfg: DictConfig, out_dir: Path, device: str) -> dict:
     from lightning.fabric.utilities.apply_func import move_data_to_device
     from torchvision.utils import save_image
 
-    from icp.tasks.adaptation import flow_metrics, flow_picture
+    from icp.tasks.flows import flow_metrics, flow_picture
 
     ev = cfg.evaluate
     loader = heldout_loader(str(shards_dirs(cfg)[1]), resolution=cfg.data.resolution, mask_ratio=ev.mask_ratio,

@@ -32,9 +32,7 @@ from icp.models.backbone import Backbone
 from icp.models.control import ControlUNet, split_halves, stitch
 from icp.models.fusion import ReferenceFusion
 from icp.tasks.base import DiffusionTask, Residuals
-# The flow measurements live in icp.tasks.flows; FlowCurve and flow_picture are also reached from
-# here (the claims plan's ``_target_: icp.tasks.adaptation.FlowCurve``, icp.jobs.evaluate).
-from icp.tasks.flows import FlowCurve, flow_metrics, flow_picture, write_flow_images  # noqa: F401
+from icp.tasks.flows import flow_metrics, write_flow_images
 
 # Inference-only batch key: extra profile photos of the same person, a list of (B, 3, H, W).
 # Their injections are averaged with the main profile's (icp generate --profile A --profile B).

@@ -1,5 +1,5 @@
 """The evaluation jobs of the paper-claims run: masking, warping, relighting (claim 1's flow curve
-is measured during the adaptation fits by ``icp.tasks.adaptation.FlowCurve``).
+is measured during the adaptation fits by ``icp.tasks.flows.FlowCurve``).
 
 Every score is per pair, on held-out identities, from the one paired evaluation
 (icp.eval.paired): the same model, the same masked target and the same sampling noise, with the

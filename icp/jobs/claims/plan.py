@@ -63,7 +63,7 @@ def build(cfg: DictConfig) -> dict[str, Job]:
         raise ConfigError(f"claims.masking.main_ratio={claims.masking.main_ratio} must be one of claims.masking.ratios")
     heldout = shards_dirs(cfg)[1]
     fl = claims.fast_learner
-    curve = ("+callbacks.flow_curve={_target_: icp.tasks.adaptation.FlowCurve, shards: " + str(heldout)
+    curve = ("+callbacks.flow_curve={_target_: icp.tasks.flows.FlowCurve, shards: " + str(heldout)
              + f", steps: {list(fl.steps)}, pairs: {fl.pairs}, pairs_per_identity: {fl.pairs_per_identity}, "
              + f"resolution: {cfg.data.resolution}, mask_ratio: {float(claims.masking.main_ratio)}, "
              + f"patch_size: {cfg.evaluate.patch_size}, seed: {cfg.seed}}}")
