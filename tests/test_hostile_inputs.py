@@ -17,18 +17,23 @@ from pathlib import Path
 import pytest
 
 from icp.core import config as cfglib
-from icp.core.errors import ConfigError
+from icp.core.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class Hang(BaseException):
+    """Raised by ``time_limit``; a BaseException so that no ``except Exception`` in the code under
+    test can turn a hang into an ordinary error."""
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float):
-    """Fail (TimeoutError) when the block runs longer than ``seconds`` (main thread, SIGALRM)."""
+    """Fail (``Hang``) when the block runs longer than ``seconds`` (main thread, SIGALRM)."""
     assert threading.current_thread() is threading.main_thread()
 
     def fire(signum, frame):
-        raise TimeoutError(f"hung: still running after {seconds} s")
+        raise Hang(f"hung: still running after {seconds} s")
 
     old = signal.signal(signal.SIGALRM, fire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -210,3 +215,107 @@ def test_run_directory_stays_under_its_root(tmp_path, override):
     cfg = cfglib.load(ROOT / "tests/configs/toy.yaml", [override, f"run.root={tmp_path / 'runs'}"])
     with pytest.raises(ConfigError, match="run directory"):
         rundir.run_dir_of(cfg)
+
+
+# ----------------------------------------------------------------------------------- hanging shards
+
+
+@pytest.fixture(scope="module")
+def synth_folder(tmp_path_factory):
+    from icp.data.shards.write import synth
+
+    out = tmp_path_factory.mktemp("hostile") / "synth"
+    synth(out, 2, 2, 16, seed=1, shard_size=2, progress=False)
+    return out
+
+
+def _declare_size(tar_path: Path, member_suffix: str, size: int) -> None:
+    """Rewrite the header of the first member ending in ``member_suffix`` to declare ``size`` bytes
+    (GNU base-256 field, valid checksum): what a hostile shard holds."""
+    import tarfile
+
+    with tarfile.open(tar_path) as tar:
+        info = next(i for i in tar.getmembers() if i.name.endswith(member_suffix))
+    data = bytearray(tar_path.read_bytes())
+    off = info.offset
+    data[off + 124:off + 136] = bytes([0x80]) + size.to_bytes(11, "big")
+    data[off + 148:off + 156] = b" " * 8
+    chk = sum(data[off:off + 512])
+    data[off + 148:off + 156] = f"{chk:06o}\0 ".encode()
+    tar_path.write_bytes(bytes(data))
+
+
+def _refresh_manifest(folder: Path) -> None:
+    """An attacker recomputes the manifest's sha256 (it is no defence against a crafted shard)."""
+    import json
+
+    from icp.data.shards.format import sha256_file, write_json_atomic
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        entry["sha256"] = sha256_file(folder / entry["name"])
+    write_json_atomic(folder / "manifest.json", manifest)
+
+
+def test_member_declaring_one_tebibyte_fails_fast(synth_folder, tmp_path):
+    import shutil
+
+    from icp.data.shards import read
+
+    folder = tmp_path / "tib"
+    shutil.copytree(synth_folder, folder)
+    _declare_size(folder / "shard-000000.tar", "meta.json", 1 << 40)
+    _refresh_manifest(folder)
+    with time_limit(10), pytest.raises(DataError, match="shard-000000.tar"):
+        read.check(folder)
+    with time_limit(10), pytest.raises(DataError, match="shard-000000.tar"):
+        list(read.ShardStream(folder, lambda g, gen: [g["_key"]]))
+    with time_limit(10):
+        got = list(read.ShardStream(folder, lambda g, gen: [g["_key"]], on_bad_shard="skip", on_bad_sample="skip"))
+    assert got == []
+    r = icp("shards", "check", str(folder), timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("icp: error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def _all_rejected(synth_folder: Path, tmp_path: Path) -> Path:
+    """Every sample of every shard renamed to an unsafe member name: all rejected."""
+    import io
+    import shutil
+    import tarfile
+
+    folder = tmp_path / "rejected"
+    shutil.copytree(synth_folder, folder)
+    for shard in folder.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            members = [(i, tar.extractfile(i).read()) for i in tar.getmembers()]
+        with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for info, blob in members:
+                info.name = info.name.replace(".meta.json", ".meta.json.bak")
+                tar.addfile(info, io.BytesIO(blob))
+    _refresh_manifest(folder)
+    return folder
+
+
+def test_every_sample_rejected_is_one_error_not_an_endless_loop(synth_folder, tmp_path):
+    from icp.data.shards.read import ShardStream
+
+    folder = _all_rejected(synth_folder, tmp_path)
+    for resampled in (True, False):
+        stream = ShardStream(folder, lambda g, gen: [g["_key"]], resampled=resampled, items_per_rank=10)
+        with time_limit(20), pytest.raises(DataError, match="no valid sample"):
+            list(stream)
+
+
+DATA_YAML = ("data: {_target_: icp.data.datamodule.ShardDataModule, shards: %s, batch_size: 2, num_workers: 0, "
+             "resolution: 16}\n")
+
+
+def test_fit_on_a_folder_of_rejected_samples_stops_with_one_line(synth_folder, tmp_path):
+    folder = _all_rejected(synth_folder, tmp_path)
+    cfg = write(tmp_path / "exp.yaml", "defaults: [%s]\nexperiment: rejected\n" % (ROOT / "experiments/stitching/tiny")
+                + "trainer: {max_steps: 3, accelerator: cpu, devices: 1}\nlogger: {wandb: null}\n")
+    r = icp("fit", str(cfg), f"data.shards={folder}", f"data.val_shards={synth_folder}", "data.resolution=16",
+            f"run.root={tmp_path / 'runs'}", "data.num_workers=0", "callbacks.samples=null", timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("icp: error:")
+    assert "no valid sample" in r.stderr and r.stderr.count("skipping bad sample") < 50

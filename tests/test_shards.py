@@ -103,7 +103,7 @@ def test_truncated_shard_caught_by_check_and_reader(folder, tmp_path, capsys):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="shard-000001.tar"):
         check(out)
-    assert cli(["shards", "check", str(out)]) == 1
+    assert cli(["shards", "check", str(out)]) == 2
     assert "shard-000001.tar" in capsys.readouterr().err
     with pytest.raises(DataError, match="shard-000001.tar"):
         list(_stream(out, on_bad_shard="fail"))
@@ -119,7 +119,7 @@ def test_bit_flip_caught_by_check_and_reader(folder, tmp_path, capsys):
     raw = bytearray(path.read_bytes())
     raw[offset + size // 2] ^= 0x10
     path.write_bytes(bytes(raw))
-    assert cli(["shards", "check", str(out)]) == 1
+    assert cli(["shards", "check", str(out)]) == 2
     assert "shard-000002.tar" in capsys.readouterr().err
     with pytest.raises(DataError, match="shard-000002.tar: sha256 mismatch"):
         check(out)
@@ -134,7 +134,7 @@ def test_cli_synth_and_check(tmp_path, capsys):
                 "--resolution", "16", "--shard-size", "1"]) == 0
     assert cli(["shards", "check", str(tmp_path / "c")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2
-    assert cli(["shards", "check", str(tmp_path / "nowhere")]) == 1
+    assert cli(["shards", "check", str(tmp_path / "nowhere")]) == 2
 
 
 def test_import_astronaut_and_report_coffee(tmp_path):

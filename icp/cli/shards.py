@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -64,13 +65,9 @@ def _import(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from icp.data.shards.read import check
-    from icp.core.errors import IcpError
 
-    try:
-        counts = check(args.path, decode=not args.no_decode)
-    except IcpError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    # A bad folder is an input error like any other: `icp: error: ...`, exit 2 (ICP_DEBUG=1: traceback).
+    counts = check(args.path, decode=not args.no_decode)
     print(json.dumps(counts))
     return 0
 
@@ -84,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except IcpError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except IcpError as err:  # the convention of every verb (icp.cli.main)
+        if os.environ.get("ICP_DEBUG"):
+            raise
+        print(f"icp: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -66,7 +66,14 @@ def iter_shard(path: Path, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
         raise DataError(f"shard {Path(path).name} is missing or not a regular file in {Path(path).parent}")
     try:
         with open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            end = Path(path).stat().st_size
             for info in tar:
+                if info.offset_data + max(info.size, 0) > end:
+                    # A header may declare any size (1 TiB): skipping it in stream mode would read
+                    # block by block to the declared end, for minutes. The file cannot hold it.
+                    raise DataError(f"shard {Path(path).name}: member {info.name[:80]!r} declares {info.size} bytes, "
+                                    f"past the end of the {end}-byte file (truncated or crafted); "
+                                    f"run `icp shards check {Path(path).parent}`")
                 key, member, problem = _split_name(info.name)
                 if current is not None and key != current["__key__"]:
                     yield current
@@ -219,14 +226,33 @@ class ShardStream(IterableDataset):
                 yield group
 
     def _groups(self, shards) -> Iterator[dict]:
+        """Good groups of ``shards``; a pass (or, resampled, 2 x shards reads in a row) without one
+        good group after rejections is a one-line DataError: skipping forever would loop over empty
+        epochs (Lightning's max_steps is never reached) and print a warning per sample."""
         offsets, total = {}, 0
         for entry in self.entries:
             offsets[entry["name"]] = total
             total += int(entry["samples"])
+        tally = {"bad": 0, "first": None}
+        window, since_good, any_good = 2 * len(self.entries), 0, False
         for entry in shards:
-            yield from self._shard_groups(entry, offsets[entry["name"]])
+            got = False
+            for group in self._shard_groups(entry, offsets[entry["name"]], tally):
+                got = any_good = True
+                yield group
+            since_good = 0 if got else since_good + 1
+            if self.resampled and since_good >= window:
+                raise self._no_valid_sample(tally, f"{since_good} shard reads in a row")
+        if not any_good and tally["bad"]:
+            raise self._no_valid_sample(tally, "this epoch")
 
-    def _shard_groups(self, entry: dict, offset: int) -> Iterator[dict]:
+    def _no_valid_sample(self, tally: dict, span: str) -> DataError:
+        first = f"; first: {str(tally['first'])[:200]}" if tally["first"] else ""
+        return DataError(f"no valid sample in {self.folder} ({span}: {tally['bad']} samples or shards rejected, none "
+                         f"usable{first}); run `icp shards check {self.folder}`")
+
+    def _shard_groups(self, entry: dict, offset: int, tally: dict | None = None) -> Iterator[dict]:
+        tally = {"bad": 0, "first": None} if tally is None else tally
         path = self.folder / entry["name"]
         seen = 0
         try:
@@ -243,6 +269,8 @@ class ShardStream(IterableDataset):
                         raise BadSample(f"{err} (on_bad_sample=skip would skip it)") from None
                     with self._bad_samples.get_lock():
                         self._bad_samples.value += 1
+                    tally["bad"] += 1
+                    tally["first"] = tally["first"] or err
                     log.warning("skipping bad sample: %s", err)
                     continue
                 group["_index"] = offset + seen - 1
@@ -258,6 +286,8 @@ class ShardStream(IterableDataset):
                 raise DataError(f"{err} (set on_bad_shard=skip to train without it)") from None
             with self._bad_shards.get_lock():
                 self._bad_shards.value += 1
+            tally["bad"] += 1
+            tally["first"] = tally["first"] or err
             log.warning("skipping rest of bad shard: %s", err)
 
 
