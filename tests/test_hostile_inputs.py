@@ -270,9 +270,8 @@ def test_member_declaring_one_tebibyte_fails_fast(synth_folder, tmp_path):
         read.check(folder)
     with time_limit(10), pytest.raises(DataError, match="shard-000000.tar"):
         list(read.ShardStream(folder, lambda g, gen: [g["_key"]]))
-    with time_limit(10):
-        got = list(read.ShardStream(folder, lambda g, gen: [g["_key"]], on_bad_shard="skip", on_bad_sample="skip"))
-    assert got == []
+    with time_limit(10), pytest.raises(DataError, match="no valid sample"):  # skipped, and nothing else left
+        list(read.ShardStream(folder, lambda g, gen: [g["_key"]], on_bad_shard="skip", on_bad_sample="skip"))
     r = icp("shards", "check", str(folder), timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("icp: error:") and len(r.stderr.strip().splitlines()) == 1
 
@@ -319,3 +318,35 @@ def test_fit_on_a_folder_of_rejected_samples_stops_with_one_line(synth_folder, t
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("icp: error:")
     assert "no valid sample" in r.stderr and r.stderr.count("skipping bad sample") < 50
+
+
+# ------------------------------------------------------------------------------------ YAML bombs
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def test_yaml_alias_bomb_is_refused_before_omegaconf(tmp_path):
+    assert len(BOMB) < 800
+    path = write(tmp_path / "bomb.yaml", BOMB)
+    with time_limit(10), pytest.raises(ConfigError, match="nodes"):
+        cfglib.load(path)
+    r = icp("fit", str(path), "--dry-run", timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("icp: error:") and "nodes" in r.stderr
+
+
+def test_yaml_recursion_and_deep_nesting_are_one_line(tmp_path):
+    for text in ("a: &a [*a]\n", "a: " + "[" * 5000 + "]" * 5000 + "\n", "a: &a {b: *a}\n"):
+        with time_limit(10), pytest.raises(ConfigError):
+            cfglib.load(write(tmp_path / "r.yaml", text))
+
+
+def test_bomb_in_a_run_directory_config_is_refused(tmp_path):
+    """`icp fit` on an existing run compares the saved config.yaml: it is read under the same limit."""
+    from icp.core import rundir
+
+    cfg = cfglib.load(ROOT / "tests/configs/toy.yaml", ["run.name=bombed", f"run.root={tmp_path}"])
+    run = rundir.run_dir_of(cfg)
+    write(run / "config.yaml", BOMB)
+    with time_limit(10), pytest.raises(ConfigError, match="nodes"):
+        rundir.prepare(cfg)

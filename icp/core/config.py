@@ -91,15 +91,58 @@ _META_KEYS = ("defaults", "extends")
 # ----------------------------------------------------------------------------------- loading
 
 
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Nodes ``root`` stands for once every alias is expanded (what OmegaConf would build), counted
+    without expanding: a shared node is sized once. Stops past ``limit``; a cycle is an error."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    active: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = ([c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            active.discard(id(node))
+            sizes[id(node)] = min(limit + 1, 1 + sum(sizes[id(c)] for c in children))
+            continue
+        if id(node) in active:
+            raise ValueError("an alias refers to the node that contains it (a recursive structure)")
+        active.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+        for c in children:
+            if id(c) in active and id(c) not in sizes:
+                raise ValueError("an alias refers to the node that contains it (a recursive structure)")
+    return sizes[id(root)]
+
+
+def safe_yaml(text: str, where: str, limit: int = MAX_YAML_NODES) -> Any:
+    """``yaml.safe_load`` of untrusted text, refusing alias bombs (more than ``limit`` nodes once
+    aliases are expanded), recursive aliases and nesting too deep to parse, as one-line ConfigError."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            size = _expanded_size(node, limit)
+            if size > limit:
+                raise ConfigError(f"{where}: more than {limit} YAML nodes once aliases are expanded (an alias bomb?); "
+                                  "write the config out without repeated aliases")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}{line}: not valid YAML ({getattr(err, 'problem', None) or _short(err)})") from None
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply to read") from None
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {_shown(path)} (check the path; configs live in experiments/)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{_shown(path)}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    data = safe_yaml(path.read_text(), _shown(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -172,10 +215,9 @@ def _apply_override(cfg: DictConfig, item: str, origins: dict[str, str]) -> None
     if not key:
         raise ConfigError(f"override '{item}' has no key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(err, 'problem', err)}); "
-                          "quote it, e.g. key='\"a{b}\"'") from None
+        value = safe_yaml(raw, f"override '{key}'") if raw.strip() else None
+    except ConfigError as err:
+        raise ConfigError(f"{err}; quote the value, e.g. key='\"a{{b}}\"'") from None
     parent_key, _, leaf_key = key.rpartition(".")
     parent_node = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
     # A mandatory value (???) is a key that exists and waits for exactly this override.

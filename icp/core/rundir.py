@@ -69,7 +69,9 @@ def prepare(cfg: DictConfig) -> Path:
     run_dir = run_dir_of(cfg)
     saved = run_dir / CONFIG_FILE
     if saved.is_file():
-        old = yaml.safe_load(saved.read_text()) or {}
+        old = cfglib.safe_yaml(saved.read_text(), str(saved)) or {}  # a copied run dir may hold anything
+        if not isinstance(old, dict):
+            raise ConfigError(f"{saved}: not a config (a YAML mapping); move the run directory away")
         new = yaml.safe_load(cfglib.to_yaml(cfg))
         changed = [k for k in _diff(old, new) if k.split(".")[0] not in _VOLATILE]
         if changed and not OmegaConf.select(cfg, "run.allow_config_change", default=False):
