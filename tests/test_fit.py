@@ -78,3 +78,53 @@ def test_wandb_offline_run_lives_in_the_run_dir_and_is_closed(toy):
     from icp.jobs.fit import wandb_run_id
 
     assert len(offline) == 1 and offline[0].name.endswith(wandb_run_id(run))  # stable id: resumes append
+
+
+def step_of(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def test_the_resume_point_is_the_newest_by_global_step_whatever_its_name(toy):
+    """A stale last.ckpt (e.g. a preemption file) never wins over a newer state under another name."""
+    import shutil
+
+    from icp.core.checkpointing import checkpoint_step
+
+    run = fit(toy("run.name=names", "trainer.max_steps=6"))
+    ckpts = run / "checkpoints"
+    shutil.copy(ckpts / "last.ckpt", ckpts / "last-v1.ckpt")   # step 6 under another name
+    shutil.copy(ckpts / "step00000003.ckpt", ckpts / "last.ckpt")  # newest mtime, older state
+    assert checkpoint_step(ckpts / "last.ckpt") == 3
+    chosen = resumable_checkpoint(ckpts)
+    assert step_of(chosen) == 6
+    from icp.tasks.loading import locate_run
+
+    assert step_of(locate_run(run)[1]) == 6  # icp generate / icp eval / appearance_from: the same rule
+
+
+def test_all_checkpoints_corrupt_is_an_error_not_a_silent_restart(toy):
+    from icp.core.errors import WeightsError
+
+    run = fit(toy("run.name=allbad", "trainer.max_steps=6"))
+    for path in (run / "checkpoints").glob("*.ckpt"):
+        path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(WeightsError, match=r"no intact checkpoint.*last\.ckpt.*step00000006\.ckpt.*run\.restart=true"):
+        fit(toy("run.name=allbad", "trainer.max_steps=6"))
+    again = fit(toy("run.name=allbad", "trainer.max_steps=3", "run.restart=true", "run.allow_config_change=true"))
+    assert step_of(again / "checkpoints/last.ckpt") == 3
+    assert len(list((again / "checkpoints/old-0").glob("*.ckpt"))) == 3  # kept, out of the way
+    assert "restart: false" in (again / "config.yaml").read_text()  # a requeue resumes, never restarts again
+
+
+def test_keep_last_holds_after_a_corruption_fallback(toy):
+    run = fit(toy("run.name=keep", "trainer.max_steps=9", "checkpoint.keep_last=2"))
+    ckpts = run / "checkpoints"
+    for name in ("last.ckpt", "step00000009.ckpt"):
+        raw = bytearray((ckpts / name).read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        (ckpts / name).write_bytes(bytes(raw))
+    assert resumable_checkpoint(ckpts).name == "step00000006.ckpt"
+    fit(toy("run.name=keep", "trainer.max_steps=15", "checkpoint.keep_last=2", "run.allow_config_change=true"))
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step00000012.ckpt", "step00000015.ckpt"]
+    assert sorted(p.name for p in (ckpts / "corrupt").iterdir()) == ["last.ckpt", "step00000009.ckpt"]
+    assert step_of(ckpts / "last.ckpt") == 15

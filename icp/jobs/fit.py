@@ -24,11 +24,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from icp.core import config as cfglib
 from icp.core import rundir
-from icp.core.checkpointing import AtomicCheckpointIO, resumable_checkpoint
+from icp.core.checkpointing import AtomicCheckpointIO, resumable_checkpoint, start_over
 from icp.core.errors import ConfigError
 from icp.core.secrets import redact_tree
 
 log = logging.getLogger(__name__)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also prunes the periodic file a run resumed from.
+
+    Lightning never deletes the checkpoint the trainer resumed from (it may be a file the user
+    handed in). In our run directories it is one of our own periodic files, chosen because newer
+    ones were corrupt; keeping it forever would break ``checkpoint.keep_last``.
+    """
+
+    def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
+        if previous == current:
+            return False
+        return Path(self.dirpath).absolute() in Path(previous).absolute().parents
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
@@ -47,10 +61,13 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps", default=100)
     keep = OmegaConf.select(cfg, "checkpoint.keep_last", default=3)
     # Monitoring the global step keeps the newest `keep` periodic checkpoints; last.ckpt is the
-    # resume point (also written on SIGUSR1 preemption by Lightning's SLURM handler).
-    callbacks.append(ModelCheckpoint(
+    # newest state (also written on SIGUSR1 by PreemptionCheckpoint and at the end of fit). No
+    # version counter: last.ckpt is overwritten, never joined by a last-v1.ckpt. The resume point
+    # is chosen by the global step inside the files anyway (checkpointing.resumable_checkpoint).
+    callbacks.append(RunCheckpoint(
         dirpath=run_dir / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
         every_n_train_steps=every, save_last=True, save_top_k=keep, monitor="step", mode="max",
+        enable_version_counter=False,
     ))
     return callbacks
 
@@ -115,10 +132,18 @@ def _finish_wandb(trainer: L.Trainer) -> None:
 def fit(cfg: DictConfig) -> Path:
     """Train ``cfg`` into its run directory, resuming if it holds a checkpoint; returns the dir."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    restart = bool(OmegaConf.select(cfg, "run.restart", default=False))
+    if restart:
+        # Never saved as true: a requeued job re-reading config.yaml must resume, not restart again.
+        cfg = cfglib.copy(cfg)
+        OmegaConf.update(cfg, "run.restart", False, force_add=True)
     run_dir = rundir.prepare(cfg)
     L.seed_everything(int(OmegaConf.select(cfg, "seed", default=0)), workers=True, verbose=False)
     datamodule, model, trainer = build(cfg, run_dir)
-    ckpt = resumable_checkpoint(run_dir / "checkpoints")
+    if restart and trainer.is_global_zero:
+        start_over(run_dir / "checkpoints")
+    # Rank 0 moves corrupt files aside (the others only skip them), so keep_last counts intact ones.
+    ckpt = None if restart else resumable_checkpoint(run_dir / "checkpoints", move_corrupt=trainer.is_global_zero)
     if ckpt is not None and trainer.is_global_zero:
         print(f"icp: resuming {run_dir} from {ckpt.name}")
     try:
