@@ -117,7 +117,7 @@ def test_run_directory_config_cannot_run_code(tmp_path):
     run = tmp_path / "run"
     write(run / "config.yaml", f"experiment: x\nmodel: {{_target_: torch.os.system, command: 'touch {marker}'}}\n")
     (run / "checkpoints").mkdir()
-    torch.save({"state_dict": {}}, run / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": {}, "global_step": 1}, run / "checkpoints" / "last.ckpt")
     with pytest.raises(ConfigError, match="allowed"):
         load_task(run)
     assert not marker.exists()
@@ -350,3 +350,136 @@ def test_bomb_in_a_run_directory_config_is_refused(tmp_path):
     write(run / "config.yaml", BOMB)
     with time_limit(10), pytest.raises(ConfigError, match="nodes"):
         rundir.prepare(cfg)
+
+
+# ------------------------------------------------------------------------------- import folders
+
+
+def test_fifo_and_other_non_files_in_an_import_folder_are_skipped_and_reported(tmp_path):
+    from PIL import Image
+
+    from icp.data.shards.imports import scan
+
+    src = tmp_path / "photos"
+    (src / "alice" / "nested").mkdir(parents=True)
+    (src / "carol").mkdir()
+    Image.new("RGB", (8, 8)).save(src / "alice" / "a.png")
+    os.mkfifo(src / "alice" / "pipe.png")                       # would block Image.open forever
+    Image.new("RGB", (8, 8)).save(src / "alice" / "nested" / "deep.png")
+    Image.new("RGB", (8, 8)).save(src / "carol" / "c.webp")     # a format the importer does not take
+    os.symlink("/dev/zero", src / "alice" / "zero.png")
+    skipped: list = []
+    with time_limit(10):
+        found = scan(src, skipped)
+    assert [(name, [p.name for p in images]) for name, images in found] == [("alice", ["a.png"])]
+    reasons = {Path(p).name: why for p, why in skipped}
+    assert {"pipe.png", "zero.png", "nested", "carol", "c.webp"} <= set(reasons), reasons
+    assert "regular file" in reasons["pipe.png"]
+
+
+def test_import_of_a_folder_holding_a_fifo_returns(tmp_path):
+    src = tmp_path / "photos"
+    (src / "alice").mkdir(parents=True)
+    os.mkfifo(src / "alice" / "pipe.png")
+    r = icp("shards", "import", str(src), str(tmp_path / "out"), timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("icp: error:")
+    assert "pipe.png" in r.stderr
+
+
+# ------------------------------------------------------------------------------ metrics records
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """One real `icp eval` record (tiny: 2 held-out identities, 1 sampling step, CPU)."""
+    import json
+
+    import torch
+
+    from icp.cli import main
+    from icp.data.shards.write import synth
+    from icp.models.embedder import IdentityEmbedderNet, export
+    from tests.test_leaderboard import _run
+
+    root = tmp_path_factory.mktemp("records")
+    synth(root / "heldout", 2, 2, 32, seed=5, shard_size=2, first_identity=900, progress=False)
+    torch.manual_seed(0)
+    export(IdentityEmbedderNet(dim=8, width=4, depth=2, input_size=16).eval(), root / "embedder.pt")
+    run = _run(root, "entry", 0.1)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    torch.save({**torch.load(ckpt, weights_only=True), "global_step": 1}, ckpt)  # a Lightning-like checkpoint
+    assert main(["eval", str(run), f"dataset.shards={root / 'heldout'}", "pairs.num_samples=2", "pairs.mask_ratio=0.5",
+                 "generation.num_steps=1", "generation.batch_size=2", "metrics.identity=[icp]", "metrics.fid=false",
+                 f"metrics.embedder={root / 'embedder.pt'}", "--protocol", str(ROOT / "eval" / "protocol.yaml"),
+                 "--device", "cpu"]) == 0
+    return run, json.loads((run / "eval" / "metrics.json").read_text())
+
+
+def _edited(tmp_path: Path, record: dict, name: str = "edited.json") -> str:
+    import json
+
+    path = tmp_path / name
+    path.write_text(json.dumps(record))
+    return str(path)
+
+
+def test_record_pointing_at_dev_zero_is_refused_quickly(evaluated, tmp_path):
+    from icp.eval.leaderboard import LeaderboardError, build
+
+    _, record = evaluated
+    for target in ("/dev/zero", "/dev/urandom"):
+        with time_limit(10), pytest.raises(LeaderboardError, match="regular file"):
+            build([_edited(tmp_path, dict(record, checkpoint=target))], tmp_path / "lb")
+    fifo = tmp_path / "fifo.ckpt"
+    os.mkfifo(fifo)
+    with time_limit(10), pytest.raises(LeaderboardError, match="regular file"):
+        build([_edited(tmp_path, dict(record, checkpoint=str(fifo)))], tmp_path / "lb")
+
+
+def test_protocol_id_is_recomputed_from_the_record(evaluated, tmp_path):
+    import copy
+
+    from icp.eval.leaderboard import LeaderboardError, build
+
+    _, record = evaluated
+    build([_edited(tmp_path, record, "same.json")], tmp_path / "ok")
+    forged = copy.deepcopy(record)
+    forged["protocol"]["pairs"]["num_samples"] = 999          # measured under another protocol ...
+    with pytest.raises(LeaderboardError, match="protocol_id"):  # ... but claims the original's id
+        build([_edited(tmp_path, forged)], tmp_path / "lb")
+
+
+def test_an_edited_metric_value_is_flagged(evaluated, tmp_path):
+    import copy
+
+    from icp.eval.leaderboard import LeaderboardError, build
+
+    _, record = evaluated
+    for metric in ("psnr", "id_cos_icp"):
+        forged = copy.deepcopy(record)
+        forged["metrics"][metric] = forged["metrics"][metric] + 0.5
+        with pytest.raises(LeaderboardError, match=metric):
+            build([_edited(tmp_path, forged)], tmp_path / "lb")
+
+
+@pytest.mark.parametrize("mutation", ["string_metric", "no_samples", "list", "nan_metric", "bool_samples"])
+def test_malformed_metrics_records_are_one_line(evaluated, tmp_path, mutation, capsys):
+    import copy
+
+    from icp.cli import main
+
+    _, record = evaluated
+    forged = copy.deepcopy(record)
+    if mutation == "string_metric":
+        forged["metrics"]["psnr"] = "high"
+    elif mutation == "no_samples":
+        forged.pop("samples")
+    elif mutation == "list":
+        forged = [record]
+    elif mutation == "nan_metric":
+        forged["metrics"]["psnr"] = float("nan")
+    else:
+        forged["samples"] = True
+    assert main(["leaderboard", _edited(tmp_path, forged), "--out", str(tmp_path / "lb")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("icp: error:")

@@ -57,6 +57,8 @@ def _import(args: argparse.Namespace) -> int:
     print(f"{args.out}: {report['identities']} identities, {report['images']} images imported")
     for item in report["no_face"]:
         print(f"no face: {item}", file=sys.stderr)
+    for item in report.get("skipped", []):
+        print(f"skipped: {item['path']} ({item['reason']})", file=sys.stderr)
     if report["no_face"] or report["unreadable"]:
         print(f"{len(report['no_face'])} without a face, {len(report['unreadable'])} unreadable: "
               f"see {report['report_path']}", file=sys.stderr)

@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from icp.core.errors import WeightsError
+from icp.core.errors import DataError, WeightsError
 
 
 class ExtractorUnavailable(WeightsError):
@@ -78,6 +78,8 @@ def to_unit(images: Tensor) -> Tensor:
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file or, for a folder (a transformers model), of its files' names and bytes."""
     path = Path(path)
+    if not (path.is_file() or path.is_dir()):  # a FIFO or device (/dev/zero) would be read forever
+        raise DataError(f"{path}: not a regular file or folder; cannot hash it")
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from icp.core.errors import DataError, IcpError
-from icp.eval.record import FORMAT, sha256_of
+from icp.eval.record import DIGEST_FIELDS, FORMAT, protocol_id, record_digest, sha256_of
 
 # Direction of each metric (True = higher is better); unknown metrics are shown, not ranked.
 HIGHER_IS_BETTER = {"id_cos_icp": True, "id_cos_dlib": True, "id_cos_facenet": True, "clip_i": True,
@@ -36,20 +36,77 @@ def load_record(path: str | Path) -> dict:
         path = path / "eval" / "metrics.json"
     if not path.is_file():
         raise DataError(f"{path}: no metrics.json; run `icp eval RUN_DIR` first")
+    if not path.is_file() or path.stat().st_size > MAX_RECORD_BYTES:
+        raise DataError(f"{path}: not a regular file of at most {MAX_RECORD_BYTES} bytes; pass a metrics.json from `icp eval`")
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise DataError(f"{path}: not valid JSON ({getattr(err, 'msg', type(err).__name__)})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: a metrics record is a JSON object, not a {type(record).__name__}; make it with `icp eval`")
     if record.get("format") != FORMAT:
         raise DataError(f"{path}: not an icp metrics record (format {record.get('format')!r}); make it with `icp eval`")
     # A record from someone else may be hand-edited: its shape is checked here, one line if wrong.
     shape = {"protocol_id": str, "protocol": dict, "metrics": dict, "extractors": dict, "dataset": dict,
              "run": str, "task": str}
     wrong = [k for k, kind in shape.items() if not isinstance(record.get(k), kind)]
-    if wrong:
-        raise DataError(f"{path}: malformed metrics record (bad or missing {', '.join(wrong)}); re-run `icp eval`")
+    samples = record.get("samples")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        wrong.append("samples")
+    bad_values = [k for k, v in (record.get("metrics") or {}).items()
+                  if not _number(v)] if isinstance(record.get("metrics"), dict) else []
+    if wrong or bad_values:
+        what = ", ".join(wrong + [f"metrics.{k}" for k in bad_values[:5]])
+        raise DataError(f"{path}: malformed metrics record (bad or missing {what}); re-run `icp eval`")
     record["_path"] = str(path)
     return record
+
+
+MAX_RECORD_BYTES = 64 << 20
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_integrity(record: dict) -> None:
+    """Refuse a record whose numbers do not fit the rest of it: ``protocol_id`` recomputed from its
+    own protocol block (and that block tied to the record's extractors and data set), the digest
+    over its values, and every metric re-averaged from its stored per-sample scores."""
+    where = record["_path"]
+    proto = record["protocol"]
+    if protocol_id(proto) != record["protocol_id"]:
+        raise LeaderboardError(f"{where}: protocol_id {record['protocol_id']} does not match its protocol block "
+                               f"({protocol_id(proto)}); the record was edited, re-run `icp eval`")
+    try:
+        same_data = proto["dataset_manifest_sha256"] == record["dataset"]["manifest_sha256"]
+        same_extractors = {k: v["sha256"] for k, v in proto["extractors"].items()} == {
+            k: v["sha256"] for k, v in record["extractors"].items()}
+    except (KeyError, TypeError, AttributeError):
+        same_data = same_extractors = False
+    if not (same_data and same_extractors):
+        raise LeaderboardError(f"{where}: the protocol block names other extractors or data than the record; "
+                               "the record was edited, re-run `icp eval`")
+    per_sample = record.get("per_sample")
+    if not isinstance(record.get("digest"), str) or not isinstance(per_sample, dict):
+        raise LeaderboardError(f"{where}: has no digest or per-sample scores (made by an older icp, or edited); "
+                               "re-run `icp eval` for this entry")
+    for name, value in record["metrics"].items():
+        scores = per_sample.get(name)
+        if scores is None:
+            continue
+        if not isinstance(scores, list) or len(scores) != record["samples"] or not all(
+                v is None or _number(v) for v in scores):
+            raise LeaderboardError(f"{where}: per-sample scores of {name} are malformed; re-run `icp eval`")
+        valid = [v for v in scores if v is not None]
+        mean = math.fsum(valid) / len(valid) if valid else math.nan
+        if not math.isclose(mean, value, rel_tol=1e-4, abs_tol=1e-5):
+            raise LeaderboardError(f"{where}: {name} = {value:.6g} but its {len(valid)} per-sample scores average "
+                                   f"{mean:.6g}; the value was edited, re-run `icp eval`")
+    if record_digest(record) != record["digest"]:
+        fields = ", ".join(DIGEST_FIELDS)
+        raise LeaderboardError(f"{where}: its values do not match its digest (one of {fields} was edited); "
+                               "re-run `icp eval`")
 
 
 def verify(record: dict) -> None:
@@ -67,6 +124,8 @@ def verify(record: dict) -> None:
             raise LeaderboardError(f"{where}: {what} has no valid sha256; re-run `icp eval` for this entry")
         if not file or not Path(file).exists():
             raise LeaderboardError(f"{where}: {what} file {file} is gone; re-run `icp eval` where it exists")
+        if not (Path(file).is_file() or Path(file).is_dir()):  # /dev/zero, a FIFO: hashing would never end
+            raise LeaderboardError(f"{where}: {what} {file} is not a regular file; re-run `icp eval` on a real one")
         if sha256_of(file) != expected:
             raise LeaderboardError(f"{where}: {what} {file} changed since evaluation (sha256 differs); "
                                    "re-run `icp eval` for this entry")
@@ -103,6 +162,8 @@ def build(paths: list[str], out_dir: str | Path, sort_by: str | None = None, che
     if not paths:
         raise LeaderboardError("no entries given: pass run directories or metrics.json files")
     records = [load_record(p) for p in paths]
+    for record in records:
+        check_integrity(record)
     check_same_protocol(records)
     if check_files:
         for record in records:

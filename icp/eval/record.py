@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -62,6 +63,30 @@ def protocol_key(protocol: dict, manifest_sha: str, resolution: int, extractors:
 
 def protocol_id(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# What a record's numbers depend on, bound by its digest: an edit of one of them (a metric value, the
+# sample count, the protocol) without recomputing the digest is flagged by the leaderboard. Paths
+# are left out (records and files may move). The digest is not a signature: a forger who
+# recomputes it is caught only by the per-sample cross-check or by re-running `icp eval`.
+DIGEST_FIELDS = ("metrics", "samples", "per_sample", "baselines", "intervals", "comparisons", "no_valid_samples",
+                 "protocol", "protocol_id", "checkpoint_sha256", "task")
+
+
+def record_digest(record: dict) -> str:
+    body = {k: record.get(k) for k in DIGEST_FIELDS}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def per_sample_scores(rows: list[dict], metrics: dict) -> dict[str, list]:
+    """metric -> its per-pair values (None where not valid) for every metric with per-pair rows; the
+    leaderboard re-averages them and flags a metric value that does not match."""
+    out = {}
+    for name in metrics:
+        values = [row.get(name) for row in rows]
+        if rows and all(isinstance(v, (int, float)) for v in values):
+            out[name] = [None if math.isnan(v) else float(v) for v in values]
+    return out
 
 
 def load_protocol(path: str | Path | None, overrides: list[str] = ()) -> dict:
@@ -128,7 +153,9 @@ def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str |
         "dataset": {"shards": str(shards), "manifest": str(manifest), "manifest_sha256": key["dataset_manifest_sha256"]},
         "protocol": key, "protocol_id": protocol_id(key),
         "config_hash": config_hash(run_cfg), "code_version": code_version(),
+        "per_sample": per_sample_scores(result.rows.get(METHOD, []), scalars),
     }
+    record["digest"] = record_digest(record)
     path = Path(out) if out else run_dir / "eval" / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

@@ -11,6 +11,7 @@ only the fields present. Photos without a face, or unreadable ones, are listed i
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import torch
@@ -24,17 +25,50 @@ from icp.core.errors import DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def scan(src: Path) -> list[tuple[str, list[Path]]]:
-    """(identity name, sorted image paths) for every identity folder, sorted by name."""
+def _regular(path: Path) -> bool:
+    """A regular file, not a symlink: a FIFO, device or link to one (``/dev/zero``) would block or
+    never end when read."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def scan(src: Path, skipped: list | None = None) -> list[tuple[str, list[Path]]]:
+    """(identity name, sorted image paths) for every identity folder, sorted by name.
+
+    Only regular files with an image suffix are taken; everything else under ``src`` (FIFOs,
+    devices, symlinks, other formats, sub-folders, identity folders left empty) is appended to
+    ``skipped`` as (path, reason), so the import report names it instead of it vanishing.
+    """
+    skipped = [] if skipped is None else skipped
     if not src.is_dir():
         raise DataError(f"import source {src} is not a folder (expected SRC/<identity>/<image>.jpg)")
     out = []
-    for folder in sorted(p for p in src.iterdir() if p.is_dir()):
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for entry in sorted(src.iterdir()):
+        if entry.is_symlink() or not entry.is_dir():
+            skipped.append((str(entry), "not an identity folder (SRC/<identity>/<image>.jpg|png)"))
+            continue
+        images = []
+        for p in sorted(entry.iterdir()):
+            if p.suffix.lower() == ".json" and _regular(p):
+                continue  # pose file, read beside its image
+            if p.is_dir() and not p.is_symlink():
+                skipped.append((str(p), "sub-folder: photos must lie directly in the identity folder"))
+            elif not _regular(p):
+                skipped.append((str(p), "not a regular file (FIFO, device or symlink)"))
+            elif p.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((str(p), f"not a {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} file"))
+            else:
+                images.append(p)
         if images:
-            out.append((folder.name, images))
+            out.append((entry.name, images))
+        else:
+            skipped.append((str(entry), "identity folder without a jpg/png photo"))
     if not out:
-        raise DataError(f"{src} has no <identity>/<image>.jpg|png files (one sub-folder per identity)")
+        shown = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped[:5])
+        raise DataError(f"{src} has no <identity>/<image>.jpg|png files (one sub-folder per identity)"
+                        + (f"; skipped {shown}" if shown else ""))
     return out
 
 
@@ -99,7 +133,8 @@ def _import_shard(job: tuple) -> dict:
 def import_folder(src: str | Path, out: str | Path, resolution: int = 128, shard_size: int = 64) -> dict:
     """Convert ``src`` into shards under ``out``; returns the import report (also written to OUT)."""
     src, out = Path(src), Path(out)
-    identities = scan(src)
+    skipped: list = []
+    identities = scan(src, skipped)
     out.mkdir(parents=True, exist_ok=True)
     keep_pose = all(p.with_suffix(".json").is_file() for _, images in identities for p in images)
     generator = {"importer": "icp.data.shards.imports", "src": src.name, "resolution": resolution,
@@ -119,6 +154,7 @@ def import_folder(src: str | Path, out: str | Path, resolution: int = 128, shard
     report = {"identities": sum(s["samples"] for s in shards), "images": sum(s.get("views", 0) for s in shards),
               "no_face": [p for s in shards for p in s.get("report", {}).get("no_face", [])],
               "unreadable": [p for s in shards for p in s.get("report", {}).get("unreadable", [])],
+              "skipped": [{"path": p, "reason": why} for p, why in skipped],
               "identity_index": {name: i for i, name, _ in indexed}}
     fields = ["landmarks"] + (["pose"] if keep_pose else [])
     write_json_atomic(out / "import_report.json", report)
