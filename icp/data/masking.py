@@ -63,3 +63,17 @@ def apply_mask(image: Tensor, keep: Tensor) -> Tensor:
     if keep.shape[-2:] != image.shape[-2:]:
         raise ConfigError(f"apply_mask: mask {tuple(keep.shape)} does not match image {tuple(image.shape)}")
     return image * keep.to(image.dtype)
+
+
+HEAD_FILL = 0.0  # mid-grey in [-1, 1]: what the background becomes when identity is scored on the head only
+
+
+def head_only(images: Tensor, fg: Tensor, fill: float | Tensor = HEAD_FILL) -> Tensor:
+    """The head alone: ``images`` (B,3,H,W) in [-1,1] with every pixel outside ``fg`` (B,1,H,W), the
+    head mask, replaced by ``fill`` (a constant, or a tensor broadcastable to the images). Identity is
+    scored on this (docs/decisions/eval.md), so the background cannot carry identity."""
+    if fg.shape[-2:] != images.shape[-2:] or fg.shape[0] != images.shape[0]:
+        raise ConfigError(f"head_only: mask {tuple(fg.shape)} does not match images {tuple(images.shape)}")
+    fg = (fg.to(images.device, images.dtype) > 0.5).to(images.dtype)
+    fill = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
+    return images * fg + fill * (1 - fg)

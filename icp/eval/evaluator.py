@@ -7,7 +7,8 @@ batch)`` scores one batch of generated images against the batch (icp/data/keys.p
 per-sample rows; ``compute()`` reduces across ranks (torchmetrics states) and returns the scalars.
 
 Which reference each metric uses (paper §4 reports identity similarity, FID and CLIP scores):
-- id_cos_<x>: output vs the PROFILE photo (the identity reference) with identity extractor x;
+- id_cos_<x>: output vs the PROFILE photo (the identity reference) with identity extractor x, on
+  the head only when the batch has both head masks (``identity_inputs``: synthetic pairs);
   face_fail_<x>: fraction of outputs where x found no face (only for detecting extractors).
 - fid / kid: outputs vs TARGET images (real / true renders of the held-out set).
 - clip_i: output vs PROFILE in CLIP image space; clip_t: output vs the batch PROMPT text.
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from icp.data import keys as K
+from icp.data.masking import head_only
 from icp.eval import metrics as M
 from icp.eval.extractors import ExtractorUnavailable
 
@@ -118,7 +120,7 @@ def build_extractors(
 GT_METRICS = ("psnr", "psnr_fg", "ssim", "light_colour_err", "shading_err")
 # What each metric means (every report prints it) and which direction is better.
 MEANINGS = {
-    "id_cos_icp": "cosine similarity of output and profile in the icp synthetic-identity embedder (higher = same person)",
+    "id_cos_icp": "cosine similarity of output and profile in the icp synthetic-identity embedder, head only (higher = same person)",
     "id_cos_dlib": "cosine similarity of output and profile, dlib 128-D face descriptor (real recogniser)",
     "id_cos_facenet": "cosine similarity of output and profile, FaceNet (real recogniser)",
     "face_fail_dlib": "fraction of outputs in which dlib's detector found no face",
@@ -163,8 +165,9 @@ class Evaluator(nn.Module):
         valid: dict[str, Tensor] = {}
         outputs = outputs.detach().float().clamp(-1, 1)
         profile = batch[K.PROFILE].to(outputs.device)
+        out_id, ref_id = identity_inputs(outputs, profile, batch)
         for short, ex in self.extractors.identity.items():
-            out_f, ref_f = ex(outputs), ex(profile)
+            out_f, ref_f = ex(out_id), ex(ref_id)
             cos, ok = M.identity_cosine(out_f, ref_f)
             values[f"id_cos_{short}"], valid[f"id_cos_{short}"] = cos, ok
             if short != "icp":
@@ -211,6 +214,17 @@ class Evaluator(nn.Module):
         self.averages.reset()
         if self.fid is not None:
             self.fid.reset(), self.kid.reset()
+
+
+def identity_inputs(outputs: Tensor, profile: Tensor, batch: dict) -> tuple[Tensor, Tensor]:
+    """What identity is scored on. Synthetic pairs (both head masks in the batch): the output inside
+    the target's TRUE head mask and the profile inside its own, background set to mid-grey, so a copied
+    background cannot carry identity. Otherwise (real photos) the whole images: dlib and FaceNet score
+    the face they detect and crop."""
+    target_fg, profile_fg = batch.get(K.TARGET_FG), batch.get(K.PROFILE_FG)
+    if target_fg is None or profile_fg is None:
+        return outputs, profile
+    return head_only(outputs, target_fg), head_only(profile, profile_fg)
 
 
 def _rows(values: dict[str, Tensor], valid: dict[str, Tensor], batch: dict) -> list[dict]:

@@ -1,6 +1,10 @@
 """EmbedderTask: trains the identity embedder the synthetic benchmark measures identity with.
 
-Batches are single views (``ShardDataModule(images_only=True)``: PROFILE + IDENTITY). The loss is
+Batches are single views (``ShardDataModule(images_only=True)``: PROFILE, PROFILE_FG (the head mask),
+IDENTITY, pose, light). With ``head_only`` (the default) the network sees the head alone -- the
+background replaced as the evaluator replaces it (``icp.data.masking.head_only``), randomised in
+training (``augment``: light, blur, background) -- because the evaluator scores identity on the head
+only (docs/decisions/eval.md). The loss is
 ArcFace's additive angular margin (Deng et al. 2019): logits s*cos(theta_y + m) for the true
 identity, s*cos(theta_j) for the others, so embeddings of one identity cluster on the sphere
 with a margin -- across the poses and lightings the renderer varies, which is what makes it an
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icp.data import keys as K
+from icp.data.masking import head_only
 from icp.core.errors import ConfigError, DataError
 from icp.models.embedder import IdentityEmbedderNet, export
 
@@ -45,20 +50,75 @@ class ArcMarginHead(nn.Module):
         return logits * self.scale
 
 
-def augment(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Cheap photometric + geometric jitter so the metric tolerates small generation drift."""
+def gaussian_blur(images: Tensor, sigma: Tensor | float) -> Tensor:
+    """Blur each image by its own Gaussian ``sigma`` (pixels; (B,) or a float; 0 = unchanged),
+    separable, reflect padding so a flat image stays flat."""
     b = images.shape[0]
-    dev = images.device
-    gain = 1 + 0.2 * (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1)
-    bias = 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1)
-    x = images * gain.to(dev) + bias.to(dev)
-    # random shift/scale by up to ~6% through an affine grid
-    theta = torch.zeros(b, 2, 3)
-    scale = 1 + 0.06 * (torch.rand(b, generator=generator) * 2 - 1)
+    sigma = torch.as_tensor(sigma, dtype=images.dtype, device=images.device).expand(b)
+    radius = max(1, int(math.ceil(3 * float(sigma.max())))) if float(sigma.max()) > 0 else 0
+    if radius == 0:
+        return images
+    radius = min(radius, images.shape[-1] - 1, images.shape[-2] - 1)
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-0.5 * (x[None] / sigma.clamp_min(1e-3)[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)                                    # (B, 2r+1); sigma ~0 -> delta
+    c = images.shape[1]
+    kernel = k.repeat_interleave(c, 0)                                # one kernel per (image, channel)
+    x = images.reshape(1, b * c, *images.shape[-2:])
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=b * c)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=b * c)
+    return x.reshape(images.shape)
+
+
+def augment(images: Tensor, fg: Tensor | None = None, generator: torch.Generator | None = None,
+            blur_sigma: float = 2.0, light: float = 0.25, background_noise: float = 0.15) -> Tensor:
+    """Train-time jitter for an identity (not appearance) embedder. Pose varies across the renders
+    already; on top of it:
+
+    * light: per-channel gain (light colour and intensity), a brightness offset, and a linear
+      shading ramp in a random direction (a light from another side), each of size ~``light``;
+    * geometry: shift/scale by up to ~6 %;
+    * blur: Gaussian sigma uniform in [0, ``blur_sigma``] px at 32 px (scaled with the image size),
+      on half the images;
+    * background: with ``fg`` (the head mask) the output depends on the head pixels only: the head is
+      cut out (mid-grey around it) before the shift and blur, and the background finally becomes
+      mid-grey (0, the evaluator's fill) for half the images and a random grey/colour plus pixel
+      noise for the rest, so the network can key neither on the background nor on the fill.
+    """
+    b, _, h, w = images.shape
+    dev, dt = images.device, images.dtype
+
+    def u(*shape):  # uniform in [-1, 1], drawn on the CPU generator (reproducible on any device)
+        return (torch.rand(*shape, generator=generator) * 2 - 1).to(dev, dt)
+
+    gain = 1 + light * (0.8 * u(b, 1, 1, 1) + 0.4 * u(b, 3, 1, 1))
+    bias = 0.4 * light * u(b, 1, 1, 1)
+    angle = math.pi * u(b)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=dev, dtype=dt),
+                            torch.linspace(-1, 1, w, device=dev, dtype=dt), indexing="ij")
+    ramp = (xs * angle.cos()[:, None, None] + ys * angle.sin()[:, None, None])[:, None]
+    slope = light * (torch.rand(b, 1, 1, 1, generator=generator).to(dev, dt))
+    x = ((images + 1) * gain * (1 + slope * ramp) - 1 + bias).clamp(-1, 1)
+    if fg is not None:  # the head alone from here on: shifting and blurring cannot pull background in
+        x = head_only(x, fg)
+    # random shift/scale by up to ~6% through an affine grid (the mask moves with the image)
+    theta = torch.zeros(b, 2, 3, device=dev, dtype=dt)
+    scale = 1 + 0.06 * u(b)
     theta[:, 0, 0] = theta[:, 1, 1] = scale
-    theta[:, :, 2] = 0.06 * (torch.rand(b, 2, generator=generator) * 2 - 1)
-    grid = F.affine_grid(theta.to(dev, x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False).clamp(-1, 1)
+    theta[:, :, 2] = 0.06 * u(b, 2)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    if blur_sigma > 0:
+        sigma = blur_sigma * h / 32 * torch.rand(b, generator=generator).to(dev, dt)
+        sigma = sigma * (torch.rand(b, generator=generator) < 0.5).to(dev, dt)
+        x = gaussian_blur(x, sigma)
+    if fg is not None:
+        fg = F.grid_sample(fg.to(dev, dt), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        plain = (torch.rand(b, 1, 1, 1, generator=generator) < 0.5).to(dev, dt)
+        colour = 0.6 * (0.7 * u(b, 1, 1, 1) + 0.3 * u(b, 3, 1, 1))
+        noise = background_noise * torch.rand(b, 1, 1, 1, generator=generator).to(dev, dt) * u(b, 3, h, w)
+        x = head_only(x, fg, fill=(1 - plain) * (colour + noise))
+    return x.clamp(-1, 1)
 
 
 def verification(emb: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -93,6 +153,8 @@ class EmbedderTask(L.LightningModule):
         margin: float = 0.3,
         scale: float = 30.0,
         augment: bool = True,
+        head_only: bool = True,
+        blur_sigma: float = 2.0,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         export_name: str = "embedder.pt",
     ):
@@ -112,9 +174,25 @@ class EmbedderTask(L.LightningModule):
                             f"{self.hparams.num_identities}; set it to the training shards' identity count")
         return labels
 
+    def _fg(self, batch: dict) -> Tensor | None:
+        if not self.hparams.head_only:
+            return None
+        if K.PROFILE_FG not in batch:
+            raise DataError(f"model.head_only=true needs the head mask ({K.PROFILE_FG}) in every batch; these "
+                            "shards have no fg masks (set model.head_only=false to train on whole images)")
+        return batch[K.PROFILE_FG]
+
+    def inputs(self, batch: dict) -> Tensor:
+        """What the network sees at validation and in the evaluator: the head on mid-grey (or the whole view)."""
+        fg = self._fg(batch)
+        return batch[K.PROFILE] if fg is None else head_only(batch[K.PROFILE], fg)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         labels = self._labels(batch)
-        images = augment(batch[K.PROFILE]) if self.hparams.augment else batch[K.PROFILE]
+        if self.hparams.augment:
+            images = augment(batch[K.PROFILE], self._fg(batch), blur_sigma=self.hparams.blur_sigma)
+        else:
+            images = self.inputs(batch)
         logits = self.head(self.net(images), labels)
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(1) == labels).float().mean()
@@ -122,7 +200,7 @@ class EmbedderTask(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._val.append((self.net(batch[K.PROFILE]).detach(), batch[K.IDENTITY].long()))
+        self._val.append((self.net(self.inputs(batch)).detach(), batch[K.IDENTITY].long()))
 
     def on_validation_epoch_end(self) -> None:
         if self._val:
@@ -143,7 +221,8 @@ class EmbedderTask(L.LightningModule):
         if self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return None
         path = Path(self.trainer.default_root_dir) / self.hparams.export_name
-        return export(self.net, path, meta={"step": int(self.global_step), "label": "icp-synthetic-embedder"})
+        return export(self.net, path, meta={"step": int(self.global_step), "label": "icp-synthetic-embedder",
+                                                "input": "head only" if self.hparams.head_only else "whole image"})
 
     def configure_optimizers(self) -> Any:
         factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=5e-4))
