@@ -55,7 +55,9 @@ def test_ci_config_runs_end_to_end_and_caches(tmp_path, capsys, one_thread):
         assert rows, f"{section}: no table rows"
         values = [v for row in rows for cell in row[1:] for v in _numbers(cell)]
         assert values and all(math.isfinite(v) for v in values), section
-        assert re.search(r"\*\*(HOLDS|PARTLY HOLDS|DOES NOT HOLD)[^*]*\*\* at this scale", part_of(md, section))
+        # a tiny run decides nothing: fewer than 20 valid pairs is NOT DECIDED, never a win
+        assert re.search(r"\*\*(HOLDS|PARTLY HOLDS|DOES NOT HOLD|NOT DECIDED|NOT MEASURED)[^*]*\*\* at this scale",
+                         part_of(md, section))
     assert "seed 0" in md and "## Limitations" in md
     result = json.loads((tmp_path / "out/paper_claims.json").read_text())
     assert set(result["verdicts"]) == {"fast_learner", "masking", "warping", "relighting"}
@@ -85,7 +87,7 @@ def test_ci_config_runs_end_to_end_and_caches(tmp_path, capsys, one_thread):
     assert "PARTIAL" not in (tmp_path / "out/paper_claims.md").read_text().splitlines()[0]
     assert len(json.loads((tmp_path / "out/paper_claims.json").read_text())["timeline"]) == 2  # adds no invocation
     # ... says PARTIAL when a result is missing, and refuses a root the script never ran in.
-    (tmp_path / "runs/evals/eval_relighting.json").unlink()
+    (tmp_path / "runs/seed0/evals/eval_relighting.json").unlink()
     assert paper_claims.main([*args, "--report-only"]) == 1
     assert "PARTIAL" in (tmp_path / "out/paper_claims.md").read_text().splitlines()[0]
     capsys.readouterr()
@@ -177,27 +179,65 @@ def test_timeline_keeps_the_spans_of_an_invocation_that_was_cut_short(tmp_path):
     assert runner.Timeline(path).invocations()[0]["spans"] == {}
 
 
-def test_fast_learner_verdict_needs_useful_matching():
+def _rules():
+    from icp.jobs.claims import verdicts as V
+
+    return V.load_rules()
+
+
+def test_fast_learner_verdict_needs_useful_matching_in_every_seed():
     from icp.jobs.claims import verdicts as V
 
     def curve(epes, zero=4.0):
         return [{"step": s, "flow_epe": e, "flow_pck": 0.1, "flow_epe_zero": zero} for s, e in zip((0, 100, 200), epes)]
 
-    # A head start over random weights without ever beating the zero flow is no partial success.
-    assert V.fast_learner({"base": curve([9, 8, 7]), "random": curve([9, 9, 9])})[0] == "DOES NOT HOLD"
-    assert V.fast_learner({"base": curve([9, 3, 2]), "random": curve([9, 2, 1])})[0] == "PARTLY HOLDS"
-    verdict, why = V.fast_learner({"base": curve([9, 3, 2]), "random": curve([9, 5, 4]), "supervised": curve([9, 2, 1])})
-    assert verdict == "HOLDS" and "true flow as supervision" in why and "1.00 px" in why
-    assert V.fast_learner({"base": curve([9, 3, 2])})[0] == "NOT MEASURED"
+    rules = _rules()
+    # A head start over random weights without reaching 0.7 x the zero flow is no partial success.
+    assert V.fast_learner([{"base": curve([9, 8, 3.5]), "random": curve([9, 9, 9])}], rules)[0] == "DOES NOT HOLD"
+    assert V.fast_learner([{"base": curve([9, 3, 2]), "random": curve([9, 2, 1])}], rules)[0] == "PARTLY HOLDS"
+    good = {"base": curve([9, 3, 2]), "random": curve([9, 5, 4]), "supervised": curve([9, 2, 1])}
+    verdict, why = V.fast_learner([good], rules)
+    assert verdict == "HOLDS" and "supervised reference reaches 1.00 px" in why
+    # every seed must show it
+    assert V.fast_learner([good, {"base": curve([9, 8, 7]), "random": curve([9, 9, 9])}], rules)[0] == "DOES NOT HOLD"
+    assert V.fast_learner([{"base": curve([9, 3, 2])}], rules)[0] == "NOT MEASURED"
 
 
-def test_warping_verdict_names_the_oracle_without_letting_it_decide():
+def _masking_eval(n_ids, per_id, gain, err, seed=0):
+    rows = [{"identity": i, "pair": f"{i}:{k}", "id_paired": gain + 0.01 * ((i * 7 + k) % 5),
+             "light_colour_err": err, "shading_err": err} for i in range(n_ids) for k in range(per_id)]
+    return {"rows": rows}
+
+
+@pytest.mark.parametrize("n_ids,gain_main,verdict", [(10, 0.2, "HOLDS"), (10, 0.0, "DOES NOT HOLD"),
+                                                     (3, 0.2, "NOT DECIDED (too few valid pairs)")])
+def test_masking_verdict_needs_the_main_ratio_to_beat_both_neighbours(n_ids, gain_main, verdict):
+    from icp.jobs.claims import plan
     from icp.jobs.claims import verdicts as V
 
-    method = {"mean": -0.01, "se": 0.01, "n": 40}
-    for oracle, words in (({"mean": 0.05, "se": 0.01, "n": 40}, "significantly better than"),
-                          ({"mean": -0.05, "se": 0.01, "n": 40}, "significantly worse than"),
-                          ({"mean": 0.01, "se": 0.01, "n": 40}, "no significant difference to")):
-        verdict, why = V.warping(method, {}, oracle)
-        assert verdict == "DOES NOT HOLD" and words in why and "TRUE flow" in why
-    assert V.warping({"mean": 0.05, "se": 0.01, "n": 40}, {}, None)[0] == "HOLDS"
+    evals = {f"eval_masking_{plan.ratio_tag(r)}": _masking_eval(n_ids, 4, g, 0.05)
+             for r, g in ((0.5, 0.1), (0.8, gain_main), (0.95, 0.1))}
+    assert V.masking([evals], _rules(), plan.ratio_tag)[0] == verdict
+
+
+def test_relighting_verdict_must_beat_model_free_inpainting():
+    from icp.jobs.claims import verdicts as V
+
+    def rows(follow):
+        return {"rows": [{"identity": i, "light": l, "follow_shading_hidden": follow + 0.001 * ((i + l) % 3)}
+                         for i in range(8) for l in range(4)]}
+
+    beats = {"eval_relighting": {"models": {"adaptation": rows(0.05), "inpainting": rows(0.02)}}}
+    ties = {"eval_relighting": {"models": {"adaptation": rows(0.02), "inpainting": rows(0.02)}}}
+    assert V.relighting([beats], _rules())[0] == "HOLDS"
+    assert V.relighting([ties], _rules())[0] == "DOES NOT HOLD"  # the visible pixels explain it all
+    assert V.relighting([{}], _rules())[0] == "NOT MEASURED"
+
+
+def test_results_were_judged_by_the_committed_rules():
+    """A changed rule re-judges every result: a committed claims result must quote today's rules."""
+    rules = _rules()
+    for path in sorted((ROOT / "eval/results").glob("paper_claims*.json")):
+        result = json.loads(path.read_text())
+        assert result.get("rules", {}).get("sha256") == rules["sha256"], (
+            f"{path.name} was judged by other rules; rebuild it (python eval/paper_claims.py ... --report-only)")

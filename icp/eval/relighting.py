@@ -23,7 +23,8 @@ from icp.render import renderer as R
 from icp.render.lighting import sample_light
 
 KEYS = ("own_colour", "other_colour", "follow_colour", "truth_gap_colour", "own_shading", "other_shading",
-        "follow_shading", "truth_gap_shading")
+        "follow_shading", "truth_gap_shading", "follow_colour_hidden", "follow_shading_hidden",
+        "truth_gap_shading_hidden")
 
 
 def relight_set(first: int, identities: int, lights: int, resolution: int, data_seed: int, seed: int,
@@ -69,26 +70,37 @@ def inpainted(s: dict) -> torch.Tensor:
                         for l in range(s["target"].shape[1])], dim=1)
 
 
+def _follow(out: torch.Tensor, target: torch.Tensor, l: int, m: torch.Tensor) -> dict:
+    """Lighting error of output ``out`` (3,H,W) to its own light ``l`` and to the others, over mask ``m``."""
+    n_light = target.shape[0]
+    own_c, own_s = M.lighting_error(out[None], target[l][None], m)
+    others = [o for o in range(n_light) if o != l]
+    oth = [M.lighting_error(out[None], target[o][None], m) for o in others]
+    gap = [M.lighting_error(target[l][None], target[o][None], m) for o in others]
+    row = {"own_colour": float(own_c), "own_shading": float(own_s),
+           "other_colour": sum(float(a) for a, _ in oth) / len(oth),
+           "other_shading": sum(float(b) for _, b in oth) / len(oth),
+           "truth_gap_colour": sum(float(a) for a, _ in gap) / len(gap),
+           "truth_gap_shading": sum(float(b) for _, b in gap) / len(gap)}
+    row["follow_colour"] = row["other_colour"] - row["own_colour"]
+    row["follow_shading"] = row["other_shading"] - row["own_shading"]
+    return row
+
+
 def scores(out: torch.Tensor, s: dict) -> list[dict]:
-    """Per (identity, light): lighting error to its own target, to the other lights, the truth's gap."""
-    target, fg = s["target"], s["fg"]
+    """Per (identity, light): lighting error to its own target, to the other lights, the truth's gap --
+    over the whole head, and over the head pixels the patch mask HID (``*_hidden``): there the output
+    cannot copy the light from the visible pixels, so relighting must come from the model."""
+    target, fg, keep = s["target"], s["fg"], s["keep"]
     n_id, n_light = target.shape[:2]
     rows = []
     for i in range(n_id):
-        m = fg[i][None]
+        head, hidden = fg[i][None], (fg[i] * (1 - keep[i].float()))[None]
         for l in range(n_light):
-            own_c, own_s = M.lighting_error(out[i, l][None], target[i, l][None], m)
-            others = [o for o in range(n_light) if o != l]
-            oth = [M.lighting_error(out[i, l][None], target[i, o][None], m) for o in others]
-            gap = [M.lighting_error(target[i, l][None], target[i, o][None], m) for o in others]
-            row = {"identity": int(s["identity"][i]), "light": l, "own_colour": float(own_c),
-                   "own_shading": float(own_s),
-                   "other_colour": sum(float(a) for a, _ in oth) / len(oth),
-                   "other_shading": sum(float(b) for _, b in oth) / len(oth),
-                   "truth_gap_colour": sum(float(a) for a, _ in gap) / len(gap),
-                   "truth_gap_shading": sum(float(b) for _, b in gap) / len(gap)}
-            row["follow_colour"] = row["other_colour"] - row["own_colour"]
-            row["follow_shading"] = row["other_shading"] - row["own_shading"]
+            row = {"identity": int(s["identity"][i]), "light": l, **_follow(out[i, l], target[i], l, head)}
+            h = _follow(out[i, l], target[i], l, hidden)
+            row.update(follow_colour_hidden=h["follow_colour"], follow_shading_hidden=h["follow_shading"],
+                       truth_gap_shading_hidden=h["truth_gap_shading"])
             rows.append(row)
     return rows
 

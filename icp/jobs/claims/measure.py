@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from icp.eval import baselines as B
 from icp.eval import relighting as RL
+from icp.eval import stats
 from icp.eval.evaluator import build_extractors
 from icp.eval.grids import save_grid
 from icp.eval.paired import METHOD, evaluate_pairs
@@ -28,18 +29,9 @@ from icp.tasks.loading import load_task
 ROW_KEYS = ("id_cos", "id_cos_base", "id_paired", "ceiling", "psnr", "psnr_fg", "ssim", "light_colour_err", "shading_err")
 
 
-def mean_se(values: list[float]) -> dict:
-    vals = [v for v in values if v == v and math.isfinite(v)]
-    n = len(vals)
-    if n == 0:
-        return {"mean": float("nan"), "se": float("nan"), "n": 0}
-    mean = sum(vals) / n
-    sd = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5 if n > 1 else float("nan")
-    return {"mean": mean, "se": sd / n ** 0.5 if n > 1 else float("nan"), "n": n}
-
-
 def summarise(rows: list[dict], keys=ROW_KEYS) -> dict:
-    return {k: mean_se([r[k] for r in rows if k in r]) for k in keys}
+    """Mean of each key with its 95 % identity-bootstrap interval (icp.eval.stats)."""
+    return {k: stats.bootstrap_mean([r.get(k, math.nan) for r in rows], [r["identity"] for r in rows]) for k in keys}
 
 
 class Scorer:
@@ -57,8 +49,7 @@ class Scorer:
                              num_steps=self.steps, seed=self.seed, grid_samples=grid_samples)
         rows = []
         for m, b, t in zip(res.rows[METHOD], res.rows["other_identity"], res.rows["truth"]):
-            r = {"identity": m["identity"], "id_cos": m["id_cos_icp"], "ceiling": t["id_cos_icp"],
-                 **{k: m[k] for k in ("psnr", "psnr_fg", "ssim", "light_colour_err", "shading_err")}}
+            r = {**m, "id_cos": m["id_cos_icp"], "ceiling": t["id_cos_icp"]}
             if b["id_cos_icp"] == b["id_cos_icp"]:  # NaN: no other identity in that batch
                 r["id_cos_base"] = b["id_cos_icp"]
                 r["id_paired"] = r["id_cos"] - r["id_cos_base"]
@@ -80,6 +71,8 @@ def masking(cfg: DictConfig, spec: dict, out_dir: Path, name: str, device: str) 
     chosen = P.random_pairs(sorted(groups), int(cfg.data.views), per_id, int(cfg.seed))[: int(c.pairs)]
     rows, columns = scorer(task, P.batches(groups, chosen, int(ev.batch_size), float(spec["mask_ratio"]),
                                            int(ev.patch_size), int(cfg.seed)), grid_samples=6)
+    for r, (i, p, t) in zip(rows, chosen):  # the same pairs at every ratio: compared pair by pair
+        r["pair"] = f"{i}:{p}:{t}"
     grid = str(save_grid(out_dir / f"{name}.png", columns))
     return {"rows": rows, "summary": summarise(rows), "grid": grid, "mask_ratio": spec["mask_ratio"],
             "grid_columns": "profile | masked target | generated | generated with another identity's profile | true render"}

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from icp.eval import stats
 from icp.jobs.claims import verdicts as V
-from icp.jobs.claims.measure import mean_se
+from icp.jobs.claims.measure import ROW_KEYS, summarise
 from icp.jobs.claims.plan import Job, eval_path, ratio_tag
 from icp.jobs.runner import Timeline
 
@@ -29,9 +30,8 @@ LIMITATIONS = [
     "Few steps: stitching, adaptation and pretraining run for hundreds to a few thousand steps (paper: 10k-20k "
     "for the Appearance Net); a claim that fails here may hold at scale, and one that holds here is weak "
     "evidence for scale.",
-    "Standard errors treat pairs as independent; several pairs share an identity, so they are somewhat optimistic.",
-    "One seed per configuration (the seed is stated); differences between fits include seed-to-seed variation "
-    "that a single run cannot separate.",
+    "Intervals resample held-out identities (pairs of one identity, in every seed, go together); with few "
+    "held-out identities they are wide, and a comparison with fewer than 20 valid pairs is not decided.",
 ]
 
 
@@ -45,10 +45,18 @@ def _f(x: float, digits: int = 3) -> str:
 
 
 def _ms(s: dict | None, digits: int = 3) -> str:
+    """mean [95 % identity-bootstrap interval]."""
     if not s or not s.get("n"):
         return "n/a"
-    se = s.get("se")
-    return f"{_f(s['mean'], digits)} ± {_f(se, digits)}" if se == se and se is not None else _f(s["mean"], digits)
+    lo, hi = s.get("lo", math.nan), s.get("hi", math.nan)
+    ci = f" [{_f(lo, digits)}, {_f(hi, digits)}]" if lo == lo and hi == hi else ""
+    return f"{_f(s['mean'], digits)}{ci}"
+
+
+def _err(stats_list: list[dict]) -> list[list[float]]:
+    """Asymmetric error bars (mean - lo, hi - mean) for matplotlib."""
+    return [[s["mean"] - s["lo"] if s["lo"] == s["lo"] else 0 for s in stats_list],
+            [s["hi"] - s["mean"] if s["hi"] == s["hi"] else 0 for s in stats_list]]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -71,6 +79,43 @@ def collect(cfg: DictConfig, jobs: dict[str, Job]) -> dict:
             out["evals"][name] = _load(eval_path(cfg, job))
     emb = _load(jobs["embedder"].run_dir / "fit_metrics.json")
     out["embedder_auc"] = emb.get("val/verif_auc") if emb else None
+    return out
+
+
+def merge(founds: list[dict]) -> dict:
+    """Every seed's results as one: per-pair rows pooled (pairs keyed by seed), summaries recomputed
+    with identity-bootstrap intervals, flow curves averaged per step (each seed's curve kept)."""
+    if len(founds) == 1:
+        return founds[0]
+    out: dict = {"curves": {}, "evals": {}, "per_seed": founds}
+    for init in {i for f in founds for i in f["curves"]}:
+        curves = [f["curves"][init] for f in founds if init in f["curves"]]
+        steps = sorted(set.intersection(*({p["step"] for p in c} for c in curves)))
+        out["curves"][init] = [{"step": s, **{k: sum(next(p[k] for p in c if p["step"] == s) for c in curves) / len(curves)
+                                               for k in ("flow_epe", "flow_pck", "flow_epe_zero")}} for s in steps]
+    names = {n for f in founds for n in f["evals"]}
+    for name in names:
+        found = [(s, f["evals"].get(name)) for s, f in enumerate(founds)]
+        if any(res is None for _, res in found):
+            out["evals"][name] = None
+            continue
+        first = found[0][1]
+        res = {k: v for k, v in first.items() if k not in ("rows", "summary", "buckets", "models")}
+        if "rows" in first:
+            res["rows"] = [{**r, "seed": s, "pair": f"s{s}:{r.get('pair', i)}"} for s, e in found
+                           for i, r in enumerate(e["rows"])]
+            res["summary"] = summarise(res["rows"], tuple(first["summary"]))
+        if "buckets" in first:
+            res["buckets"] = {b: summarise([r for r in res["rows"] if str(r["bucket"]) == b], tuple(first["summary"]))
+                              for b in first["buckets"]}
+        if "models" in first:
+            res["models"] = {}
+            for label, model in first["models"].items():
+                rows = [{**r, "seed": s} for s, e in found for r in e["models"][label]["rows"]]
+                res["models"][label] = {**model, "rows": rows, "summary": summarise(rows, tuple(model["summary"]))}
+        out["evals"][name] = res
+    aucs = [f["embedder_auc"] for f in founds if f.get("embedder_auc") is not None]
+    out["embedder_auc"] = sum(aucs) / len(aucs) if aucs else None
     return out
 
 
@@ -106,7 +151,7 @@ def _plots(out_dir: Path, found: dict, cfg: DictConfig) -> tuple[dict, str | Non
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         for ax, key, label in ((axes[0], "id_paired", "id_cos gain over swapped profile"),
                                (axes[1], "light_colour_err", "lighting colour error")):
-            ax.errorbar(ratios, [s[key]["mean"] for _, s in masks], yerr=[s[key]["se"] for _, s in masks],
+            ax.errorbar(ratios, [s[key]["mean"] for _, s in masks], yerr=_err([s[key] for _, s in masks]),
                         marker="o", capsize=3)
             ax.set(xlabel="mask ratio (train = eval)", ylabel=label)
         axes[0].axhline(0, color="grey", lw=0.8)
@@ -119,10 +164,10 @@ def _plots(out_dir: Path, found: dict, cfg: DictConfig) -> tuple[dict, str | Non
         fig, ax = plt.subplots(figsize=(5, 3.2))
         labels = [b["label"] for b in warp["buckets"]]
         ax.errorbar(range(len(labels)), [b["delta"]["mean"] for b in warp["buckets"]],
-                    yerr=[b["delta"]["se"] for b in warp["buckets"]], marker="o", capsize=3, label="matched-flow warp")
+                    yerr=_err([b["delta"] for b in warp["buckets"]]), marker="o", capsize=3, label="matched-flow warp")
         if "true_delta" in warp:
             ax.errorbar([i + 0.05 for i in range(len(labels))], [b["true_delta"]["mean"] for b in warp["buckets"]],
-                        yerr=[b["true_delta"]["se"] for b in warp["buckets"]], marker="s", capsize=3, ls=":",
+                        yerr=_err([b["true_delta"] for b in warp["buckets"]]), marker="s", capsize=3, ls=":",
                         label="true-flow warp (oracle)")
             ax.legend(fontsize=7)
         ax.axhline(0, color="grey", lw=0.8)
@@ -150,33 +195,40 @@ def _warp_table(found: dict) -> dict | None:
         return None
     edges = warp["edges"]
     other = {r["pair"]: r for r in nowarp["rows"]}
+
+    def delta(rows: list[dict], ref: dict, key: str = "id_cos") -> dict:
+        return stats.compare([r[key] for r in rows], [ref[r["pair"]][key] for r in rows], [r["identity"] for r in rows])
+
     buckets = []
     for k in range(len(edges) - 1):
         rows = [r for r in warp["rows"] if r["bucket"] == k and r["pair"] in other]
-        hi = f"{edges[k + 1]:g}°" if edges[k + 1] < 180 else ""
-        label = f"{edges[k]:g}-{hi}" if hi else f">{edges[k]:g}°"
-        buckets.append({"label": label, "n": len(rows),
+        buckets.append({"label": V._bucket_label(edges, k), "n": len(rows),
                         "warp": warp["buckets"].get(str(k)), "nowarp": nowarp["buckets"].get(str(k)),
-                        "delta": mean_se([r["id_cos"] - other[r["pair"]]["id_cos"] for r in rows])})
-    rows = [r for r in warp["rows"] if r["pair"] in other]
-    out = {"buckets": buckets, "delta": mean_se([r["id_cos"] - other[r["pair"]]["id_cos"] for r in rows])}
+                        "delta": delta(rows, other)})
+    out = {"buckets": buckets, "delta": delta([r for r in warp["rows"] if r["pair"] in other], other)}
     true = found["evals"].get("eval_warping_truewarp")
     if true:  # the oracle: the same pairs, masks and noise, warped with the renderer's flow
         oracle = {r["pair"]: r for r in true["rows"]}
         for k, b in enumerate(buckets):
-            both = [r for r in nowarp["rows"] if r["bucket"] == k and r["pair"] in oracle]
+            both = [r for r in true["rows"] if r["bucket"] == k and r["pair"] in other]
             b["true"] = true["buckets"].get(str(k))
-            b["true_delta"] = mean_se([oracle[r["pair"]]["id_cos"] - r["id_cos"] for r in both])
-        out["true_delta"] = mean_se([oracle[p]["id_cos"] - r["id_cos"] for p, r in other.items() if p in oracle])
+            b["true_delta"] = delta(both, other)
+        out["true_delta"] = delta([r for r in oracle.values() if r["pair"] in other], other)
     return out
 
 
 def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dict, device: str, final: bool,
-          config_name: str = "eval/paper_claims.yaml") -> Path:
+          config_name: str = "eval/paper_claims.yaml", founds: list[dict] | None = None,
+          seeds: list[int] | None = None) -> Path:
+    """The report of one seed (``founds`` None) or of several seeds pooled (``founds``: one collect()
+    per seed, ``seeds`` their seeds; the tables and verdicts pool them)."""
     out = Path(cfg.report)
     img_dir = out.parent / out.name  # PNGs in a folder named like the report, next to it
     img_dir.mkdir(parents=True, exist_ok=True)
-    found = collect(cfg, jobs)
+    founds = founds or [collect(cfg, jobs)]
+    seeds = seeds or [int(cfg.seed)]
+    found = merge(founds)
+    rules = V.load_rules()
     plots, plot_note = _plots(img_dir, found, cfg)
     for res in found["evals"].values():  # copy the evaluation grids beside the report
         for grid in _grids(res):
@@ -186,15 +238,17 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dic
     c = cfg.claims
     verdicts: dict[str, tuple[str, str]] = {}
     md = [f"# IC-Portrait's claims at small scale{'' if final else ' (PARTIAL: run still going or cut short)'}", ""]
-    md += [f"Generated by `python eval/paper_claims.py` on **{device}**; seed {cfg.seed} for every fit, sampling "
-           f"noise and pair selection (data seed {cfg.data.seed}). Held-out identities {cfg.data.identities}.."
+    seed_text = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(str(s) for s in seeds)}"
+    md += [f"Generated by `python eval/paper_claims.py` on **{device}**; {seed_text} (each seed: every fit, sampling "
+           f"noise and pair selection; tables and verdicts pool the seeds' per-pair rows, intervals are 95 % "
+           f"bootstraps over held-out identities) (data seed {cfg.data.seed}). Held-out identities {cfg.data.identities}.."
            f"{cfg.data.identities + cfg.data.heldout_identities - 1} were never trained on (the fits see "
            f"{cfg.data.identities} identities x {cfg.data.views} views at {cfg.data.resolution} px). Identity metric: "
            f"`icp-synthetic-embedder, trained by icp` (held-out verification AUC "
            f"{_f(found['embedder_auc'])}). Sampling: DDIM {cfg.evaluate.steps} steps, each model's own guidance scale.",
            ""]
     # 1 -----------------------------------------------------------------------------------------
-    verdicts["fast_learner"] = V.fast_learner(found["curves"])
+    verdicts["fast_learner"] = V.fast_learner([f["curves"] for f in founds], rules)
     md += ["## 1. Fast learner: Matching Net flow vs training steps", "", f"> {V.CLAIMS['fast_learner']}", "",
            "Measured: end-point error (px) and PCK (within 5 % of the image size) of the finest matched level's "
            f"hard flow vs the renderer's true flow on {c.fast_learner.pairs} held-out pairs, target noised to "
@@ -222,12 +276,10 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dic
         if "fast_learner" in plots:
             md += [f"![flow EPE and PCK vs steps]({rel}/{plots['fast_learner']})", ""]
     md += [f"**{verdicts['fast_learner'][0]}** at this scale: {verdicts['fast_learner'][1]}.",
-           "Rule: HOLDS if the base-init Matching Net beats the zero flow within 200 steps (it has learned useful "
-           "matching) AND beats the random init at every measured step in (0, 200]; PARTLY HOLDS if it beats the "
-           "zero flow but not the random init; otherwise DOES NOT HOLD.", ""]
+           f"Rule (eval/claims/rules.yaml): {rules['fast_learner']['rule']}", ""]
     # 2 -----------------------------------------------------------------------------------------
     masks = _masking_rows(cfg, found)
-    verdicts["masking"] = V.masking(dict(masks), float(c.masking.main_ratio))
+    verdicts["masking"] = V.masking([f["evals"] for f in founds], rules, ratio_tag)[:2]
     md += ["## 2. Masking ratio of Lighting-Aware Stitching", "", f"> {V.CLAIMS['masking']}", "",
            f"Measured: one stitching fit per ratio (same pretrained base, seed, steps), evaluated at its own ratio on "
            f"{c.masking.pairs} held-out pairs. *gain over swapped* = id_cos(output, profile) minus the same for the "
@@ -247,13 +299,10 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dic
             if res.get("grid"):
                 md += [f"Ratio {r:g} ({res['grid_columns']}):", "", f"![ratio {r:g}]({rel}/{Path(res['grid']).name})", ""]
     md += [f"**{verdicts['masking'][0]}** at this scale: {verdicts['masking'][1]}.",
-           f"Rule: HOLDS if ratio {c.masking.main_ratio:g} has a larger gain over the swapped profile than every "
-           "lower ratio AND a lower lighting colour error than every higher ratio (significant: > 2 s.e.).", ""]
+           f"Rule (eval/claims/rules.yaml): {rules['masking']['rule']}", ""]
     # 3 -----------------------------------------------------------------------------------------
     warp = _warp_table(found)
-    verdicts["warping"] = V.warping(warp["delta"] if warp else {},
-                                    {b["label"]: b["delta"] for b in warp["buckets"]} if warp else {},
-                                    (warp or {}).get("true_delta"))
+    verdicts["warping"] = V.warping([f["evals"] for f in founds], rules)[:2]
     md += ["## 3. Warping by the matching flow vs unwarped concatenation", "", f"> {V.CLAIMS['warping']}", "",
            "Measured: two adaptation fits from the same stitching run, pretrained base and seed, with the flow warp "
            "(`warp_identity: true`) and without (`false`); held-out pairs rendered with "
@@ -284,11 +333,11 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dic
             if res and res.get("grid"):
                 md += [f"{title} ({res['grid_columns']}):", "", f"![{name}]({rel}/{Path(res['grid']).name})", ""]
     md += [f"**{verdicts['warping'][0]}** at this scale: {verdicts['warping'][1]}.",
-           "Rule: HOLDS if id_cos(warp) - id_cos(no warp) over all pairs exceeds 2 s.e.", ""]
+           f"Rule (eval/claims/rules.yaml): {rules['warping']['rule']}", ""]
     # 4 -----------------------------------------------------------------------------------------
     relight = found["evals"].get("eval_relighting")
     main_model = (relight or {}).get("models", {}).get("adaptation", {})
-    verdicts["relighting"] = V.relighting(main_model.get("summary", {}))
+    verdicts["relighting"] = V.relighting([f["evals"] for f in founds], rules)[:2]
     md += ["## 4. Relighting", "", f"> {V.CLAIMS['relighting']}", "",
            f"Measured: {c.relighting.identities} held-out identities, each with one profile and one target pose "
            f"under {c.relighting.lights} lights (same mask and noise for every light, so only the light changes). "
@@ -301,23 +350,31 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dic
             s = res["summary"]
             rows.append([label, _ms(s["own_colour"], 4), _ms(s["other_colour"], 4), _ms(s["follow_colour"], 4),
                          _ms(s["truth_gap_colour"], 4), _ms(s["follow_shading"], 4), _ms(s["truth_gap_shading"], 4),
+                         _ms(s["follow_shading_hidden"], 4), _ms(s["truth_gap_shading_hidden"], 4),
                          _ms(s["id_cos"]), str(s["id_cos"]["n"])])
         md += _table(["model", "colour err own light", "colour err other lights", "follows (colour)", "truth gap",
-                      "follows (shading)", "truth gap (shading)", "id_cos to profile", "outputs"], rows) + [""]
+                      "follows (shading)", "truth gap (shading)", "follows (shading, hidden region)",
+                      "truth gap (hidden)", "id_cos to profile", "outputs"], rows) + [""]
+        md += ["*inpainting* is the model-free baseline: the visible pixels of the masked target, holes filled from "
+               "their neighbours (no profile, no model). The hidden region is the head pixels the patch mask hid.", ""]
         for label, res in relight["models"].items():
             md += [f"{label} ({relight['grid_columns']}):", "", f"![relight {label}]({rel}/{Path(res['grid']).name})", ""]
     md += [f"**{verdicts['relighting'][0]}** at this scale (full method, adaptation model): {verdicts['relighting'][1]}.",
-           "Rule: HOLDS if *follows (colour)* exceeds 2 s.e.", ""]
+           f"Rule (eval/claims/rules.yaml): {rules['relighting']['rule']}", ""]
     # summary, limitations, timings ------------------------------------------------------------------
     summary = ["## Summary", ""] + _table(["claim", "verdict at this scale"],
                                           [[k.replace("_", " "), v[0]] for k, v in verdicts.items()]) + [""]
+    summary += [f"Judged by eval/claims/rules.yaml version {rules['version']}, sha256 `{rules['sha256'][:16]}`"
+                + (f", last changed in commit `{rules['commit'].split()[0][:10]}` ({rules['commit'].split()[1]})"
+                   if rules.get("commit") else "") + ".", ""]
     md[4:4] = summary
     md += ["## Limitations", "", *[f"- {x}" for x in LIMITATIONS], ""]
     if plot_note:
         md += [f"Note: {plot_note}.", ""]
     md += run_section(cfg, timeline, status, config_name)
     out.with_suffix(".md").write_text("\n".join(md))
-    result = {"final": final, "device": device, "seed": int(cfg.seed), "verdicts": {k: {"verdict": v[0], "why": v[1]}
+    result = {"final": final, "device": device, "seed": int(cfg.seed), "seeds": seeds,
+              "rules": {k: rules[k] for k in ("version", "sha256", "commit")}, "verdicts": {k: {"verdict": v[0], "why": v[1]}
               for k, v in verdicts.items()}, "fast_learner": found["curves"],
               "masking": {str(r): s for r, s in masks}, "warping": warp,
               "relighting": {k: v["summary"] for k, v in (relight or {}).get("models", {}).items()},
