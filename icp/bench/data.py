@@ -3,6 +3,8 @@
 Usage: python eval/bench_data.py [--identities 24] [--views 4] [--out eval/results/bench_data.md]
 
 Numbers depend on the machine and on what else runs on it; the markdown records both.
+:func:`loader_rates` is row (e) of eval/bench_train.py: the loader at the training resolution
+with this machine's cores, against what the training steps consume.
 """
 
 from __future__ import annotations
@@ -52,19 +54,40 @@ def raw_and_decode_rate(folder: Path) -> tuple[float, float, float]:
 def loader_rate(folder: Path, workers: int, batch_size: int, pairs: int, epochs: int = 3) -> float:
     """Training items (profile/target pairs with mask and flow) per second through the DataLoader,
     steady state: persistent workers, the first (start-up) epoch not timed."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    module = ShardDataModule(str(folder), batch_size=batch_size, num_workers=workers, pairs_per_identity=pairs,
-                             shuffle_buffer=64, seed=0, persistent_workers=True)
-    module.setup("fit")
-    loader = module.train_dataloader()
-    items, start = 0, 0.0
-    for epoch in range(epochs + 1):
-        if epoch == 1:
-            items, start = 0, time.perf_counter()
-        module.set_epoch(epoch)
-        for batch in loader:
-            items += batch["identity"].shape[0]
-    return items / (time.perf_counter() - start)
+    try:
+        module = ShardDataModule(str(folder), batch_size=batch_size, num_workers=workers, pairs_per_identity=pairs,
+                                 shuffle_buffer=64, seed=0, persistent_workers=True)
+        module.setup("fit")
+        loader = module.train_dataloader()
+        items, start = 0, 0.0
+        for epoch in range(epochs + 1):
+            if epoch == 1:
+                items, start = 0, time.perf_counter()
+            module.set_epoch(epoch)
+            for batch in loader:
+                items += batch["identity"].shape[0]
+        return items / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def loader_rates(identities: int, views: int, resolution: int, batch_size: int, worker_counts: list[int],
+                 render_workers: int, pairs: int = 4) -> dict:
+    """Row (e) of eval/bench_train.py: shards rendered at ``resolution`` (one per identity, so that
+    every loader worker has shards to read), then :func:`loader_rate` for each worker count."""
+    with tempfile.TemporaryDirectory(prefix="icp_bench_shards_") as tmp:
+        folder = Path(tmp) / "shards"
+        start = time.perf_counter()
+        synth(folder, identities=identities, views=views, resolution=resolution, seed=0, workers=render_workers,
+              shard_size=1, progress=False)
+        render_s = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in folder.glob("*.tar"))
+        rates = [{"workers": w, "batch": batch_size, "samples_per_s": loader_rate(folder, w, batch_size, pairs)}
+                 for w in worker_counts]
+    return {"render_s": render_s, "views_rendered": identities * views,
+            "shard_bytes_per_view": size / (identities * views), "rates": rates}
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def targets(bench, table: list[dict]) -> list[str]:
             out.append("  - where the time goes: " + ", ".join(f"'Profile: {n}'" for n in profiled) + " below")
         if others:
             out.append("  - also tried in this run: " + ", ".join(f"{r['name']} {fmt(r)}" for r in others))
-        out.append("  - earlier rounds: docs/decisions/performance.md")
+        out.append("  - earlier rounds: docs/history/performance.md")
 
     defaults = [r for r in table if r["name"].startswith("b_task_defaults")]
     if defaults:

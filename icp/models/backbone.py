@@ -51,6 +51,10 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         self.noise_scheduler = noise_scheduler
 
+    def compiled_nets(self) -> list[tuple[nn.Module, str]]:
+        """The diffusers UNet, compiled by block (icp.perf.compile); the codec declares itself."""
+        return [(self.unet, "blocks")]
+
     # -- shapes
     @property
     def latent_channels(self) -> int:

@@ -74,6 +74,8 @@ class PixelCodec(nn.Module):
 class VaeCodec(nn.Module):
     """Wraps a diffusers ``AutoencoderKL``: scaled latents in, images in [-1, 1] out."""
 
+    compile_as = "codec"  # icp.perf.compile: by block, or whole under compile_codec_whole
+
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
@@ -99,3 +101,7 @@ class VaeCodec(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
         return self.vae.decode(latents).sample
+
+    def compiled_parts(self) -> list[nn.Module]:
+        """What a whole compile wraps: the VAE runs through encode/decode, never ``forward``."""
+        return [self.vae.encoder, self.vae.decoder]

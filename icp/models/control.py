@@ -75,6 +75,8 @@ class ControlUNet(nn.Module):
     per-level channel counts (:attr:`channels`); any width may be used (target half: w_l).
     """
 
+    compile_as = "blocks"  # icp.perf.compile: by block, or whole under compile_regional=false
+
     def __init__(self, unet: UNet2DConditionModel, conditioning_channels: int | None = None,
                  cond_embedding_channels: int = 64, copy_weights: bool = True):
         super().__init__()

@@ -49,6 +49,8 @@ class ReferenceFusion(nn.Module):
     ``warp_identity=False`` skips the warp (the unwarped-concatenation ablation).
     """
 
+    compile_as = "whole"  # icp.perf.compile: warps, cats and 1x1 convs per level as one region
+
     def __init__(self, feature_channels: Sequence[int], residual_channels: Sequence[int] | None = None,
                  warp_identity: bool = True, scale: float = 1.0):
         super().__init__()

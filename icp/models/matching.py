@@ -122,6 +122,8 @@ class FlowMatcher(nn.Module):
     Returns ({level: flow}, {level: soft flow}) for ``levels``.
     """
 
+    compile_as = "whole"  # icp.perf.compile: one region, not hundreds of small eager ops
+
     def forward(self, target_feats: list[Tensor], profile_feats: list[Tensor], levels: list[int], hard: bool,
                 temperature: float, chunk_rows: int | None = None) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         flows: dict[int, Tensor] = {}

@@ -1,0 +1,167 @@
+"""icp.perf.switches: the defaults (one file, experiments/perf/defaults.yaml, that the configs
+include), checks, the training override and its accumulation guard; each switch alone keeps
+the loss and gradients of the plain path within bf16 tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icp import perf
+from icp.core.errors import ConfigError
+from tests.perf_helpers import _batch, _loss_and_grads, _norm_rel, _stitching
+from tests.perf_helpers import _threads  # noqa: F401 (autouse: one thread, the SDPA kernel reset)
+
+
+def test_settings_merge_over_defaults_and_refuse_bad_keys():
+    assert perf.settings(None) == perf.DEFAULTS
+    assert perf.settings({"compile": False})["compile"] == "none"
+    assert set(perf.OFF) == set(perf.DEFAULTS)
+    with pytest.raises(ConfigError, match="model.perf.turbo"):
+        perf.settings({"turbo": True})
+    with pytest.raises(ConfigError, match="model.perf.compile"):
+        perf.settings({"compile": "fastest"})
+    with pytest.raises(ConfigError, match="model.perf.sdpa"):
+        perf.settings({"sdpa": "fastest"})
+    with pytest.raises(ConfigError, match="model.perf.batched_cfg"):
+        perf.settings({"batched_cfg": "yes"})
+    with pytest.raises(ConfigError, match="model.perf.channels_last='sometimes' must be true or false, or auto"):
+        perf.settings({"channels_last": "sometimes"})
+    with pytest.raises(ConfigError, match="perf.sdpa"):
+        perf.set_sdpa_backend("fastest")
+    with pytest.raises(ConfigError, match="perf.compile"):
+        perf.compile_module(torch.nn.Linear(2, 2), mode="turbo")
+
+
+def test_perf_nodes_of_the_configs_are_the_defaults(repo_root):
+    """One table: experiments/perf/defaults.yaml is what perf.DEFAULTS is read from and what the
+    diffusion experiments include (never a copy of it); it lists every switch, each with a comment."""
+    import re
+
+    import yaml
+
+    from icp.core import config as cfglib
+
+    assert perf.DEFAULTS_FILE == repo_root / "experiments" / "perf" / "defaults.yaml"
+    table = perf.DEFAULTS_FILE.read_text()
+    assert yaml.safe_load(table)["model"]["perf"] == perf.DEFAULTS
+    for key in perf.DEFAULTS:
+        assert re.search(rf"^    {key}: .*# \S", table, re.M), key  # the table names every switch
+    for path in ("stitching/tiny.yaml", "stitching/sd15.yaml", "adaptation/tiny.yaml", "adaptation/sd15.yaml"):
+        cfg = cfglib.load(repo_root / "experiments" / path)
+        assert perf.settings(dict(cfg.model.perf)) == perf.DEFAULTS, path
+        assert list(cfg.model.perf) and set(cfg.model.perf) == set(perf.DEFAULTS), path  # every switch listed
+    for path in (repo_root / "experiments").rglob("*.yaml"):
+        if path != perf.DEFAULTS_FILE:
+            assert not re.search(r"^\s+perf:", path.read_text(), re.M), path  # included, not copied
+
+
+def test_channels_last_auto_means_where_compiled_on_cuda():
+    auto = perf.settings({"channels_last": "auto"})
+    assert perf.use_channels_last(auto, "cuda") and not perf.use_channels_last(auto, "cpu")
+    assert not perf.use_channels_last({**auto, "compile": "none"}, "cuda")  # eager NHWC measured slower
+    assert perf.use_channels_last(perf.settings({"channels_last": True}), "cpu")
+    assert not perf.use_channels_last(perf.settings({"channels_last": False}), "cuda")
+    task = _stitching()  # project defaults on CPU: weights stay NCHW
+    assert task.configure_perf(precision="bf16-mixed", device="cpu")["channels_last"] is False
+    assert task.backbone.unet.conv_in.weight.is_contiguous()
+
+
+def test_train_overrides_apply_to_training_runs_only(monkeypatch):
+    """model.perf.train: switches over the top level for a training run (its compile, its
+    validation samples); evaluation (prepare_inference) keeps the top level."""
+    node = {"train": {"compile": "reduce-overhead", "compile_regional": False}}
+    s = perf.settings(node)
+    assert s["train"] == node["train"] and s["compile"] == "default"
+    assert perf.training_settings(s)["compile"] == "reduce-overhead"
+    assert perf.training_settings(perf.settings({"train": {}}))["compile"] == "default"  # no override
+    assert perf.training_settings(perf.settings())["compile"] == "reduce-overhead"  # the default one
+    with pytest.raises(ConfigError, match="model.perf.train.turbo is not a performance switch"):
+        perf.settings({"train": {"turbo": True}})
+    with pytest.raises(ConfigError, match="model.perf.train.compile='fastest'"):
+        perf.settings({"train": {"compile": "fastest"}})
+    with pytest.raises(ConfigError, match="model.perf.train.train"):
+        perf.settings({"train": {"train": {}}})
+    with pytest.raises(ConfigError, match="model.perf.train=.* must be a mapping"):
+        perf.settings({"train": "reduce-overhead"})
+
+    seen = []
+    monkeypatch.setattr(perf.configure, "compile_module",
+                        lambda net, mode, regional=True, **_: seen.append((net, mode, regional)) or 1)
+    trained = _stitching(node)
+    perf.configure_task(trained, trained.perf_config, device="cuda")  # the compile path, recorded
+    unet = trained.backbone.unet
+    assert (unet, "reduce-overhead", False) in seen
+    assert all(mode == "reduce-overhead" for _, mode, _ in seen)
+    seen.clear()
+    evaluated = _stitching(node)
+    perf.configure_inference(evaluated, evaluated.perf_config, device="cuda", bf16=False)
+    assert (evaluated.backbone.unet, "default", True) in seen
+    assert all(mode == "default" for _, mode, _ in seen)
+    # What the task reads while it runs (step marks, sampling graphs) follows the same split.
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    fresh = _stitching(node)
+    assert fresh.perf_active["compile"] == "reduce-overhead"  # a training run, before and after setup
+    fresh.on_train_batch_start(_batch(), 0)
+    assert marks == [1]
+    fresh.prepare_inference(device="cpu", compile=False)
+    assert fresh.perf_active["compile"] == "default" and fresh.perf_active is fresh.perf_config
+
+
+def test_training_steps_are_marked_for_inductor_cuda_graphs(monkeypatch):
+    """compile: reduce-overhead (inductor's CUDA graphs; the training default) marks each training
+    step's start; the compile mode "default" records no graphs and is left alone."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    assert perf.uses_cudagraphs(perf.settings({"compile": "reduce-overhead"}))
+    assert not perf.uses_cudagraphs(perf.settings()) and not perf.uses_cudagraphs(perf.OFF)
+    assert perf.uses_cudagraphs(perf.training_settings(perf.settings()))
+    _stitching({"train": {}}).on_train_batch_start(_batch(), 0)
+    assert marks == []
+    _stitching().on_train_batch_start(_batch(), 0)
+    assert marks == [1]
+
+
+def test_accumulation_drops_inductors_cuda_graphs_from_the_training_compile():
+    """CUDA graphs reuse output memory between replays, so gradients kept across micro-batches
+    would be overwritten (pytorch/pytorch#169545): with accumulation, the training compile keeps
+    its kernels without graphs; evaluation's top level and non-graph modes are left alone."""
+    override = perf.settings({"train": {"compile": "reduce-overhead", "compile_regional": False}})
+    guarded = perf.guard_accumulation(override, 2)
+    assert perf.training_settings(guarded)["compile"] == "default"
+    assert guarded["train"]["compile_regional"] is False and guarded["compile"] == override["compile"]
+    assert not perf.uses_cudagraphs(perf.training_settings(guarded))
+    top = perf.settings({"compile": "max-autotune", "train": {}})
+    assert perf.training_settings(perf.guard_accumulation(top, 4))["compile"] == "max-autotune-no-cudagraphs"
+    assert perf.guard_accumulation(top, 4)["compile"] == "max-autotune"  # evaluation keeps its graphs
+    for s, steps in ((override, 1), (perf.settings({"train": {}}), 8)):
+        assert perf.guard_accumulation(s, steps) is s
+
+
+# One row per switch: the plain path with only that switch at its project default.
+SWITCHES = [k for k in perf.DEFAULTS if perf.DEFAULTS[k] != perf.OFF[k]] + ["sdpa=math", "channels_last=on"]
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_each_switch_keeps_the_loss_within_bf16_tolerance(switch):
+    key, _, value = switch.partition("=")
+    node = {**perf.OFF, key: {"on": True, "": perf.DEFAULTS[key]}.get(value, value)}
+    plain, fast = _stitching(perf.OFF), _stitching(node)
+    plain.configure_perf(precision="bf16-mixed", device="cpu")
+    applied = fast.configure_perf(precision="bf16-mixed", device="cpu")
+    assert applied["compiled"] == 0  # compilation is for CUDA only
+    if key == "bf16_frozen":
+        assert applied["bf16_frozen"] > 0 and fast.backbone.unet.conv_in.weight.dtype == torch.bfloat16
+        assert fast.appearance.net.conv_in.weight.dtype == torch.float32  # trained: stays fp32
+    (a, ga), (b, gb) = _loss_and_grads(plain), _loss_and_grads(fast)
+    assert abs(a - b) / a < 1e-2, (a, b)
+    assert _norm_rel(gb, ga) < 5e-2
+    # Not vacuous: another batch moves the gradient far more than the switch does.
+    assert _norm_rel(_loss_and_grads(fast, seed=1)[1], gb) > 0.3
+
+
+def test_bf16_frozen_only_under_a_bf16_precision():
+    task = _stitching()
+    assert task.configure_perf(precision="32-true", device="cpu")["bf16_frozen"] == 0
+    assert task.backbone.unet.conv_in.weight.dtype == torch.float32
