@@ -54,7 +54,23 @@ def evaluate(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], device: str =
     save_grid(out_dir / "grid.png", result.grid_columns, row_labels=[f"id {i}" for i in result.grid_identities])
     flows = flow_scores(task, cfg, out_dir, device)
     relight = relighting(task, cfg, out_dir, device)
-    return summarise(result, extractors, flows, relight)
+    found = summarise(result, extractors, flows, relight)
+    found["reliability"] = reliability(extractors, cfg)
+    return found
+
+
+def reliability(extractors, cfg: DictConfig) -> dict:
+    """How far the synthetic-identity metric can be trusted: verification of held-out identities by yaw
+    difference and its drop under blur (icp.eval.reliability), on the held-out identities' renders."""
+    from icp.eval.reliability import heldout_views, reliability_markdown, reliability_report
+
+    if "icp" not in extractors.identity:
+        return {}
+    d = cfg.data
+    views = heldout_views(int(d.identities), int(d.heldout_identities), int(d.views), int(d.resolution), int(d.seed))
+    found = reliability_report(extractors.identity["icp"], views)
+    found["markdown"] = reliability_markdown(found)
+    return found
 
 
 def flow_scores(task, cfg: DictConfig, out_dir: Path, device: str) -> dict:

@@ -104,6 +104,9 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     header, table = _table(metrics, arms)
     md += ["## Metrics (held-out identities)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in table]
+    reliability = evaluation.get("reliability", {}).get("markdown")
+    if reliability:
+        md += ["", "## How far the identity metric can be trusted", "", reliability]
     for path, caption in pictures:
         md += ["", f"## {caption}", "", f"![{caption}]({path})"]
     md += ["", "## Stages", "", "| stage | seconds |", "|---|---|"] + [f"| {n} | {s} |" for n, s in timings]
@@ -124,7 +127,9 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style>"
         f"<h1>icp report</h1><p><code>{esc(str(run_dir))}</code></p><h2>Summary</h2><p>{esc(summary)}</p>"
-        f"<h2>Metrics (held-out identities)</h2><table><tr>{head}</tr>{rows}</table>{figs}"
+        f"<h2>Metrics (held-out identities)</h2><table><tr>{head}</tr>{rows}</table>"
+        + (f"<h2>How far the identity metric can be trusted</h2><pre>{esc(reliability)}</pre>" if reliability else "")
+        + f"{figs}"
         f"<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th></tr>{stage_rows}</table>"
         + (f"<h2>Notes</h2><ul>{note_items}</ul>" if notes else "")
     )
