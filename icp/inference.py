@@ -29,6 +29,7 @@ from icp.data import keys as K
 from icp.data.faces import detect_and_align
 from icp.data.masking import random_patch_mask
 from icp.core.errors import DataError, WeightsError
+from icp.data.shards.format import convert_8bit
 from icp.tasks.adaptation import EXTRA_PROFILES, AdaptationTask
 
 ImageLike = Union[str, Path, Image.Image, Tensor]
@@ -64,13 +65,17 @@ def load_adaptation(checkpoint: str | Path, device: str | torch.device = "cpu", 
 def read_image(image: ImageLike, name: str | None = None) -> tuple[Image.Image, str]:
     if isinstance(image, (str, Path)):
         try:
-            return Image.open(image).convert("RGB"), name or str(image)
+            if not Path(image).is_file():  # a FIFO or device would block or never end
+                raise DataError(f"{image}: not a regular image file; pass a PNG or JPEG file")
+            with Image.open(image) as img:
+                rgb = convert_8bit(img, "RGB")
+            return rgb, name or str(image)
         except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read image {image} ({type(err).__name__}); pass a PNG or JPEG file") from None
     if isinstance(image, Tensor):
         arr = ((image.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         return Image.fromarray(arr), name or "<tensor>"
-    return image.convert("RGB"), name or "<image>"
+    return convert_8bit(image, "RGB"), name or "<image>"
 
 
 def prepare_face(image: ImageLike, resolution: int, align: bool = True, name: str | None = None) -> Tensor:
@@ -128,6 +133,10 @@ def parse_light_spec(spec: str) -> dict:
         if key not in out or not nums or len(nums) != (1 if key == "ambient" else 3):
             raise DataError(f"light spec '{spec}': cannot read '{part}' (write e.g. "
                             "--light 'dir=-1,0.3,1;color=1,0.9,0.8;ambient=0.3' or give a portrait file)")
+        # NaN/inf (or absurd sizes) would render an all-black image without an error.
+        if not all(math.isfinite(v) and (key == "dir" or 0 <= v <= 10) and abs(v) <= 1e6 for v in nums):
+            raise DataError(f"light spec '{spec}': '{part}' must hold finite numbers"
+                            + ("" if key == "dir" else " between 0 and 10"))
         out[key] = nums[0] if key == "ambient" else nums
     if math.hypot(*out["dir"]) == 0:
         raise DataError(f"light spec '{spec}': the direction must not be 0,0,0")
@@ -204,6 +213,8 @@ class PortraitPipeline:
     def __call__(self, profiles: Sequence[ImageLike], target: ImageLike, prompt: str | None = None,
                  steps: int = 20, seed: int = 0, light: ImageLike | None = None,
                  guidance_scale: float | None = None) -> Tensor:
+        if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
+            raise DataError(f"guidance_scale {guidance_scale}: must be a finite number")
         batch = self.prepare(profiles, target, light, prompt, seed)
         generator = torch.Generator(device=self.task.device).manual_seed(seed)
         out = self.task.sample(batch, num_steps=steps, guidance_scale=guidance_scale, generator=generator)

@@ -483,3 +483,120 @@ def test_malformed_metrics_records_are_one_line(evaluated, tmp_path, mutation, c
     assert main(["leaderboard", _edited(tmp_path, forged), "--out", str(tmp_path / "lb")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("icp: error:")
+
+
+# --------------------------------------------------------------------------- images and arguments
+
+
+def _png16(path: Path, value: int, size: int = 32) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((size, size), value, dtype=np.uint16)).save(path)
+    return path
+
+
+def test_sixteen_bit_pngs_are_scaled_not_saturated(tmp_path, synth_folder):
+    import io
+    import json
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    from icp.data.shards.format import decode_group
+    from icp.data.shards.read import iter_shard, members_of
+    from icp.inference import read_image
+
+    rgb, _ = read_image(_png16(tmp_path / "mid.png", 32896))  # 32896 / 65535 = 128 / 255
+    assert abs(np.asarray(rgb).astype(int).mean() - 128) <= 1
+    members = members_of(next(iter_shard(synth_folder / "shard-000000.tar")))
+    buf = io.BytesIO()
+    size = Image.open(io.BytesIO(members["v00.rgb.png"])).size
+    Image.fromarray(np.full(size[::-1], 32896, dtype=np.uint16)).save(buf, format="PNG")
+    members["v00.rgb.png"] = buf.getvalue()
+    body = {k: v for k, v in members.items() if k != "crc.json"}
+    members["crc.json"] = json.dumps({k: zlib.crc32(v) for k, v in sorted(body.items())}).encode()
+    group = decode_group(members, "x")
+    assert abs(float(group["rgb"][0].mean()) - 128 / 255) < 0.01
+
+
+@pytest.mark.parametrize("args", [["--guidance", "nan"], ["--guidance", "inf"], ["--guidance", "1e30"],
+                                  ["--light", "dir=nan,0,1"], ["--light", "dir=1,0,1;ambient=inf"],
+                                  ["--steps", "100000000"]])
+def test_non_finite_or_absurd_generate_arguments_are_refused(tmp_path, args, capsys):
+    from PIL import Image
+
+    from icp.cli import main
+
+    img = tmp_path / "p.png"
+    Image.new("RGB", (32, 32), (120, 100, 90)).save(img)
+    out = tmp_path / "out.png"
+    rc = main(["generate", "--profile", str(img), "--target", str(img), "--checkpoint", str(tmp_path / "none"),
+               "--out", str(out), *args])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and not out.exists()
+    assert err.startswith("icp: error:") and args[0] in err, err  # refused for the argument, before loading
+
+
+def test_light_spec_refuses_non_finite_numbers():
+    from icp.inference import parse_light_spec
+
+    for spec in ("dir=nan,0,1", "dir=inf,0,1", "color=1,nan,1", "ambient=nan", "ambient=1e30", "color=-1,1,1"):
+        with pytest.raises(DataError):
+            parse_light_spec(spec)
+    assert parse_light_spec("dir=-1,0.3,1;color=1,0.9,0.8;ambient=0.3")["ambient"] == 0.3
+
+
+# ------------------------------------------------------------------------- manifests and configs
+
+
+@pytest.mark.parametrize("mutation", ["list", "entry_without_sha256", "entry_not_a_dict", "duplicate_shard",
+                                      "string_counts"])
+def test_malformed_manifests_are_one_line(synth_folder, tmp_path, mutation, capsys):
+    import json
+    import shutil
+
+    from icp.cli import main
+    from icp.data.shards.read import ShardStream
+
+    folder = tmp_path / "m"
+    shutil.copytree(synth_folder, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if mutation == "list":
+        manifest = [manifest]
+    elif mutation == "entry_without_sha256":
+        manifest["shards"][0].pop("sha256")
+    elif mutation == "entry_not_a_dict":
+        manifest["shards"].append("shard-000009.tar")
+    elif mutation == "duplicate_shard":
+        manifest["shards"].append(dict(manifest["shards"][0]))
+    else:
+        manifest["counts"] = "many"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["shards", "check", str(folder)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("icp: error:")
+    with pytest.raises(DataError):
+        ShardStream(folder, lambda g, gen: [g])
+
+
+@pytest.mark.parametrize("override", ["trainer.max_steps=-5", "data.batch_size=0", "seed=-1",
+                                      "+model.optimizer.lr=.nan"])
+def test_negative_counts_are_one_line(tmp_path, override):
+    r = icp("fit", str(ROOT / "tests/configs/toy.yaml"), override, f"run.root={tmp_path}", timeout=120)
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert r.stderr.strip().splitlines()[-1].startswith("icp: error:") and "Traceback" not in r.stderr
+
+
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from PIL import Image
+
+    img = tmp_path / "p.png"
+    Image.new("RGB", (32, 32)).save(img)
+    r = icp("generate", "--profile", str(img), "--target", str(img), "--checkpoint", str(tmp_path),
+            "--out", str(tmp_path / "o.png"), "--device", "cuda", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--device cuda" in r.stderr

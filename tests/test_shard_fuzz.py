@@ -307,6 +307,7 @@ def test_manifest_cannot_point_outside_its_folder_or_at_a_fifo(base, tmp_path):
     folder = tmp_path / "fifo"
     folder.mkdir()
     os.mkfifo(folder / "shard-000000.tar")
-    write_json_atomic(folder / "manifest.json", {**manifest, "shards": [{"name": "shard-000000.tar", "samples": 1}]})
+    write_json_atomic(folder / "manifest.json", {**manifest, "shards": [{"name": "shard-000000.tar", "samples": 1,
+                                                                         "sha256": "0" * 64}]})
     with pytest.raises(DataError, match="not a regular file"):
         read_all(folder)  # returns at once instead of blocking on the FIFO

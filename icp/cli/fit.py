@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from icp.core import config as cfglib
 
     cfg = cfglib.load(args.config, args.overrides)
+    cfglib.check_values(cfg)  # NaN/inf and out-of-range counts: one line, before anything is built
     if args.dry_run:
         return print_dry_run(cfg)
     from icp.jobs.fit import fit

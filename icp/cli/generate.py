@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -37,12 +38,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=handler)
 
 
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+
+
 def handler(args: argparse.Namespace) -> int:
     from icp.core.errors import DataError
     from icp.inference import PortraitPipeline, save_image
 
-    if args.steps < 1:
-        raise DataError(f"--steps {args.steps}: use at least 1 denoising step")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise DataError(f"--steps {args.steps}: use 1 to {MAX_STEPS} denoising steps")
+    # NaN, inf or 1e30 would give an all-black image and exit 0: refused before anything loads.
+    if args.guidance is not None and not (math.isfinite(args.guidance) and 0 <= args.guidance <= MAX_GUIDANCE):
+        raise DataError(f"--guidance {args.guidance}: use a finite scale between 0 and {MAX_GUIDANCE}")
+    if args.light and "=" in args.light and not Path(args.light).exists():
+        from icp.inference import parse_light_spec
+
+        try:
+            parse_light_spec(args.light)
+        except DataError as err:
+            raise DataError(f"--light: {err}") from None
+    if args.device is not None:
+        import torch
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise DataError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise DataError(f"--device {args.device!r}: not a device (cpu, cuda, cuda:1)") from None
     for path in [*args.profile, args.target] + ([args.light] if args.light and "=" not in args.light else []):
         if not Path(path).is_file():
             raise DataError(f"{path}: no such image file")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import os
 import re
 import sys
@@ -391,6 +392,41 @@ def check_interpolations(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}': {gate}" if key else str(gate)) from None
 
 
+# Counts every run config shares: (key, lowest value, highest value); None = unbounded. Checked by
+# `check_values` before anything is built, so a typo is one line instead of a library traceback.
+COUNT_BOUNDS = (("seed", 0, 2**32 - 1), ("trainer.max_steps", -1, None), ("trainer.max_epochs", -1, None),
+                ("data.batch_size", 1, None), ("data.num_workers", 0, 1024), ("checkpoint.keep_last", -1, None),
+                ("checkpoint.every_n_train_steps", 0, None), ("global_batch_size", 1, None))
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Refuse NaN/inf anywhere in the resolved config and counts outside ``COUNT_BOUNDS``."""
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        gate = _gate_error(err)
+        raise ConfigError(str(gate) if gate is not None else f"cannot resolve config: {_short(err)}") from None
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"config key '{path}' is {node}; only finite numbers are allowed")
+
+    walk(data, "")
+    for key, low, high in COUNT_BOUNDS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or value == "???":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(f"config key '{key}' is {value!r} (set in {origin_of(cfg, key)}); it must be an integer {span}")
+
+
 def to_yaml(cfg: DictConfig) -> str:
     """The resolved config as YAML text (what ``--dry-run`` prints and run directories keep)."""
     try:
@@ -537,6 +573,15 @@ def instantiate(node: Any, cfg: DictConfig | None = None, path: str = "", **runt
     return _build(node, cfg, path, allowed_targets(cfg), runtime)
 
 
+def _library_config_errors() -> tuple[type, ...]:
+    """Exceptions libraries raise for a bad argument (Lightning's MisconfigurationException)."""
+    try:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+    except ImportError:  # pragma: no cover
+        return ()
+    return (MisconfigurationException,)
+
+
 def _build(node: Any, cfg: DictConfig | None, path: str, allowed: tuple[str, ...], runtime: dict,
            call: bool = True) -> Any:
     if isinstance(node, list):
@@ -570,5 +615,5 @@ def _build(node: Any, cfg: DictConfig | None, path: str, allowed: tuple[str, ...
         return functools.partial(target, **built)
     try:
         return target(**built)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, *_library_config_errors()) as err:
         raise ConfigError(f"{where}: {node['_target_']} rejected its arguments: {_short(err)}") from None

@@ -221,6 +221,21 @@ def _int(meta: dict, key: str, where: str, low: int, high: int) -> int:
     return value
 
 
+def convert_8bit(img: Image.Image, mode: str) -> Image.Image:
+    """``img.convert(mode)`` that scales 16-bit (and 32-bit integer) greyscale to 8 bits instead of
+    clipping: PIL's own conversion saturates every value above 255, so a 16-bit PNG became white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.float64)
+        # "I" holds a 16-bit PNG on older Pillow; a wider range is scaled from its own maximum.
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else float(arr.max())
+        arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    elif img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        img = Image.fromarray(np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8), mode="L")
+    return img.convert(mode)
+
+
 def _read_png(data: bytes, mode: str, size: tuple[int, int], where: str) -> Tensor:
     # formats=["PNG"]: no other (larger, riskier) image parser ever sees shard bytes. The size is
     # read from the header and checked before any pixel is decompressed.
@@ -228,7 +243,7 @@ def _read_png(data: bytes, mode: str, size: tuple[int, int], where: str) -> Tens
         if img.size != size:
             raise _bad(where, f"an image is {img.size[0]}x{img.size[1]}, meta.json says {size[0]}x{size[1]}")
         img.load()
-        arr = np.asarray(img.convert(mode))
+        arr = np.asarray(convert_8bit(img, mode))
     t = torch.from_numpy(arr.copy())
     t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
     return t.float() / 255.0
@@ -330,8 +345,10 @@ def read_manifest(folder: str | Path) -> dict:
                         "`icp shards import`, or point to the folder that holds them)")
     try:
         manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise DataError(f"{path}: not valid JSON ({err}); re-create the folder's shards") from None
+    except (ValueError, RecursionError) as err:
+        raise DataError(f"{path}: not valid JSON ({str(err)[:100]}); re-create the folder's shards") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: a manifest is a JSON object, not a {type(manifest).__name__}; re-create the shards")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise DataError(f"{path}: schema version {version}, this code reads {SCHEMA_VERSION}; re-create the shards")
@@ -351,6 +368,7 @@ def _check_manifest(manifest: dict, path: Path) -> None:
     shards, fields, counts = manifest["shards"], manifest["fields"], manifest["counts"]
     if not isinstance(shards, list) or not isinstance(fields, dict) or not isinstance(counts, dict):
         raise DataError(f"{path}: 'shards' must be a list, 'fields' and 'counts' mappings; re-create the shards")
+    seen: set[str] = set()
     for entry in shards:
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or ".." in name:
@@ -358,6 +376,12 @@ def _check_manifest(manifest: dict, path: Path) -> None:
         samples = entry.get("samples")
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
             raise DataError(f"{path}: shard {name} has no valid sample count ({str(samples)[:40]})")
+        sha = entry.get("sha256")
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise DataError(f"{path}: shard {name} has no valid sha256; re-create the shards")
+        if name in seen:  # listed twice: training would see its samples twice
+            raise DataError(f"{path}: shard {name} is listed twice; re-create the shards")
+        seen.add(name)
     for key in ("present", "required"):
         value = fields.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from icp.data.faces import detect_and_align
-from icp.data.shards.format import MANIFEST, PARTIAL_MANIFEST, encode_group, sample_key, shard_name, write_json_atomic
+from icp.data.shards.format import MANIFEST, convert_8bit, PARTIAL_MANIFEST, encode_group, sample_key, shard_name, write_json_atomic
 from icp.data.shards.write import _run_jobs, is_done, load_progress, manifest_dict, write_tar_atomic
 from icp.core.errors import DataError
 
@@ -92,7 +92,7 @@ def align_identity(images: list[Path], resolution: int, report: dict) -> dict | 
     for path in images:
         try:
             with Image.open(path) as img:
-                rgb = img.convert("RGB")
+                rgb = convert_8bit(img, "RGB")
         except (OSError, UnidentifiedImageError):
             report["unreadable"].append(str(path))
             continue
