@@ -122,13 +122,25 @@ def verify(record: dict) -> None:
     for what, file, expected in checks:
         if not isinstance(expected, str) or len(expected) != 64:
             raise LeaderboardError(f"{where}: {what} has no valid sha256; re-run `icp eval` for this entry")
-        if not file or not Path(file).exists():
-            raise LeaderboardError(f"{where}: {what} file {file} is gone; re-run `icp eval` where it exists")
-        if not (Path(file).is_file() or Path(file).is_dir()):  # /dev/zero, a FIFO: hashing would never end
+        if not isinstance(file, str) or not file or not Path(file).exists():
+            raise LeaderboardError(f"{where}: {what} file {str(file)[:200]} is gone; re-run `icp eval` where it exists")
+        if not (Path(file).is_file() or Path(file).is_dir()) or _pseudo(Path(file)):
+            # /dev/zero, a FIFO, /proc files: hashing would never end or fail half-way
             raise LeaderboardError(f"{where}: {what} {file} is not a regular file; re-run `icp eval` on a real one")
-        if sha256_of(file) != expected:
+        try:
+            actual = sha256_of(file)
+        except (OSError, IcpError) as err:
+            raise LeaderboardError(f"{where}: {what} {file} cannot be read ({type(err).__name__}); "
+                                   "re-run `icp eval` for this entry") from None
+        if actual != expected:
             raise LeaderboardError(f"{where}: {what} {file} changed since evaluation (sha256 differs); "
                                    "re-run `icp eval` for this entry")
+
+
+def _pseudo(path: Path) -> bool:
+    """A file of a kernel pseudo file system (/proc, /sys, /dev): not data a record may name."""
+    resolved = path.resolve()
+    return any(resolved == Path(p) or Path(p) in resolved.parents for p in ("/proc", "/sys", "/dev"))
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
