@@ -35,8 +35,10 @@ def resize_group(group: dict, resolution: int) -> dict:
             # nearest: averaging coordinates or depth across a silhouette edge invents surface points
             out[name] = F.interpolate(group[name], size=size, mode="nearest")
     if group.get("landmarks") is not None:
+        # pixel centres sit at integers (renderer convention) and the images resample with
+        # align_corners=False, so centres map as (x + 0.5) * s - 0.5, not x * s
         scale = torch.tensor([resolution / width, resolution / height])
-        out["landmarks"] = group["landmarks"] * scale
+        out["landmarks"] = (group["landmarks"] + 0.5) * scale - 0.5
     return out
 
 
@@ -98,7 +100,8 @@ class PairMaker:
 
 def _view_fields(group: dict, v: int, role: str) -> dict:
     names = {"fg": f"{role}_fg", "coords": f"{role}_coords", "pose": f"{role}_pose",
-             "light": f"{role}_light", "landmarks": f"{role}_landmarks"}
+             "light": f"{role}_light", "landmarks": f"{role}_landmarks",
+             "landmarks_visible": f"{role}_landmarks_visible"}
     return {key: group[name][v] for name, key in names.items() if group.get(name) is not None}
 
 

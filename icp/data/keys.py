@@ -34,4 +34,6 @@ PROFILE_LIGHT = "profile_light"    # (B, L) light parameters (renderer-defined l
 TARGET_LIGHT = "target_light"      # (B, L)
 PROFILE_LANDMARKS = "profile_landmarks"  # (B, K, 2) pixel x, y
 TARGET_LANDMARKS = "target_landmarks"    # (B, K, 2)
+PROFILE_LANDMARKS_VISIBLE = "profile_landmarks_visible"  # (B, K) bool: landmark seen (in frame, not occluded)
+TARGET_LANDMARKS_VISIBLE = "target_landmarks_visible"    # (B, K) bool
 PROMPT = "prompt"                  # list[str] text prompt per sample (not a tensor)

@@ -15,6 +15,9 @@ Which reference each metric uses (paper §4 reports identity similarity, FID and
 - synthetic ground truth (when the batch has TARGET and TARGET_FG): psnr, psnr_fg, ssim vs the
   true render of the identity in the target pose and light; light_colour_err and shading_err
   (icp.eval.metrics.lighting_error) over the target's head mask.
+- view consistency (icp.eval.geometry; with ``build_extractors(probe=..., dlib_landmarks=True)``):
+  landmark_err, yaw_err, pitch_err, silhouette_iou (icp geometry probe) and landmark_err_dlib,
+  lm_fail_dlib (dlib 68 points) of the output vs the TARGET's true landmarks, pose and head mask.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 
 from icp.data import keys as K
 from icp.data.masking import head_only
+from icp.eval import geometry as G
 from icp.eval import metrics as M
 from icp.eval.extractors import ExtractorUnavailable
 
@@ -39,6 +43,8 @@ class Extractors:
     identity: dict = field(default_factory=dict)   # short name -> face extractor
     inception: object | None = None
     clip: object | None = None
+    probe: object | None = None        # icp geometry probe (view consistency, icp.eval.geometry)
+    landmarks: object | None = None    # dlib 68-point landmarks (view consistency, the real check)
     unavailable: dict = field(default_factory=dict)  # metric name -> one-line reason + option
 
     def describe(self) -> dict:
@@ -50,6 +56,10 @@ class Extractors:
             out["inception"] = _entry(self.inception)
         if self.clip is not None:
             out["clip"] = _entry(self.clip)
+        if self.probe is not None:
+            out["probe"] = _entry(self.probe)
+        if self.landmarks is not None:
+            out["landmarks_dlib"] = _entry(self.landmarks)
         return out
 
 
@@ -70,8 +80,14 @@ def build_extractors(
     clip_model: str | None = None,
     cache_dir: str | None = None,
     device: str | torch.device = "cpu",
+    probe: str | None = None,
+    dlib_landmarks: bool = False,
 ) -> Extractors:
-    """Load what is available; never substitute random weights for what is not."""
+    """Load what is available; never substitute random weights for what is not.
+
+    ``probe``: a probe.pt (``icp fit experiments/probe.yaml``) -> landmark_err, yaw_err, pitch_err,
+    silhouette_iou; ``dlib_landmarks``: dlib's 68-point predictor -> landmark_err_dlib, lm_fail_dlib.
+    """
     device = str(device)
     found = Extractors()
     for short in [identity] if isinstance(identity, str) else list(identity):
@@ -112,6 +128,20 @@ def build_extractors(
         found.unavailable["clip_i"] = found.unavailable["clip_t"] = (
             "clip unavailable: no CLIP model folder given; set metrics.clip_model in eval/protocol.yaml or "
             "callbacks.eval.clip_model to enable it")
+    if probe is not None:
+        try:
+            from icp.models.probe import IcpGeometryProbe
+
+            found.probe = IcpGeometryProbe(weights=probe, device=device)
+        except ExtractorUnavailable as err:
+            found.unavailable.update(dict.fromkeys(G.PROBE_METRICS, str(err)))
+    if dlib_landmarks:
+        try:
+            from icp.eval.dlib_landmarks import DlibLandmarks68
+
+            found.landmarks = DlibLandmarks68(models_dir=dlib_models_dir)
+        except ExtractorUnavailable as err:
+            found.unavailable.update(dict.fromkeys(G.DLIB_METRICS, str(err)))
     for name, why in found.unavailable.items():
         log.info("metric %s: %s", name, why)
     return found
@@ -134,9 +164,10 @@ MEANINGS = {
     "clip_t": "CLIP similarity of output and prompt",
     "fid": "FID of outputs vs true renders (TF-FID Inception; few samples: compare runs, not papers)",
     "kid": "KID of outputs vs true renders (TF-FID Inception)",
+    **G.MEANINGS,  # view consistency: landmark_err, yaw_err, pitch_err, silhouette_iou, *_dlib
 }
 LOWER_IS_BETTER = frozenset({"face_fail_dlib", "face_fail_facenet", "light_colour_err", "shading_err", "fid", "kid",
-                   "flow_epe", "flow_epe_zero"})
+                   "flow_epe", "flow_epe_zero"}) | G.LOWER_IS_BETTER
 
 
 class Evaluator(nn.Module):
@@ -153,6 +184,8 @@ class Evaluator(nn.Module):
                 names.append(f"face_fail_{short}")
         if extractors.clip is not None:
             names += ["clip_i", "clip_t"]
+        names += list(G.PROBE_METRICS) * (extractors.probe is not None)
+        names += list(G.DLIB_METRICS) * (extractors.landmarks is not None)
         self.averages = M.Averages(names)
         self.fid = M.FrechetDistance(2048) if extractors.inception is not None else None
         self.kid = M.KernelDistance(subsets=kid_subsets, subset_size=kid_subset_size) if extractors.inception else None
@@ -192,6 +225,9 @@ class Evaluator(nn.Module):
                 real, fake = self.extractors.inception(target), self.extractors.inception(outputs)
                 self.fid.update(real, real=True), self.fid.update(fake, real=False)
                 self.kid.update(real, real=True), self.kid.update(fake, real=False)
+        if self.extractors.probe is not None or self.extractors.landmarks is not None:
+            view_values, view_valid = G.view_scores(outputs, batch, self.extractors.probe, self.extractors.landmarks)
+            values.update(view_values), valid.update(view_valid)
         self.averages.update(values, valid)
         return _rows(values, valid, batch)
 
