@@ -205,6 +205,8 @@ def reliability_markdown(report: dict) -> str:
     for v in report["blur"].values():
         label = "none" if v["sigma"] == 0 else f"{v['sigma']:g}"
         lines.append(f"| {label} | {_f(v['mean_genuine'])} | {_f(v['drop'])} | {_f(v['auc'])} |")
-    lines += ["", f"TAR @ FAR {far:.0%}: with fewer than {math.ceil(1 / far)} impostor pairs the threshold is the "
-              "highest impostor score (FAR 0)."]
+    few = [n for n, v in report["verification"].items() if v["n_impostor"] < math.ceil(1 / far)]
+    if few:
+        lines += ["", f"TAR @ FAR {far:.0%} in {', '.join(few)}: fewer than {math.ceil(1 / far)} impostor pairs, so the "
+                  "threshold is the highest impostor score (FAR 0)."]
     return "\n".join(lines) + "\n"
