@@ -62,15 +62,25 @@ def load_adaptation(checkpoint: str | Path, device: str | torch.device = "cpu", 
 # --------------------------------------------------------------------------------- images
 
 
+# Photos are read whole: a header may declare any size (a decompression bomb); PIL's own guard
+# starts at ~89M pixels and only warns below 179M.
+MAX_PHOTO_PIXELS = 40_000_000
+# A face cannot be found (and MTCNN's image pyramid is empty) below this size.
+MIN_ALIGN_SIDE = 24
+
+
 def read_image(image: ImageLike, name: str | None = None) -> tuple[Image.Image, str]:
     if isinstance(image, (str, Path)):
         try:
             if not Path(image).is_file():  # a FIFO or device would block or never end
                 raise DataError(f"{image}: not a regular image file; pass a PNG or JPEG file")
             with Image.open(image) as img:
+                if img.width * img.height > MAX_PHOTO_PIXELS:  # from the header, before decoding
+                    raise DataError(f"{image}: {img.width}x{img.height} pixels, over the {MAX_PHOTO_PIXELS} limit; "
+                                    "pass a smaller photo")
                 rgb = convert_8bit(img, "RGB")
             return rgb, name or str(image)
-        except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        except (FileNotFoundError, UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read image {image} ({type(err).__name__}); pass a PNG or JPEG file") from None
     if isinstance(image, Tensor):
         arr = ((image.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
@@ -82,6 +92,9 @@ def prepare_face(image: ImageLike, resolution: int, align: bool = True, name: st
     """(3, R, R) in [-1, 1]: detected + aligned face crop (``align``) or a centre crop resized."""
     pil, name = read_image(image, name)
     if align:
+        if min(pil.size) < MIN_ALIGN_SIDE:
+            raise DataError(f"{name}: {pil.size[0]}x{pil.size[1]} pixels is too small to find a face in (at least "
+                            f"{MIN_ALIGN_SIDE} px a side; or pass --no-align for an aligned crop)")
         return detect_and_align(pil, resolution, source=name).image
     w, h = pil.size
     s = min(w, h)

@@ -600,3 +600,80 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
     r = icp("generate", "--profile", str(img), "--target", str(img), "--checkpoint", str(tmp_path),
             "--out", str(tmp_path / "o.png"), "--device", "cuda", timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--device cuda" in r.stderr
+
+
+# ---------------------------------------------------------------- one-line errors for the rest
+
+
+def test_one_pixel_profile_is_one_line(tmp_path):
+    from PIL import Image
+
+    from icp.inference import prepare_face
+
+    Image.new("RGB", (1, 1)).save(tmp_path / "one.png")
+    with pytest.raises(DataError, match="too small"):
+        prepare_face(tmp_path / "one.png", 32, align=True)
+
+
+def test_disk_full_while_writing_shards_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from icp.cli import main
+    from icp.data.shards import write
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(write, "write_tar_atomic", full)
+    rc = main(["shards", "synth", str(tmp_path / "s"), "--identities", "1", "--views", "2", "--resolution", "16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and any(line.startswith("icp: error:") and "No space left" in line for line in err), err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_truncated_shard_in_a_dataloader_worker_is_one_line(synth_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "trunc"
+    shutil.copytree(synth_folder, folder)
+    shard = folder / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    _refresh_manifest(folder)
+    cfg = write(tmp_path / "exp.yaml", "defaults: [%s]\nexperiment: trunc\n" % (ROOT / "experiments/stitching/tiny")
+                + "trainer: {max_steps: 3, accelerator: cpu, devices: 1}\nlogger: {wandb: null}\n")
+    r = icp("fit", str(cfg), f"data.shards={folder}", f"data.val_shards={synth_folder}", "data.resolution=16",
+            f"run.root={tmp_path / 'runs'}", "data.num_workers=1", "callbacks.samples=null", timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("icp: error:") and "shard-000000.tar" in last and "Traceback" not in r.stderr
+
+
+def _fit(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return icp("fit", str(ROOT / "tests/configs/toy.yaml"), f"run.root={tmp_path}", "run.name=r", *overrides,
+               timeout=300)
+
+
+def test_resume_after_a_shape_changing_override_is_one_line(tmp_path):
+    assert _fit(tmp_path, "trainer.max_steps=3").returncode == 0
+    r = _fit(tmp_path, "trainer.max_steps=6", "model.hidden=16", "run.allow_config_change=true")
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("icp: error:") and "does not fit" in last and "Traceback" not in r.stderr
+
+
+class Pickled:
+    """Not a tensor or container: a weights_only load refuses it."""
+
+
+def test_pickle_bearing_last_ckpt_is_one_line(tmp_path):
+    import torch
+
+    assert _fit(tmp_path, "trainer.max_steps=3").returncode == 0
+    last = next((tmp_path / "toy" / "r" / "checkpoints").glob("last*.ckpt"))
+    state = torch.load(last, weights_only=False)
+    state["global_step"] = 10**6  # the newest by step: chosen for the resume
+    state["evil"] = Pickled()
+    torch.save(state, last)
+    r = _fit(tmp_path, "trainer.max_steps=6", "run.allow_config_change=true")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("icp: error:") and "Traceback" not in r.stderr

@@ -7,15 +7,22 @@ Errors caused by the user's input surface as one line (``icp: error: ...``) with
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 import warnings
 
 from icp import __version__
+from icp.cluster import preempt
 from icp.core.errors import IcpError
+
+if sys.argv[1:2] == ["fit"]:
+    # Before torch/Lightning import (seconds): Slurm's USR1 must not kill a starting job.
+    preempt.install()
 
 # Modules that add verbs, in the order `icp --help` lists them.
 VERB_MODULES = (
@@ -54,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line. An error re-raised by a DataLoader worker carries
+    "Caught X in DataLoader worker process N. Original Traceback ...": keep its original message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        worker = re.search(r"in (DataLoader worker process \d+)", text)
+        last = text.splitlines()[-1]
+        last = re.sub(r"^[\w.]+(Error|Exception|Sample): ", "", last)
+        text = f"{last} (in {worker.group(1) if worker else 'a DataLoader worker'})"
+    return " ".join(text.split("\n")) if "\n" in text else text
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logger = logging.getLogger("icp")
@@ -72,7 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     except IcpError as err:
         if os.environ.get("ICP_DEBUG"):
             raise
-        print(f"icp: error: {err}", file=sys.stderr)
+        print(f"icp: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A full disk, a quota or a read-only folder while writing shards or checkpoints: the files
+        # stay atomic (written under a temp name, then renamed); say what and where in one line.
+        if os.environ.get("ICP_DEBUG") or err.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"icp: error: cannot write{where}: {err.strerror or err} (free space or choose another folder; "
+              "finished files are intact, running the same command again resumes)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("icp: interrupted", file=sys.stderr)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import pickle
+
+from icp.core.errors import WeightsError
 
 
 def add_config_arguments(p: argparse.ArgumentParser, example: str, override_example: str) -> None:
@@ -29,6 +32,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
+def _resume_error(err: RuntimeError) -> WeightsError:
+    """A resume whose checkpoint does not fit the model (an override changed a shape): one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                  lines[0] if lines else "")
+    return WeightsError(f"the run's checkpoint does not fit the model of this config ({detail[:200]}); a changed "
+                        "shape needs a new run (another run.name) or run.restart=true")
+
+
 def run(args: argparse.Namespace) -> int:
     from icp.core import config as cfglib
 
@@ -38,6 +55,15 @@ def run(args: argparse.Namespace) -> int:
         return print_dry_run(cfg)
     from icp.jobs.fit import fit
 
-    run_dir = fit(cfg)
+    try:
+        run_dir = fit(cfg)
+    except RuntimeError as err:
+        if "loading state_dict" not in str(err):
+            raise
+        raise _resume_error(err) from None
+    except pickle.UnpicklingError as err:
+        # A checkpoint holding pickled objects (weights_only refused it): nothing ran; say which.
+        raise WeightsError(f"the run's checkpoint needs full unpickling and was refused (it could run code): "
+                           f"{_first_line(err)}; restore a checkpoint written by icp or pass run.restart=true") from None
     print(f"icp: run directory {run_dir}")
     return 0

@@ -197,12 +197,14 @@ def _run_jobs(out: Path, jobs: list, entries: dict, generator: dict, workers: in
         write_json_atomic(out / PARTIAL_MANIFEST, {"generator": generator, "shards": list(entries.values())})
         bar.update(1)
 
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            record(worker_fn(job))
-    else:
-        # spawn, not fork: the parent may hold torch thread pools that do not survive a fork
-        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for entry in pool.imap_unordered(worker_fn, jobs):
-                record(entry)
-    bar.close()
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                record(worker_fn(job))
+        else:
+            # spawn, not fork: the parent may hold torch thread pools that do not survive a fork
+            with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                for entry in pool.imap_unordered(worker_fn, jobs):
+                    record(entry)
+    finally:
+        bar.close()  # ends the progress line, so an error message starts a line of its own
