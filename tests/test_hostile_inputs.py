@@ -677,3 +677,43 @@ def test_pickle_bearing_last_ckpt_is_one_line(tmp_path):
     r = _fit(tmp_path, "trainer.max_steps=6", "run.allow_config_change=true")
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("icp: error:") and "Traceback" not in r.stderr
+
+
+def test_reimport_after_adding_photos_imports_them(tmp_path):
+    import json
+
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from icp.data.shards.imports import import_folder
+
+    src = tmp_path / "photos"
+    (src / "alice").mkdir(parents=True)
+    Image.fromarray(skdata.astronaut()).save(src / "alice" / "a.png")
+    assert import_folder(src, tmp_path / "out", resolution=32)["images"] == 1
+    Image.fromarray(skdata.astronaut()[:, ::-1].copy()).save(src / "alice" / "b.png")
+    report = import_folder(src, tmp_path / "out", resolution=32)
+    assert report["images"] == 2
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["views"] == 2
+
+
+def test_disk_full_while_writing_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from icp.cli import main
+    from icp.core import checkpointing
+
+    def full(self, checkpoint, path, storage_options=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpointing.AtomicCheckpointIO, "save_checkpoint", full)
+    rc = main(["fit", str(ROOT / "tests/configs/toy.yaml"), f"run.root={tmp_path}", "trainer.max_steps=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and any(line.startswith("icp: error:") and "No space left" in line for line in err), err
+
+
+def test_shards_check_follows_the_cli_convention(tmp_path):
+    r = icp("shards", "check", str(tmp_path / "nowhere"), timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("icp: error:") and len(r.stderr.strip().splitlines()) == 1
+    r = icp("shards", "check", str(tmp_path / "nowhere"), env={"ICP_DEBUG": "1"}, timeout=60)
+    assert r.returncode != 0 and "Traceback" in r.stderr

@@ -10,6 +10,7 @@ only the fields present. Photos without a face, or unreadable ones, are listed i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 from pathlib import Path
@@ -112,6 +113,19 @@ def align_identity(images: list[Path], resolution: int, report: dict) -> dict | 
     return group
 
 
+def source_digest(identities: list) -> str:
+    """sha256 over the names and bytes of one shard's source photos and pose files: a resumed import
+    redoes the shard when a photo was added, removed or changed (not only when the folder count did)."""
+    digest = hashlib.sha256()
+    for _, name, images in identities:
+        for image in images:
+            for path in (Path(image), Path(image).with_suffix(".json")):
+                if path.is_file():
+                    digest.update(f"{name}/{path.name}\0".encode())
+                    digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _import_shard(job: tuple) -> dict:
     out, index, identities, resolution, keep_pose = job
     report = {"no_face": [], "unreadable": []}
@@ -127,7 +141,7 @@ def _import_shard(job: tuple) -> dict:
     entry_name = shard_name(index)
     sha, count = write_tar_atomic(Path(out) / entry_name, samples)
     return {"name": entry_name, "sha256": sha, "samples": count, "first_identity": identities[0][0],
-            "views": views, "report": report}
+            "views": views, "report": report, "source_sha256": source_digest(identities)}
 
 
 def import_folder(src: str | Path, out: str | Path, resolution: int = 128, shard_size: int = 64) -> dict:
@@ -143,10 +157,12 @@ def import_folder(src: str | Path, out: str | Path, resolution: int = 128, shard
     jobs, entries = [], {}
     indexed = [(i, name, [str(p) for p in images]) for i, (name, images) in enumerate(identities)]
     for k, start in enumerate(range(0, len(indexed), shard_size)):
-        if is_done(out, done.get(shard_name(k))):
-            entries[shard_name(k)] = done[shard_name(k)]
+        chunk = indexed[start:start + shard_size]
+        previous = done.get(shard_name(k))
+        if is_done(out, previous) and previous.get("source_sha256") == source_digest(chunk):
+            entries[shard_name(k)] = previous
         else:
-            jobs.append((str(out), k, indexed[start:start + shard_size], resolution, keep_pose))
+            jobs.append((str(out), k, chunk, resolution, keep_pose))
     # MTCNN is already multi-threaded inside torch: one process
     _run_jobs(out, jobs, entries, generator, workers=1, progress=True, desc="import shards",
               worker_fn=_import_shard)
