@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "experiments").rglob("*.yaml"))
 # Shared by experiments (`defaults: [...]`), not runnable alone: base.yaml and the included nodes (perf/).
 FRAGMENTS = {Path("experiments/base.yaml"), *(p for p in CONFIGS if p.parts[1] == "perf")}
-PIPELINES = {Path("experiments/quickstart.yaml")}  # `icp run` configs: stages of `icp fit` configs
+# `icp run` configs: stages of `icp fit` configs
+PIPELINES = {Path("experiments/quickstart.yaml"), Path("experiments/portrait64.yaml")}
 
 
 def test_there_are_experiments():
@@ -25,8 +26,10 @@ def test_config_composes_and_validates(path):
     if path in FRAGMENTS:
         return
     if path in PIPELINES:
-        from icp.jobs.run import check
+        from icp.jobs.run import FITS, check
 
+        if "pretrain" in cfg and "pretrain" not in FITS:  # issue 30; test_correspondence.py checks the stages
+            pytest.xfail("icp/jobs/run.py has no pretrain stage yet")
         check(cfg)  # every stage's experiment + overrides composes and validates
         return
     for node in ("data", "model", "trainer"):
