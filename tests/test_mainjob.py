@@ -19,7 +19,10 @@ def test_quickstart_shortened_runs_end_to_end_and_caches(repo_root, tmp_path, mo
         assert (run_dir / name).is_file(), name
     result = json.loads((run_dir / "evaluate/metrics.json").read_text())
     by_name = {row["name"]: row for row in result["metrics"]}
-    assert {"id_cos_icp", "psnr", "flow_epe", "flow_epe_zero"} <= set(by_name)
+    assert {"id_cos_icp", "psnr", "flow_epe", "flow_epe_zero", "landmark_err", "yaw_err", "silhouette_iou"} <= set(by_name)
+    # every metric beside its trivial baselines (that the other identity is never the same person is
+    # tests/test_paired.py's property test)
+    assert set(result["arms"]) >= {"method", "other_identity", "copy_profile", "mirror_profile", "inpaint", "truth"}
     assert by_name["id_cos_icp"]["extractor"].startswith("icp-synthetic-embedder")
     assert "baseline" in result["summary"]
     html = (run_dir / "report.html").read_text()
@@ -27,7 +30,7 @@ def test_quickstart_shortened_runs_end_to_end_and_caches(repo_root, tmp_path, mo
     # Re-running the same command skips every stage; changing one stage re-runs it and those after it.
     capsys.readouterr()
     assert cli.main(args) == 0
-    assert capsys.readouterr().out.count("up to date, skipped") == 6
+    assert capsys.readouterr().out.count("up to date, skipped") == 7
     assert cli.main(args + ["evaluate.steps=2"]) == 0
     out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 4 and "evaluate: done" in out and "report: done" in out
+    assert out.count("up to date, skipped") == 5 and "evaluate: done" in out and "report: done" in out

@@ -41,8 +41,10 @@ def evaluate(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], device: str =
     out_dir = run_dir / "evaluate"
     out_dir.mkdir(parents=True, exist_ok=True)
     task = load_task(jobs["adaptation"].run_dir, device=device)
+    probe = str(jobs["probe"].run_dir / "probe.pt") if "probe" in jobs else None
     extractors = build_extractors(identity=tuple(ev.identity), embedder=str(jobs["embedder"].run_dir / "embedder.pt"),
-                                  fid=bool(ev.fid), device=device)
+                                  fid=bool(ev.fid), device=device, probe=probe,
+                                  dlib_landmarks=bool(ev.get("dlib_landmarks", "dlib" in ev.identity)))
     baselines = B.resolve(list(OmegaConf.select(cfg, "evaluate.baselines", default=None) or DEFAULT_BASELINES))
     loader = heldout_loader(str(shards_dirs(cfg)[1]), resolution=cfg.data.resolution, mask_ratio=ev.mask_ratio,
                             patch_size=ev.patch_size, pairs_per_identity=ev.pairs_per_identity, seed=cfg.seed,
@@ -56,7 +58,21 @@ def evaluate(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], device: str =
     relight = relighting(task, cfg, out_dir, device)
     found = summarise(result, extractors, flows, relight)
     found["reliability"] = reliability(extractors, cfg)
+    if extractors.probe is not None:
+        found["reliability"]["markdown"] = (found["reliability"].get("markdown", "") + "\n"
+                                            + probe_floor(extractors.probe, cfg, str(shards_dirs(cfg)[1])) + "\n")
     return found
+
+
+def probe_floor(probe, cfg: DictConfig, heldout: str) -> str:
+    """The geometry probe's own error on held-out TRUE targets: what its view-consistency figures resolve."""
+    from icp.eval.geometry import probe_reliability, reliability_line
+
+    ev = cfg.evaluate
+    loader = heldout_loader(heldout, resolution=cfg.data.resolution, mask_ratio=ev.mask_ratio, patch_size=ev.patch_size,
+                            pairs_per_identity=ev.pairs_per_identity, seed=cfg.seed, batch_size=ev.batch_size)
+    with torch.no_grad():
+        return reliability_line(probe_reliability(probe, take(loader, int(ev.pairs)), role="target"))
 
 
 def reliability(extractors, cfg: DictConfig) -> dict:

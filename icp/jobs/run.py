@@ -5,10 +5,14 @@ Jobs (each skipped when its output is complete and up to date, so re-running res
 1. ``data``       render training and held-out synthetic identities into shards;
 2. ``embedder``   train the identity embedder on the training identities (the synthetic identity
                   metric; a real recogniser cannot be trained on synthetic heads offline);
-3. ``stitching``  Lighting-Aware Stitching (appearance net + generation UNet);
-4. ``adaptation`` View-Consistent Adaptation (matching net), initialised from stitching;
-5. ``evaluate``   the paired evaluation of held-out identities (icp.jobs.evaluate);
-6. ``report``     report.html / report.md with grids, flows, relighting, curves and metrics.
+3. ``probe``      train the geometry probe (silhouette, landmarks, yaw/pitch) that the
+                  view-consistency metrics read outputs with (optional);
+4. ``pretrain``   pretrain the base diffusion model the control nets are copied from (optional;
+                  later stages name it as ``{pretrain.run_dir}/backbone``);
+5. ``stitching``  Lighting-Aware Stitching (appearance net + generation UNet);
+6. ``adaptation`` View-Consistent Adaptation (matching net), initialised from stitching;
+7. ``evaluate``   the paired evaluation of held-out identities (icp.jobs.evaluate);
+8. ``report``     report.html / report.md with grids, flows, relighting, curves and metrics.
 
 Each training job is an ordinary ``icp fit`` of an experiment config with overrides, run into
 ``<run_dir>/stages/<stage>/cfg-<hash>/``, so it can be re-run or inspected on its own. An
@@ -30,9 +34,10 @@ from icp.core.errors import ConfigError
 from icp.jobs import runner
 from icp.jobs.runner import Job, digest
 
-STAGES = ("data", "embedder", "stitching", "adaptation", "evaluate", "report")
-FITS = ("embedder", "stitching", "adaptation")
-NEEDS = {"embedder": ("embedder.pt",)}
+STAGES = ("data", "embedder", "probe", "pretrain", "stitching", "adaptation", "evaluate", "report")
+FITS = ("embedder", "probe", "pretrain", "stitching", "adaptation")
+# What a fit must have written for the jobs after it (the runner's cache rule checks these too).
+NEEDS = {"embedder": ("embedder.pt",), "probe": ("probe.pt",), "pretrain": ("backbone/unet",)}
 
 
 def _fill(override: str, jobs: dict[str, Job]) -> str:
