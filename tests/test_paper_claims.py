@@ -76,7 +76,7 @@ def test_ci_config_runs_end_to_end_and_caches(tmp_path, capsys, one_thread):
     # A second run finds every fit and evaluation finished and skips them.
     capsys.readouterr()
     assert paper_claims.main(args) == 0
-    assert capsys.readouterr().out.count("up to date, skipped") == 19
+    assert capsys.readouterr().out.count("up to date, skipped") == 20
     # ... and its report still says which invocation ran each job, and for how long.
     run = _tables((tmp_path / "out/paper_claims.md").read_text())["## Run"]
     assert {r[0]: r[2] for r in run}["pretrain"] == "#1" and {r[0]: r[1] for r in run}["pretrain"] == "cached"
@@ -144,7 +144,7 @@ def test_gpu_config_builds_a_valid_plan():
     cfg = cfglib.load(ROOT / "eval/paper_claims.yaml", ["device=cpu"])
     jobs = plan.build(cfg)
     ordered = runner.order(jobs)
-    assert len(jobs) == 19 and ordered[0] == "pretrain"
+    assert len(jobs) == 20 and ordered[0] == "pretrain"
     assert all(ordered.index(d) < ordered.index(n) for n, j in jobs.items() for d in j.deps)
     for job in jobs.values():
         if job.kind == "fit":
@@ -157,7 +157,7 @@ def test_gpu_config_builds_a_valid_plan():
     assert jobs["adapt_truewarp"].cfg.model.flow_source == "ground_truth" and jobs["eval_warping_truewarp"].deps[0] == "adapt_truewarp"
     off = plan.build(cfglib.load(ROOT / "eval/paper_claims.yaml", ["device=cpu", "claims.warping.true_flow=false",
                                                                    "claims.fast_learner.supervised_weight=0"]))
-    assert len(off) == 16 and not {"adapt_truewarp", "adapt_flowsup"} & set(off)
+    assert len(off) == 17 and not {"adapt_truewarp", "adapt_flowsup"} & set(off)
     backbone = jobs["stitch_m080"].cfg.model.backbone
     assert backbone._target_ == "icp.models.backbone.pretrained" and backbone.path == str(jobs["pretrain"].run_dir / "backbone")
     assert {float(j.cfg.data.mask_ratio) for n, j in jobs.items() if n.startswith("stitch_")} == {0.0, 0.5, 0.8, 0.95}

@@ -38,8 +38,8 @@ class Scorer:
     """The claims' use of the one paired evaluation (icp.eval.paired): the method beside the
     other-identity baseline (same noise) and the true render (the ceiling), in the embedder."""
 
-    def __init__(self, embedder: str, device: str, steps: int, seed: int):
-        self.extractors = build_extractors(identity=("icp",), embedder=embedder, fid=False, device=device)
+    def __init__(self, embedder: str, device: str, steps: int, seed: int, probe: str | None = None):
+        self.extractors = build_extractors(identity=("icp",), embedder=embedder, fid=False, device=device, probe=probe)
         self.device, self.steps, self.seed = device, steps, seed
         self.embed = self.extractors.identity["icp"]
 
@@ -65,7 +65,7 @@ def _groups(cfg: DictConfig, views: int) -> dict[int, dict]:
 def masking(cfg: DictConfig, spec: dict, out_dir: Path, name: str, device: str) -> dict:
     ev, c = cfg.evaluate, cfg.claims.masking
     task = load_task(spec["run"], device=device)
-    scorer = Scorer(spec["embedder"], device, int(ev.steps), int(cfg.seed))
+    scorer = Scorer(spec["embedder"], device, int(ev.steps), int(cfg.seed), spec.get("probe"))
     groups = _groups(cfg, int(cfg.data.views))
     per_id = -(-int(c.pairs) // len(groups))
     chosen = P.random_pairs(sorted(groups), int(cfg.data.views), per_id, int(cfg.seed))[: int(c.pairs)]
@@ -81,7 +81,7 @@ def masking(cfg: DictConfig, spec: dict, out_dir: Path, name: str, device: str) 
 def warping(cfg: DictConfig, spec: dict, out_dir: Path, name: str, device: str) -> dict:
     ev, c = cfg.evaluate, cfg.claims.warping
     task = load_task(spec["run"], device=device)
-    scorer = Scorer(spec["embedder"], device, int(ev.steps), int(cfg.seed))
+    scorer = Scorer(spec["embedder"], device, int(ev.steps), int(cfg.seed), spec.get("probe"))
     groups = _groups(cfg, int(c.views))
     edges = [float(e) for e in c.buckets]
     chosen = P.bucket_pairs(groups, edges, int(c.pairs_per_bucket), int(cfg.seed))

@@ -49,6 +49,9 @@ def build(cfg: DictConfig) -> dict[str, Job]:
     claims = cfg.claims
     embedder = add(Job("embedder", "fit", needs=("embedder.pt",),
                        cfg=fit_config(cfg, "embedder", "claims_embedder", [])))
+    probe = None
+    if "probe" in cfg.fits:  # the geometry probe: view-consistency metrics for the warping claim
+        probe = add(Job("probe", "fit", needs=("probe.pt",), cfg=fit_config(cfg, "probe", "claims_probe", [])))
     pretrain = add(Job("pretrain", "fit", needs=("backbone/unet",), cost=3,
                        cfg=fit_config(cfg, "pretrain", "claims_pretrain", [])))
     stitch: dict[float, Job] = {}
@@ -82,13 +85,15 @@ def build(cfg: DictConfig) -> dict[str, Job]:
         add(Job(name, "fit", deps=[main.name], cost=4,
                 cfg=fit_config(cfg, "adaptation", "claims_adaptation", base_adapt + extra)))
     emb = str(embedder.run_dir / "embedder.pt")
+    probe_pt = str(probe.run_dir / "probe.pt") if probe else None
+    scorers = ["embedder", "probe"] if probe else ["embedder"]
     for ratio, job in stitch.items():
-        add(Job(f"eval_masking_{ratio_tag(ratio)}", "step", deps=[job.name, "embedder"], cost=0.5,
-                spec={"claim": "masking", "run": str(job.run_dir), "embedder": emb, "mask_ratio": ratio}))
+        add(Job(f"eval_masking_{ratio_tag(ratio)}", "step", deps=[job.name, *scorers], cost=0.5,
+                spec={"claim": "masking", "run": str(job.run_dir), "embedder": emb, "probe": probe_pt, "mask_ratio": ratio}))
     warp_evals = [("warp", "adapt_base"), ("nowarp", "adapt_nowarp")] + ([("truewarp", "adapt_truewarp")] if oracle else [])
     for name, run in warp_evals:
-        add(Job(f"eval_warping_{name}", "step", deps=[run, "embedder"], cost=0.8,
-                spec={"claim": "warping", "run": str(jobs[run].run_dir), "embedder": emb,
+        add(Job(f"eval_warping_{name}", "step", deps=[run, *scorers], cost=0.8,
+                spec={"claim": "warping", "run": str(jobs[run].run_dir), "embedder": emb, "probe": probe_pt,
                       "mask_ratio": float(claims.masking.main_ratio)}))
     add(Job("eval_relighting", "step", deps=["adapt_base", main.name, "embedder"], cost=0.6,
             spec={"claim": "relighting", "runs": {"adaptation": str(jobs["adapt_base"].run_dir),
