@@ -14,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Stages already done with the same settings are skipped.")
     add_config_arguments(p, "experiments/quickstart.yaml", "device=cuda data.identities=200")
     p.add_argument("--only", nargs="+", choices=STAGES, help="re-run just these stages (even if up to date)")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage (a later run continues from there)")
     p.set_defaults(func=run)
 
 
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     mainjob.check(cfg)
     if args.dry_run:
         return print_dry_run(cfg)
-    run_dir = mainjob.run(cfg, only=args.only)
+    run_dir = mainjob.run(cfg, only=args.only, until=args.until)
     report = run_dir / "report.html"
     print(f"icp: run directory {run_dir}" + (f"; report {report}" if report.is_file() else ""))
     return 0

@@ -104,6 +104,10 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     header, table = _table(metrics, arms)
     md += ["## Metrics (held-out identities)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in table]
+    probe_md = run_dir / "correspondence" / "correspondence.md"
+    if probe_md.is_file():  # the base's correspondence before any adaptation (icp.eval.correspondence)
+        md += ["", "## Does the base's feature space correspond? (probe before adaptation)", "",
+               probe_md.read_text().split("\n", 1)[-1]]
     reliability = evaluation.get("reliability", {}).get("markdown")
     if reliability:
         md += ["", "## How far the identity metric can be trusted", "", reliability]
@@ -129,6 +133,8 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         f"<h1>icp report</h1><p><code>{esc(str(run_dir))}</code></p><h2>Summary</h2><p>{esc(summary)}</p>"
         f"<h2>Metrics (held-out identities)</h2><table><tr>{head}</tr>{rows}</table>"
         + (f"<h2>How far the identity metric can be trusted</h2><pre>{esc(reliability)}</pre>" if reliability else "")
+        + (f"<h2>Does the base's feature space correspond?</h2><pre>{esc(probe_md.read_text())}</pre>"
+           if probe_md.is_file() else "")
         + f"{figs}"
         f"<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th></tr>{stage_rows}</table>"
         + (f"<h2>Notes</h2><ul>{note_items}</ul>" if notes else "")

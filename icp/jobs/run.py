@@ -34,7 +34,8 @@ from icp.core.errors import ConfigError
 from icp.jobs import runner
 from icp.jobs.runner import Job, digest
 
-STAGES = ("data", "embedder", "probe", "pretrain", "stitching", "adaptation", "evaluate", "report")
+STAGES = ("data", "embedder", "probe", "pretrain", "correspondence", "stitching", "adaptation", "evaluate",
+          "report")
 FITS = ("embedder", "probe", "pretrain", "stitching", "adaptation")
 # What a fit must have written for the jobs after it (the runner's cache rule checks these too).
 NEEDS = {"embedder": ("embedder.pt",), "probe": ("probe.pt",), "pretrain": ("backbone/unet",)}
@@ -68,6 +69,14 @@ def plan(cfg: DictConfig) -> dict[str, Job]:
         deps = [d for d in jobs if d == "data" or d in named]
         jobs[name] = Job(name, "fit", deps=deps, needs=NEEDS.get(name, ()),
                          cfg=runner.fit_config(cfg, run_dir / "stages", name, node.config, overrides))
+        if name == "pretrain" and "correspondence" in cfg:  # the base's DIFT-style probe, before any adaptation
+            jobs["correspondence"] = Job(
+                "correspondence", "step", deps=["pretrain"], result=run_dir / "stages" / "correspondence.json",
+                key=digest({"correspondence": OmegaConf.to_container(cfg.correspondence, resolve=True),
+                            "data": OmegaConf.to_container(cfg.data, resolve=True),
+                            "backbone": str(jobs["pretrain"].run_dir), "seed": cfg.seed}))
+    if "correspondence" in cfg and "correspondence" not in jobs:
+        raise ConfigError("the correspondence stage probes the pretrain stage's backbone: add a pretrain node")
     fits = {n: str(j.run_dir) for n, j in jobs.items() if j.kind == "fit"}
     if "evaluate" in cfg:
         evaluate = OmegaConf.to_container(cfg.evaluate, resolve=True)
@@ -102,6 +111,11 @@ def execute(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], job: Job) -> N
             raise ConfigError(f"stage {job.name} ended without reaching trainer.max_steps ({job.run_dir})")
     elif job.name == "data":
         runner.write_result(job, runner.render_data(cfg))
+    elif job.name == "correspondence":
+        from icp.eval.correspondence import from_pipeline
+
+        backbone = jobs["pretrain"].run_dir / "backbone"
+        runner.write_result(job, from_pipeline(cfg, backbone, run_dir / "correspondence", device))
     elif job.name == "evaluate":
         from icp.jobs.evaluate import evaluate
 
@@ -112,9 +126,13 @@ def execute(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], job: Job) -> N
         runner.write_result(job, {k: str(v) for k, v in write_report(run_dir).items()})
 
 
-def run(cfg: DictConfig, only: list[str] | None = None) -> Path:
+def run(cfg: DictConfig, only: list[str] | None = None, until: str | None = None) -> Path:
+    """Run the job; ``only`` forces those stages, ``until`` stops after that stage (the rest wait for a
+    later invocation: a GPU call of limited length can end after the base and its probe)."""
     run_dir = rundir.prepare(cfg)
     jobs = plan(cfg)
+    if until:
+        jobs = {n: j for n, j in jobs.items() if STAGES.index(n) <= STAGES.index(until)}
     state_file = run_dir / "stages.json"
     timeline = runner.Timeline(run_dir / "timeline.json")
 
