@@ -140,7 +140,8 @@ def summarise(result, extractors, flows: dict, relight: dict) -> dict:
     rows = []
     for name in sorted(set().union(*(result.scalars[a] for a in arms)) | set(flows)):
         row = {"name": name, "value": result.scalars[METHOD].get(name, flows.get(name)),
-               "interval": fmt_interval(result.intervals[METHOD].get(name, {})) if name not in flows else None,
+               # per-pair metrics carry an identity-bootstrap interval; set-level ones (FID, KID) and flows do not
+               "interval": fmt_interval(result.intervals[METHOD][name]) if name in result.intervals[METHOD] else None,
                "extractor": extractor_of(name, described), "meaning": MEANINGS.get(name, FLOW_MEANINGS.get(name, "")),
                "lower_is_better": name in LOWER_IS_BETTER, "baselines": {}, "versus": {}}
         for arm in arms[1:]:
