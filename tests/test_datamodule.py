@@ -162,3 +162,44 @@ def test_persistent_workers_follow_the_epoch(folders):
         ref.set_epoch(epoch)
         module.set_epoch(epoch)
         assert fingerprint(loader) == fingerprint(ref.train_dataloader())
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dm5")
+    synth(root / "train", 5, VIEWS, RES, seed=2, shard_size=1, progress=False)  # 3 + 2 shards over 2 workers
+    return root
+
+
+@pytest.mark.parametrize("kw", [{}, {"samples_per_epoch": 14}], ids=["shards", "resampled"])
+def test_resumes_at_the_exact_next_batch_with_two_workers(uneven, kw):
+    """The state after k trained batches (any k, epoch end too) restores the remaining batches
+    exactly, in order, also when the workers' streams end at different times."""
+    def module():
+        return ShardDataModule(shards=str(uneven / "train"), batch_size=3, num_workers=2, pairs_per_identity=2,
+                               seed=3, shuffle_buffer=4, **kw)
+
+    def batches(m, epoch):
+        m.setup("fit")
+        m.set_epoch(epoch)
+        out = []
+        for batch in m.train_dataloader():
+            batch = m.on_before_batch_transfer(batch, 0)
+            assert "_stream_worker" not in batch
+            out.append((batch[K.IDENTITY].tolist(), batch[K.TARGET_KEEP].sum((1, 2, 3)).tolist()))
+            yield out[-1], m.state_dict()
+
+    full = [b for b, _ in batches(module(), 1)]
+    assert len(full) >= 4 and len({str(b) for b in full}) == len(full)
+    for k, (_, state) in enumerate(batches(module(), 1), start=1):
+        resumed = module()
+        resumed.load_state_dict(state)
+        again = list(batches(resumed, 1))
+        assert [b for b, _ in again] == full[k:], k
+        if again:  # a second preemption one batch later, within the resumed pass
+            twice = module()
+            twice.load_state_dict(again[0][1])
+            assert [b for b, _ in batches(twice, 1)] == full[k + 1:], k
+    fresh = module()
+    fresh.load_state_dict(state)
+    assert [b for b, _ in batches(fresh, 2)] == [b for b, _ in batches(module(), 2)]  # a new epoch: from its start

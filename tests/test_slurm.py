@@ -5,6 +5,7 @@ import re
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,8 +68,21 @@ def test_dry_run_prints_the_script_and_writes_nothing(repo_root, tmp_path, monke
                  "#SBATCH --partition=gpu", "#SBATCH --account=lab", "source .venv/bin/activate"):
         assert line in out.splitlines(), line
     run_dir = re.search(r"# run directory: (\S+)", out).group(1)
-    assert f"srun --kill-on-bad-exit=1 icp fit {run_dir}/config.yaml" in out
-    assert str(tmp_path) not in out and str(repo_root) not in out  # no machine paths
+    # the icp of the submitting environment, by absolute path: not whatever `icp` the job's PATH has
+    icp = str(Path(sys.executable).with_name("icp"))
+    assert Path(icp).is_file() and f"srun --kill-on-bad-exit=1 {icp} fit {run_dir}/config.yaml" in out
+    rest = out.replace(icp, "")
+    assert str(tmp_path) not in rest and str(repo_root) not in rest  # no other machine paths
+
+
+def test_gpus_per_node_0_is_a_cpu_job(repo_root):
+    spec = JobSpec(gpus_per_node=0)
+    cfg = prepare_config(cfglib.load(repo_root / TOY), spec)
+    assert (cfg.trainer.devices, cfg.trainer.accelerator) == (1, "cpu")
+    script = render_script(cfg, repo_root / "x", spec)
+    assert "#SBATCH --ntasks-per-node=1" in script and "--gpus-per-node" not in script
+    with pytest.raises(ConfigError, match="gpus-per-node"):
+        JobSpec(gpus_per_node=-1).check()
 
 
 def test_prepare_config_matches_the_allocation(repo_root):
@@ -158,3 +172,20 @@ def test_slurm_requeue_resumes_to_the_same_weights(slurm_cluster, repo_root, tmp
     same_state(ckpt(runs / "straight"), ckpt(runs / "pre"))
     assert ckpt(runs / "pre")["global_step"] == 20
     assert curve(runs / "pre") == {"start_step": saved_at, "loss": curve(runs / "straight")["loss"][saved_at:]}
+
+
+def test_a_failed_requeue_fails_the_job(repo_root, tmp_path, monkeypatch, capsys):
+    """`scontrol requeue` refused: the state is saved, but the task exits non-zero (Slurm: FAILED),
+    never 0 (COMPLETED) with its training unfinished."""
+    monkeypatch.chdir(tmp_path)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\necho 'scontrol: error: Requeue not allowed' >&2\nexit 1\n")
+    (fake / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    rc = main(["fit", str(repo_root / TOY), "model.step_seconds=0.0", "trainer.max_steps=10", "run.name=refused",
+               "+callbacks.kill={_target_: tests.toy_slurm.SignalAtStep, step: 4}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "scontrol requeue` failed" in err and "preempted at step 4" in err
+    assert ckpt(tmp_path / "runs/slurm_toy/refused")["global_step"] == 4

@@ -107,3 +107,23 @@ class SignalAtStep(L.Callback):
             import signal
 
             os.kill(os.getpid(), signal.Signals[self.signum])
+
+
+class SignalAtSteps(L.Callback):
+    """Sends the preemption signal during the first of ``steps`` that lies ahead of where this
+    process started: one signal per invocation, so a resumed run is stopped at the next one."""
+
+    def __init__(self, steps: list[int], signum: str = "SIGUSR1"):
+        self.steps, self.signum = sorted(int(s) for s in steps), signum
+        self.target: int | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.target = next((s for s in self.steps if s > trainer.global_step), None)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.target is not None and trainer.global_step == self.target - 1:
+            import os
+            import signal
+
+            self.target = None
+            os.kill(os.getpid(), signal.Signals[self.signum])

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("config", help="experiment YAML, e.g. experiments/stitching/tiny.yaml")
     s.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.max_steps=1000")
     s.add_argument("--nodes", type=int, default=1, help="nodes (trainer.num_nodes) [1]")
-    s.add_argument("--gpus-per-node", type=int, default=1, help="GPUs = tasks per node (trainer.devices) [1]")
+    s.add_argument("--gpus-per-node", type=int, default=1, help="GPUs = tasks per node (trainer.devices); 0: a CPU job, one task per node [1]")
     s.add_argument("--cpu", action="store_true", help="run --gpus-per-node processes on CPU, request no GPUs")
     s.add_argument("--partition", help="SLURM partition")
     s.add_argument("--time", help="time limit, e.g. 24:00:00 or 2-00:00:00")

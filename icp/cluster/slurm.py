@@ -24,6 +24,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,29 +110,38 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 class PreemptionCheckpoint(L.Callback):
-    """Save-and-requeue on ``SIGUSR1`` at a step boundary; RNG states in every checkpoint.
+    """Save on ``SIGUSR1`` at a step boundary, stop, and let ``icp fit`` requeue; RNG states and a
+    resumable loop state in every checkpoint.
 
     Why not Lightning's own SLURM handler: it saves ``hpc_ckpt_N.ckpt`` from inside the signal
     handler, i.e. at whatever bytecode the main thread was running (possibly between the optimizer
     update and the progress counters), into a place ``icp fit`` does not resume from, and each
-    rank acts on its own. Here the handler only sets a flag; at the end of the next optimizer step
-    the ranks reduce it (so all stop at the same step), every rank joins the save (FSDP needs it),
-    and rank 0 requeues. Lightning's handler is switched off (``auto_requeue=False``) so this is
-    the only one.
+    rank acts on its own. Here the handler only sets a flag (also for a signal before the Trainer
+    exists: icp.cluster.preempt); at the end of the next optimizer step the ranks reduce it (so all
+    stop at the same step), every rank joins the save (FSDP needs it) and the trainer stops
+    without running the validation that may fall due at that step (the resumed job runs it).
+    ``icp fit`` runs ``scontrol requeue`` once the trainer and its DataLoader workers are down
+    (``after_fit``); a signal before the first step stops at once with nothing new to save.
+    Lightning's handler is switched off (``auto_requeue=False``) so this is the only one.
     """
 
     def __init__(self, signum: str = "SIGUSR1", requeue: bool = True):
         self.signum = signal.Signals[signum] if isinstance(signum, str) else signal.Signals(signum)
         self.requeue = requeue
         self.requested = False
+        self.preempted_at: int | None = None  # global step of the preemption stop, for after_fit
         self._previous: Any = None
         self._last_step = -1
         self._pending_rng: dict[str, Any] | None = None
+        self._val_rng: dict[str, Any] | None = None
+        self._boundary: tuple[int, bool] | None = None  # (step, validation due) at a step's end
         self._trainer: L.Trainer | None = None
 
     # -- signal handling
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        from icp.cluster import preempt
 
         self._trainer = trainer
         # Lightning registers its handler after `setup`; disabling auto-requeue keeps it away.
@@ -140,16 +150,24 @@ class PreemptionCheckpoint(L.Callback):
         for env in envs:
             if isinstance(env, SLURMEnvironment):
                 env.auto_requeue = False
-        # Installed this early so that a signal during a slow start (restoring a large checkpoint)
-        # is kept for the first step instead of killing the task (USR1's default action).
-        self.requested = False
+        # A signal noted since the process started (imports, building data and task) counts.
+        self.requested = preempt.take() if self.signum == signal.SIGUSR1 else False
+        self.preempted_at = None
         if self._previous is None and _main_thread():
             self._previous = signal.signal(self.signum, self._note)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
+        _mend_epoch_end(trainer)
         if _main_thread():  # again, in case another handler was set since `setup`
             signal.signal(self.signum, self._note)
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            # Before the first step: nothing new since the checkpoint we started from.
+            log.info("preemption signal before the first step (step %d): stopping, nothing new to save",
+                     trainer.global_step)
+            self.preempted_at = trainer.global_step
+            trainer.should_stop = True
+            _claim_last_checkpoint(trainer, None)
 
     def _note(self, signum, frame) -> None:
         # Only a flag: the state is saved where it is consistent (on_train_batch_end).
@@ -161,6 +179,7 @@ class PreemptionCheckpoint(L.Callback):
             self._previous = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._boundary = None
         if self._pending_rng is not None:  # see load_state_dict
             set_rng_states(self._pending_rng)
             self._pending_rng = None
@@ -169,15 +188,47 @@ class PreemptionCheckpoint(L.Callback):
         if trainer.global_step == self._last_step:
             return  # inside a gradient-accumulation window: no consistent state to save yet
         self._last_step = trainer.global_step
+        # Checkpoints written from here on (this one, ModelCheckpoint's) precede the validation
+        # that may fall due now: on_save_checkpoint makes a resume run it first.
+        self._boundary = (trainer.global_step, _validation_due(trainer))
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
+        if trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+            return  # the run ends here anyway and saves its final state: nothing to requeue
         path = preemption_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
             log.info("preemption signal: saved %s at step %d", path, trainer.global_step)
-            if self.requeue:
-                requeue_job()
+        _claim_last_checkpoint(trainer, str(path))
+        self.preempted_at = trainer.global_step
         trainer.should_stop = True
+        # Lightning validates when a run stops early; the requeued job does it (the checkpoint
+        # says it is due), so this one exits within the signal's grace time.
+        trainer.fit_loop.epoch_loop._skip_next_val = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._boundary = None
+
+    # -- validation draws no random numbers from the training's stream
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._pending_rng is not None:  # a resumed run's first act is the validation due
+            set_rng_states(self._pending_rng)
+            self._pending_rng = None
+        self._boundary = None
+        self._val_rng = rng_states()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._val_rng is not None:
+            set_rng_states(self._val_rng)
+            self._val_rng = None
+
+    # -- the loop state a resume needs
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        boundary = self._boundary
+        if boundary is None or boundary[0] != trainer.global_step:
+            return
+        _resumable_loops(checkpoint, validation_due=boundary[1],
+                         unsized=trainer.num_training_batches == float("inf"))
 
     # -- RNG states travel in every checkpoint (periodic ones too)
     def state_dict(self) -> dict[str, Any]:
@@ -199,6 +250,94 @@ class PreemptionCheckpoint(L.Callback):
             set_rng_states(rng)
 
 
+def _claim_last_checkpoint(trainer: L.Trainer, path: str | None) -> None:
+    """Keep ModelCheckpoint(save_last=True) from writing last.ckpt at train end after a preemption
+    stop (it does when it has not saved in this process): that state, after the epoch-end hooks
+    or before any step, is not a step-boundary state. ``path``: the preemption file, now its last."""
+    for callback in trainer.checkpoint_callbacks:
+        if hasattr(callback, "_last_checkpoint_saved"):
+            callback._last_checkpoint_saved = path or callback._last_checkpoint_saved or "preempted"
+            if path:
+                callback.last_model_path = path
+            callback._last_global_step_saved = trainer.global_step
+
+
+def _validation_due(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates after this training step (its own rule, asked before should_stop)."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        return bool(trainer.enable_validation and loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except (AttributeError, TypeError):  # another Lightning version: keep its own behaviour
+        return False
+
+
+def _resumable_loops(checkpoint: dict[str, Any], validation_due: bool, unsized: bool) -> None:
+    """Rewrite the loop progress of a checkpoint saved at the end of a training step so that
+    Lightning (2.6) resumes it the way the uninterrupted run went on.
+
+    - Validation due at this step: Lightning would skip it on resume (it fast-forwards the
+      validation progress). Marked as "step complete, validation started", the resumed run goes
+      back and runs it, then trains on (Lightning's mid-validation restart).
+    The other case Lightning gets wrong, the last batch of an unsized loader's epoch, is
+    mended when the run has restored it (``_mend_epoch_end``).
+    """
+    loops = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(loops, dict):
+        return
+    batches = loops.get("epoch_loop.batch_progress")
+    val = loops.get("epoch_loop.val_loop.batch_progress")
+    if not batches or batches["total"]["processed"] != batches["total"]["completed"] + 1:
+        return  # not saved at the end of a training step
+    if validation_due and val:
+        total = val["total"]
+        if not (total["ready"] == total["started"] == total["processed"] == total["completed"]):
+            return
+        for part in ("total", "current"):
+            batches[part]["completed"] += 1
+        total["ready"] += 1
+        total["started"] += 1
+        val["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+        val["is_last_batch"] = False
+
+
+def _mend_epoch_end(trainer: L.Trainer) -> None:
+    """Resumed from the end of a training step that ended an unsized (iterable) loader's epoch,
+    with no validation due: Lightning (2.6) moves to the next epoch but keeps the old epoch's batch
+    progress (it resets it only for sized loaders), so that epoch would end at once, untrained.
+    Do what it does for sized loaders, before the epoch loop starts."""
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.batch_progress
+    if not (trainer.num_training_batches == float("inf") and loop.restarted_on_train_batch_end
+            and progress.is_last_batch):
+        return
+    progress.increment_completed()  # what the epoch loop's reset would do, once
+    progress.reset_on_run()
+    loop.scheduler_progress.reset_on_run()
+    loop.automatic_optimization.optim_progress.reset_on_run()
+    loop.val_loop.batch_progress.total.reset()
+    progress.is_last_batch = False
+    loop.reset_restart_stage()
+
+
+def after_fit(trainer: L.Trainer) -> None:
+    """After ``trainer.fit`` returned (workers and loggers closed): requeue a preempted job.
+
+    A failed ``scontrol requeue`` raises: the job must end FAILED, not COMPLETED with its
+    training unfinished.
+    """
+    stopped = [c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint) and c.preempted_at is not None]
+    if not stopped or not trainer.is_global_zero:
+        return
+    callback = stopped[0]
+    if not callback.requeue:
+        log.info("preempted at step %d; run the same command to resume", callback.preempted_at)
+        return
+    done = requeue_job()
+    if done is False:
+        raise IcpError(f"preempted at step {callback.preempted_at} (state saved) but `scontrol requeue` failed; "
+                       "the training is unfinished: resubmit the same command to resume it")
+
+
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
@@ -211,17 +350,22 @@ def preemption_checkpoint_path(trainer: L.Trainer) -> Path:
     return folder / "last.ckpt"
 
 
-def requeue_job() -> bool:
-    """``scontrol requeue`` this job (array tasks too); False when not under SLURM or it fails."""
+def requeue_job() -> bool | None:
+    """``scontrol requeue`` this job (array tasks too); None when not under SLURM, False if it fails."""
     job = os.environ.get("SLURM_JOB_ID")
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if not job or not re.fullmatch(r"[0-9_]+", job):
-        log.info("preemption signal outside a SLURM job: checkpoint saved, nothing to requeue")
+        log.info("preemption signal outside a SLURM job: checkpoint saved, nothing to requeue; "
+                 "run the same command to resume")
+        return None
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.error("scontrol requeue %s failed: %s", job, err)
         return False
-    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if done.returncode != 0:
-        log.warning("scontrol requeue %s failed: %s", job, done.stderr.strip())
+        log.error("scontrol requeue %s failed: %s", job, done.stderr.strip())
         return False
     log.info("requeued SLURM job %s", job)
     return True
@@ -245,12 +389,25 @@ class JobSpec:
     env_setup: str = ""             # e.g. "source .venv/bin/activate"; sbatch also exports the caller's env
     job_name: str | None = None
     signal_seconds: int = 90
-    icp_command: str = "icp"
+    icp_command: str | None = None  # None: the `icp` of the submitting environment, by absolute path
     extra_sbatch: list[str] = field(default_factory=list)
 
+    @property
+    def cpu_job(self) -> bool:
+        """``--cpu``, or ``--gpus-per-node 0``: a CPU partition's job (no GPU request)."""
+        return self.cpu or self.gpus_per_node == 0
+
+    @property
+    def tasks_per_node(self) -> int:
+        return max(1, self.gpus_per_node)
+
+    def command(self) -> str:
+        return self.icp_command or default_icp_command()
+
     def check(self) -> None:
-        if self.nodes < 1 or self.gpus_per_node < 1:
-            raise ConfigError(f"--nodes ({self.nodes}) and --gpus-per-node ({self.gpus_per_node}) must be >= 1")
+        if self.nodes < 1 or self.gpus_per_node < 0:
+            raise ConfigError(f"--nodes ({self.nodes}) must be >= 1 and --gpus-per-node ({self.gpus_per_node}) >= 0 "
+                              "(0: a CPU job)")
         if self.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", self.time):
             raise ConfigError(f"--time {self.time!r} is not a Slurm time (minutes, HH:MM:SS or D-HH:MM:SS)")
         # Each value lands on one line of the script: no value may end that line and start another.
@@ -259,6 +416,17 @@ class JobSpec:
                             *(("--sbatch", x) for x in self.extra_sbatch)):
             if value is not None and (_LINE_BREAK.search(str(value)) or not str(value).strip()):
                 raise ConfigError(f"{flag} {value!r}: a value of an sbatch option must be one non-empty line")
+
+
+def default_icp_command() -> str:
+    """The ``icp`` of the environment running this (``<venv>/bin/icp``), by absolute path: a job
+    started without that environment on PATH would otherwise run another ``icp``, or try the
+    checkout's ``icp/`` folder ("execve(): icp: Permission denied"). Without a console script
+    beside the interpreter: ``<python> -m icp.cli``."""
+    script = Path(sys.executable).with_name("icp")
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script.absolute()))
+    return shlex.join([str(Path(sys.executable).absolute()), "-m", "icp.cli"])
 
 
 def prepare_config(cfg: DictConfig, spec: JobSpec) -> DictConfig:
@@ -274,8 +442,8 @@ def prepare_config(cfg: DictConfig, spec: JobSpec) -> DictConfig:
     cfg = cfglib.copy(cfg)  # keeps the command-line approvals (security.*) of the loaded config
     OmegaConf.set_struct(cfg, False)
     cfg.trainer.num_nodes = spec.nodes
-    cfg.trainer.devices = spec.gpus_per_node
-    cfg.trainer.accelerator = "cpu" if spec.cpu else "gpu"
+    cfg.trainer.devices = spec.tasks_per_node
+    cfg.trainer.accelerator = "cpu" if spec.cpu_job else "gpu"
     if OmegaConf.select(cfg, "trainer.strategy", default=None) in (None, "auto"):
         cfg.trainer.strategy = "ddp"
     callbacks = OmegaConf.select(cfg, "callbacks", default=None) or {}
@@ -308,10 +476,10 @@ def render_script(cfg: DictConfig, run_dir: Path, spec: JobSpec, template: Path 
     name = spec.job_name or f"icp-{OmegaConf.select(cfg, 'experiment', default='run')}-{run_dir.name}"
     script = env.from_string(template.read_text()).render(
         run_dir=run_dir.as_posix(), job_name=re.sub(r"[^\w.-]", "_", name), nodes=spec.nodes,
-        tasks_per_node=spec.gpus_per_node, gpus_per_node=None if spec.cpu else spec.gpus_per_node,
+        tasks_per_node=spec.tasks_per_node, gpus_per_node=None if spec.cpu_job else spec.gpus_per_node,
         cpus_per_task=spec.cpus_per_task, mem=spec.mem, time=spec.time, partition=spec.partition,
         account=spec.account, signal_seconds=spec.signal_seconds, extra_sbatch=spec.extra_sbatch,
-        env_setup=spec.env_setup, icp_command=spec.icp_command,
+        env_setup=spec.env_setup, icp_command=spec.command(),
         config=shlex.quote((run_dir / "config.yaml").as_posix()),
     )
     leaked = leaks(script)

@@ -8,6 +8,7 @@ target->profile flow supervises/measures the matching (§3.2). Batches follow ic
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterator
 
 import lightning as L
@@ -20,6 +21,8 @@ from icp.data import keys as K
 from icp.data.masking import apply_mask, random_patch_mask
 from icp.data.shards.read import ShardStream, stable_seed
 from icp.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def resize_group(group: dict, resolution: int) -> dict:
@@ -98,6 +101,22 @@ class PairMaker:
         return item
 
 
+WORKER_KEY = "_stream_worker"  # batch key: the logical worker that made it (removed before the task sees it)
+
+
+class _Position:
+    """Items per logical worker given to trained batches in one epoch, and the last batch's worker."""
+
+    def __init__(self, epoch: int = 0, workers: int = 1, consumed: dict | None = None, last: int | None = None,
+                 finished: bool = False):
+        self.epoch, self.workers, self.last, self.finished = epoch, workers, last, finished
+        self.consumed: dict[int, int] = consumed or {}
+
+    def took(self, worker: int, items: int) -> None:
+        self.consumed[worker] = self.consumed.get(worker, 0) + items
+        self.last = worker
+
+
 def _view_fields(group: dict, v: int, role: str) -> dict:
     names = {"fg": f"{role}_fg", "coords": f"{role}_coords", "pose": f"{role}_pose",
              "light": f"{role}_light", "landmarks": f"{role}_landmarks",
@@ -109,15 +128,20 @@ class _EpochLoader(DataLoader):
     """A DataLoader that tells its dataset the epoch before each pass.
 
     Lightning only calls ``set_epoch`` on samplers, which iterable datasets do not have.
+    ``on_iter(epoch)`` runs before the workers start (the datamodule sets the resume position).
     """
 
-    def __init__(self, *args, epoch_fn: Callable[[], int] | None = None, **kwargs):
+    def __init__(self, *args, epoch_fn: Callable[[], int] | None = None,
+                 on_iter: Callable[[int], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.epoch_fn = epoch_fn
+        self.epoch_fn, self.on_iter = epoch_fn, on_iter
 
     def __iter__(self):
         if self.epoch_fn is not None:
-            self.dataset.set_epoch(self.epoch_fn())
+            epoch = self.epoch_fn()
+            self.dataset.set_epoch(epoch)
+            if self.on_iter is not None:
+                self.on_iter(epoch)
         return super().__iter__()
 
 
@@ -127,6 +151,14 @@ class ShardDataModule(L.LightningDataModule):
     ``samples_per_epoch`` counts training items over all ranks; under DDP (or when set) shards
     are resampled with replacement and each rank/worker yields a fixed share, so ranks never
     run out of data at different times (uneven shards hang NCCL at epoch end).
+
+    Resumable (Lightning's stateful-datamodule hooks, saved in every checkpoint): each worker's
+    stream is a pure function of (seed, epoch, rank, worker) (ShardStream), so the state is the
+    epoch, the items each worker has given to *trained* batches (counted in
+    ``on_before_batch_transfer``, i.e. after Lightning's one-batch look-ahead) and the worker
+    of the last one. A resumed pass replays each worker's stream to its position and starts the
+    DataLoader's round robin at the next worker, so the next batch is the one the uninterrupted
+    run trained on next (docs/decisions/slurm.md).
     """
 
     def __init__(
@@ -170,6 +202,8 @@ class ShardDataModule(L.LightningDataModule):
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.train_set: ShardStream | None = None
         self.val_set: ShardStream | None = None
+        self._position = _Position()
+        self._restored: dict | None = None
         random_patch_mask((1, 8, 8), mask_ratio, patch_size)  # validate the masking knobs now
 
     # -- counters a task or callback logs
@@ -220,16 +254,68 @@ class ShardDataModule(L.LightningDataModule):
         views = stream.manifest["counts"].get("views", 0)
         return max(1, round(views / max(1, stream.num_samples)))
 
-    def _loader(self, dataset: ShardStream, epoch_fn) -> DataLoader:
+    def _loader(self, dataset: ShardStream, epoch_fn, on_iter=None) -> DataLoader:
         workers = self.num_workers
+        # Its own generator: making an iterator (train each epoch, val at every check) then never
+        # draws from the global RNG, so the training's random stream does not depend on when
+        # loaders are iterated (a resumed run makes them at other moments). The streams do not
+        # use the worker seeds it gives (they seed themselves from seed/epoch/rank/worker).
         return _EpochLoader(
             dataset, batch_size=self.batch_size, num_workers=workers, pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and workers > 0, epoch_fn=epoch_fn)
+            persistent_workers=self.persistent_workers and workers > 0, epoch_fn=epoch_fn, on_iter=on_iter,
+            generator=torch.Generator().manual_seed(stable_seed(self.seed, 2)))
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        return self._loader(self.train_set, self._current_epoch)
+        self.train_set.worker_key = WORKER_KEY
+        return self._loader(self.train_set, self._current_epoch, self._start_pass)
+
+    # -- resumable position (Lightning calls these on the datamodule)
+    def _start_pass(self, epoch: int) -> None:
+        """A train iterator is being made for ``epoch``: resume inside it, or start it afresh."""
+        restored, self._restored = self._restored, None
+        self.train_set.resume = None
+        if restored is not None and restored.get("finished") and int(restored["epoch"]) == epoch:
+            # Saved after the epoch's last batch: Lightning makes this iterator before it moves
+            # to the next epoch (icp.cluster.slurm._mend_epoch_end), so it is the next one's pass.
+            epoch += 1
+            self.train_set.set_epoch(epoch)
+        self._position = _Position(epoch=epoch, workers=max(1, self.num_workers))
+        if restored is None or int(restored["epoch"]) != epoch:
+            return  # a new epoch (also after an end-of-epoch checkpoint Lightning moved past)
+        here = {"workers": max(1, self.num_workers), "world": self._world(), "batch_size": self.batch_size}
+        if any(restored.get(k) != v for k, v in here.items()):
+            log.warning("data position not restored: the checkpoint was made with %s, this run has %s; "
+                        "epoch %d restarts from its first batch", {k: restored.get(k) for k in here}, here, epoch)
+            return
+        consumed = {int(w): int(n) for w, n in restored["consumed"].items()}
+        self._position = _Position(epoch=epoch, workers=here["workers"], consumed=dict(consumed),
+                                   last=restored["last"], finished=bool(restored.get("finished")))
+        rotation = 0 if restored["last"] is None else (int(restored["last"]) + 1) % here["workers"]
+        self.train_set.resume = {"epoch": epoch, "skip": consumed, "rotation": rotation,
+                                 "finished": bool(restored.get("finished"))}
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, dict) and WORKER_KEY in batch:
+            workers = batch.pop(WORKER_KEY)
+            trainer = getattr(self, "trainer", None)
+            if trainer is None or trainer.training:
+                self._position.took(int(workers[0]), len(workers))
+        return batch
+
+    def state_dict(self) -> dict:
+        """Where the train stream stands after the last trained batch (rank 0's; all ranks get
+        equal shares under DDP, so their per-worker counts agree)."""
+        trainer = getattr(self, "trainer", None)
+        finished = bool(trainer is not None and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        pos = self._position
+        return {"version": 1, "epoch": pos.epoch, "consumed": dict(pos.consumed), "last": pos.last,
+                "finished": finished, "workers": max(1, self.num_workers), "world": self._world(),
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = dict(state_dict) if state_dict and state_dict.get("version") == 1 else None
 
     def val_dataloader(self):
         if self.val_set is None:

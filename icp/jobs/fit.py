@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from icp.core import config as cfglib
 from icp.core import rundir
-from icp.core.checkpointing import AtomicCheckpointIO, resumable_checkpoint, start_over
+from icp.core.checkpointing import AtomicCheckpointIO, checkpoint_step, resumable_checkpoint, start_over
 from icp.core.errors import ConfigError
 from icp.core.secrets import redact_tree
 
@@ -86,7 +86,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     if OmegaConf.select(cfg, "logger.csv", default=True):
         # A new version folder per invocation: Lightning's CSV writer would otherwise replace the
         # earlier metrics.csv of a resumed run with only the new rows.
-        loggers.append(CSVLogger(save_dir=str(run_dir / "logs"), name="csv"))
+        # Flushed at every step: a killed job loses no row (rows past its resume point are dropped
+        # when the same command resumes it, see _drop_rows_after).
+        loggers.append(CSVLogger(save_dir=str(run_dir / "logs"), name="csv", flush_logs_every_n_steps=1))
     wandb_cfg = OmegaConf.select(cfg, "logger.wandb", default=None)
     if wandb_cfg:
         from lightning.pytorch.loggers import WandbLogger
@@ -118,6 +120,41 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[L.LightningDataModule, L.Ligh
     return datamodule, model, trainer
 
 
+def _drop_rows_after(csv_root: Path, step: int | None) -> None:
+    """Remove from earlier invocations' metrics.csv what was logged after the checkpoint at global
+    step ``step``: the resumed run logs it again, so the curve holds every step once. Training
+    rows of optimizer step g sit at CSV step g-1, as does the validation that follows step g, which
+    a checkpoint at step g precedes (the resumed run runs it)."""
+    if step is None or not csv_root.is_dir():
+        return
+    import csv
+
+    for path in csv_root.glob("version_*/metrics.csv"):
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields, rows = reader.fieldnames, list(reader)
+        if not fields or "step" not in fields:
+            continue
+
+        def keep(row: dict) -> bool:
+            try:
+                at = int(row["step"])
+            except (TypeError, ValueError):
+                return True
+            trained = any(k.startswith("train/") and row.get(k) not in (None, "") for k in row)
+            return at < step - 1 or (at == step - 1 and trained)
+
+        kept = [row for row in rows if keep(row)]
+        if len(kept) == len(rows):
+            continue
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, path)
+
+
 def _finish_wandb(trainer: L.Trainer) -> None:
     """Close this fit's W&B run: otherwise the next fit in the process (``icp run`` trains several
     stages) would silently log into the same run."""
@@ -131,6 +168,19 @@ def _finish_wandb(trainer: L.Trainer) -> None:
 
 def fit(cfg: DictConfig) -> Path:
     """Train ``cfg`` into its run directory, resuming if it holds a checkpoint; returns the dir."""
+    from icp.cluster import preempt
+
+    # A preemption signal while data, task and trainer are built is kept for PreemptionCheckpoint
+    # (the CLI installs this before importing torch; a Python caller gets it here, for this call).
+    installed = preempt.install()
+    try:
+        return _fit(cfg)
+    finally:
+        if installed:
+            preempt.uninstall()
+
+
+def _fit(cfg: DictConfig) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     restart = bool(OmegaConf.select(cfg, "run.restart", default=False))
     if restart:
@@ -146,6 +196,7 @@ def fit(cfg: DictConfig) -> Path:
     ckpt = None if restart else resumable_checkpoint(run_dir / "checkpoints", move_corrupt=trainer.is_global_zero)
     if ckpt is not None and trainer.is_global_zero:
         print(f"icp: resuming {run_dir} from {ckpt.name}")
+        _drop_rows_after(run_dir / "logs" / "csv", checkpoint_step(ckpt))
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     finally:
@@ -162,4 +213,7 @@ def fit(cfg: DictConfig) -> Path:
         metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics["global_step"] = trainer.global_step
         (run_dir / "fit_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    from icp.cluster.slurm import after_fit
+
+    after_fit(trainer)  # a preempted job requeues now, its DataLoader workers already gone
     return run_dir

@@ -159,6 +159,11 @@ class ShardStream(IterableDataset):
         # Shared across DataLoader worker processes, so the main process sees the workers' counts
         # and the workers see the epoch the trainer set (also with persistent workers).
         self._epoch = mp.Value("q", 0)
+        # Resumable position (ShardDataModule): {"epoch", "skip": {logical worker: items},
+        # "rotation", "finished"}, read when an iterator is made; and the batch key naming the
+        # logical worker of each item, so the main process can count what each worker gave.
+        self.resume: dict | None = None
+        self.worker_key: str | None = None
         self._bad_samples = mp.Value("q", 0)
         self._bad_shards = mp.Value("q", 0)
 
@@ -183,10 +188,28 @@ class ShardStream(IterableDataset):
 
     # -- iteration
     def __iter__(self) -> Iterator:
+        """One pass (epoch) of this rank/worker's stream.
+
+        The stream is a pure function of (seed, epoch, rank, logical worker): shard order, the
+        shuffle buffer's rng and the pair/mask generator are all seeded from them, so a pass can
+        be resumed at item k by replaying it and dropping the first k (``resume``). A plain
+        function returning a generator: ``resume`` is read when the iterator is made (DataLoader
+        workers are forked then), not at the first ``next``.
+        """
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         if self.rank_world is not None:
             rank, world = self.rank_world
         epoch = int(self._epoch.value)
+        resume = self.resume if self.resume is not None and self.resume.get("epoch") == epoch else None
+        # DataLoader worker slot -> logical worker: a resumed pass starts its round robin at the
+        # worker after the one that gave the last trained batch (see ShardDataModule.state_dict).
+        worker = (worker + int(resume.get("rotation", 0))) % workers if resume else worker
+        skip = int(resume.get("skip", {}).get(worker, 0)) if resume else 0
+        if resume and resume.get("finished"):
+            return iter(())
+        return self._iterate(epoch, rank, world, worker, workers, skip)
+
+    def _iterate(self, epoch: int, rank: int, world: int, worker: int, workers: int, skip: int) -> Iterator:
         generator = torch.Generator().manual_seed(stable_seed(self.seed, epoch, rank, worker))
         rng = random.Random(stable_seed(self.seed, epoch, rank, worker, 1))
         if self.resampled:
@@ -202,7 +225,9 @@ class ShardStream(IterableDataset):
                 shards = order[rank::world]  # what wds.split_by_node does, with the captured rank
             else:
                 shards = self.nodesplitter(order)
-            shards = self.workersplitter(shards)
+            # what wds.split_by_worker does, with the logical worker id
+            shards = islice(shards, worker, None, workers) if self.workersplitter is wds.split_by_worker \
+                else self.workersplitter(shards)
         groups = self._groups(shards)
         if self.split_samples:
             groups = self._split_samples(groups, rank, world)
@@ -212,6 +237,11 @@ class ShardStream(IterableDataset):
         if self.items_per_rank is not None:
             share, extra = divmod(self.items_per_rank, workers)
             items = islice(items, share + (1 if worker < extra else 0))
+        if skip:
+            # Replayed, not stored: every rng above advances exactly as in the first pass.
+            items = islice(items, skip, None)
+        if self.worker_key is not None:
+            items = (_tagged(item, self.worker_key, worker) for item in items)
         yield from items
 
     def _resampled(self, rng: random.Random) -> Iterator[dict]:
@@ -309,6 +339,12 @@ def _admit_group(stream: "ShardStream", group: dict, where: str) -> None:
         if ref is not None and ref != (dtype, shape):
             raise DataError(f"{where}: '{name}' has per-view shape {shape} ({dtype}), earlier samples "
                             f"{ref[1]} ({ref[0]}); samples of one folder must batch together")
+
+
+def _tagged(item, key: str, worker: int):
+    if isinstance(item, dict):
+        item[key] = worker
+    return item
 
 
 def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
