@@ -152,7 +152,8 @@ def test_clip_loads_local_folder(tmp_path):
 
 
 def test_icp_embedder_export_and_checkpoint_load_the_same_network(tmp_path):
-    from icp.models.embedder import IcpEmbedder, IdentityEmbedderNet, export, load_net
+    from icp.eval.trained import IcpEmbedder
+    from icp.models.embedder import IdentityEmbedderNet, export, load_net
     from icp.tasks.embedder import ArcMarginHead, verification
 
     torch.manual_seed(0)

@@ -9,7 +9,8 @@ import torch
 
 from icp.data import keys as K
 from icp.eval.evaluator import Evaluator, Extractors
-from icp.models.embedder import IcpEmbedder, IdentityEmbedderNet, export
+from icp.eval.trained import IcpEmbedder
+from icp.models.embedder import IdentityEmbedderNet, export
 from icp.render import renderer as R
 
 RES = 32

@@ -16,7 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from icp.jobs.claims import pairs as P  # noqa: E402
+from icp.eval import pairs as P  # noqa: E402
 from icp.jobs import runner  # noqa: E402
 from icp.jobs.runner import Job  # noqa: E402
 

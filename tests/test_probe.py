@@ -112,7 +112,8 @@ def test_probe_trains_exports_and_loads_through_the_extractor_path(tmp_path):
     from icp.data.datamodule import ShardDataModule
     from icp.data.shards.write import synth
     from icp.eval.evaluator import Evaluator, build_extractors, LOWER_IS_BETTER, MEANINGS
-    from icp.models.probe import IcpGeometryProbe, load_net
+    from icp.eval.trained import IcpGeometryProbe
+    from icp.models.probe import load_net
     from icp.tasks.probe import ProbeTask
 
     synth(tmp_path / "train", 3, 3, 16, seed=0, shard_size=3, progress=False)

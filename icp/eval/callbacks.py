@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Iterable
 
 import lightning as L
-import torch
 
 from icp.eval import baselines as B
 from icp.eval.evaluator import Evaluator, build_extractors, per_identity

@@ -285,8 +285,8 @@ def write(result: dict, out: str | Path, **extra) -> dict[str, Path]:
 def heldout_batches(first_identity: int, identities: int, views: int, resolution: int, pairs: int,
                     batch_size: int, seed: int) -> list[dict]:
     """``pairs`` ordered view pairs of held-out identities [first, first + identities), rendered
-    directly (the claims study's recipe, icp.jobs.claims.pairs), round-robin over identities."""
-    from icp.jobs.claims import pairs as P
+    directly (the claims study's recipe, icp.eval.pairs), round-robin over identities."""
+    from icp.eval import pairs as P
 
     groups = P.render_heldout(first_identity, identities, views, resolution, seed)
     per_identity = max(1, math.ceil(pairs / identities))

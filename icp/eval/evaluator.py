@@ -97,7 +97,7 @@ def build_extractors(
             raise ConfigError(f"identity extractor {short!r} is unknown; choose from {', '.join(IDENTITY_EXTRACTORS)}")
         try:
             if short == "icp":
-                from icp.models.embedder import IcpEmbedder
+                from icp.eval.trained import IcpEmbedder
 
                 found.identity[short] = IcpEmbedder(weights=embedder, device=device)
             elif short == "dlib":
@@ -130,7 +130,7 @@ def build_extractors(
             "callbacks.eval.clip_model to enable it")
     if probe is not None:
         try:
-            from icp.models.probe import IcpGeometryProbe
+            from icp.eval.trained import IcpGeometryProbe
 
             found.probe = IcpGeometryProbe(weights=probe, device=device)
         except ExtractorUnavailable as err:

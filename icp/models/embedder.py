@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icp.core.errors import WeightsError
-from icp.eval.extractors import FaceFeatures, check_images, file_sha256, require_file
 
 FORMAT = "icp-identity-embedder"
 LABEL = "icp-synthetic-embedder, trained by icp"
@@ -93,27 +92,3 @@ def load_net(path: str | Path) -> IdentityEmbedderNet:
         raise WeightsError(f"{path}: embedder weights do not fit its hyper-parameters "
                            f"({str(err).splitlines()[0]})") from None
     return net.eval().requires_grad_(False)
-
-
-class IcpEmbedder:
-    """The synthetic benchmark's identity extractor: images -> FaceFeatures (every image 'detected':
-    renders are aligned heads, there is no detection step to fail)."""
-
-    name = "icp-synthetic-embedder"
-    label = LABEL
-
-    def __init__(self, weights: str | None = None, device: str = "cpu"):
-        path = require_file(weights, self.name, OPTION)
-        self.net = load_net(path).to(device)
-        self.device = torch.device(device)
-        self.weights_sha256 = file_sha256(path)
-        self.weights_file = str(path)
-        self.dim = self.net.hparams["dim"]
-
-    @torch.no_grad()
-    def __call__(self, images: Tensor) -> FaceFeatures:
-        check_images(images, self.name)
-        if images.dtype == torch.uint8:
-            images = images.float() / 127.5 - 1
-        emb = self.net(images.to(self.device)).to(images.device)
-        return FaceFeatures(emb, torch.ones(len(images), dtype=torch.bool, device=images.device))

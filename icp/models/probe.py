@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icp.core.errors import WeightsError
-from icp.eval.extractors import check_images, file_sha256, require_file
 
 FORMAT = "icp-geometry-probe"
 LABEL = "icp-geometry-probe, trained by icp"
@@ -150,28 +149,3 @@ def load_net(path: str | Path) -> GeometryProbeNet:
         raise WeightsError(f"{path}: probe weights do not fit its hyper-parameters "
                            f"({str(err).splitlines()[0]})") from None
     return net.eval().requires_grad_(False)
-
-
-class IcpGeometryProbe:
-    """The view-consistency extractor: images -> :class:`ProbeOutput` (no detection step: every
-    image gets a reading; whether it is right is what the probe's reliability report says)."""
-
-    name = "icp-geometry-probe"
-    label = LABEL
-
-    def __init__(self, weights: str | None = None, device: str = "cpu"):
-        path = require_file(weights, self.name, OPTION)
-        self.net = load_net(path).to(device)
-        self.device = torch.device(device)
-        self.weights_sha256 = file_sha256(path)
-        self.weights_file = str(path)
-        self.landmarks = self.net.k
-
-    @torch.no_grad()
-    def __call__(self, images: Tensor) -> ProbeOutput:
-        check_images(images, self.name)
-        if images.dtype == torch.uint8:
-            images = images.float() / 127.5 - 1
-        out = self.net.read(images.to(self.device))
-        dev = images.device
-        return ProbeOutput(out.mask_logits.to(dev), out.landmarks.to(dev), out.pose.to(dev))

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from icp.core.errors import DataError
 from icp.data import keys as K
-from icp.eval import geometry as G
+from icp.models import probe_errors as G
 from icp.models.probe import GeometryProbeNet, export
 
 # the renderer's left/right landmark pairs (head_model.canonical_landmarks order): eyes, mouth

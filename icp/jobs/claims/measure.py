@@ -23,7 +23,7 @@ from icp.eval import stats
 from icp.eval.evaluator import build_extractors
 from icp.eval.grids import save_grid
 from icp.eval.paired import METHOD, evaluate_pairs
-from icp.jobs.claims import pairs as P
+from icp.eval import pairs as P
 from icp.tasks.loading import load_task
 
 ROW_KEYS = ("id_cos", "id_cos_base", "id_paired", "ceiling", "psnr", "psnr_fg", "ssim", "light_colour_err", "shading_err")

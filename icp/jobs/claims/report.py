@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from icp.eval import stats
 from icp.jobs.claims import verdicts as V
-from icp.jobs.claims.measure import ROW_KEYS, summarise
+from icp.jobs.claims.measure import summarise
 from icp.jobs.claims.plan import Job, eval_path, ratio_tag
 from icp.jobs.runner import Timeline
 
@@ -336,7 +336,6 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dic
            f"Rule (eval/claims/rules.yaml): {rules['warping']['rule']}", ""]
     # 4 -----------------------------------------------------------------------------------------
     relight = found["evals"].get("eval_relighting")
-    main_model = (relight or {}).get("models", {}).get("adaptation", {})
     verdicts["relighting"] = V.relighting([f["evals"] for f in founds], rules)[:2]
     md += ["## 4. Relighting", "", f"> {V.CLAIMS['relighting']}", "",
            f"Measured: {c.relighting.identities} held-out identities, each with one profile and one target pose "

@@ -16,7 +16,6 @@ job, so a run that is cut short still leaves its tables. Device: ``device=auto|c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch.utils.data import default_collate
 
-from icp.data import keys as K
 from icp.data.datamodule import PairMaker
 from icp.render.renderer import render_group
 from icp.data.shards.read import stable_seed
