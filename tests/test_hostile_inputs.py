@@ -718,3 +718,23 @@ def test_shards_check_follows_the_cli_convention(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("icp: error:") and len(r.stderr.strip().splitlines()) == 1
     r = icp("shards", "check", str(tmp_path / "nowhere"), env={"ICP_DEBUG": "1"}, timeout=60)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_generate_on_a_run_whose_config_names_a_shell_refuses(tmp_path, capsys):
+    """The issue's case: `icp generate` on a run directory whose config.yaml builds torch.os.system."""
+    import torch
+    from PIL import Image
+
+    from icp.cli import main
+
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    write(run / "config.yaml", "experiment: x\ndata: {resolution: 32}\nmodel:\n  _target_: icp.tasks.adaptation.AdaptationTask\n"
+          f"  backbone: {{_target_: torch.os.system, command: 'touch {marker}'}}\n")
+    (run / "checkpoints").mkdir()
+    torch.save({"state_dict": {}, "global_step": 1}, run / "checkpoints" / "last.ckpt")
+    Image.new("RGB", (32, 32), (120, 100, 90)).save(tmp_path / "p.png")
+    rc = main(["generate", "--profile", str(tmp_path / "p.png"), "--target", str(tmp_path / "p.png"), "--checkpoint",
+               str(run), "--out", str(tmp_path / "o.png"), "--no-align", "--device", "cpu"])
+    assert rc == 2 and not marker.exists() and not (tmp_path / "o.png").exists()
+    assert "torch.os.system" in capsys.readouterr().err
