@@ -14,10 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from icp.eval import stats
 from icp.jobs.claims import verdicts as V
-from icp.jobs.claims.measure import summarise
-from icp.jobs.claims.plan import Job, eval_path, ratio_tag
+from icp.jobs.claims.results import CURVES, collect, masking_rows, merge, warp_table
+from icp.jobs.claims.plan import Job, ratio_tag
 from icp.jobs.runner import Timeline
 
 LIMITATIONS = [
@@ -35,8 +34,6 @@ LIMITATIONS = [
 ]
 
 
-# flow curve -> the adaptation fit that measures it ("supervised": the true-flow reference, if planned)
-CURVES = {"base": "adapt_base", "random": "adapt_random", "supervised": "adapt_flowsup"}
 LABELS = {"base": "base init", "random": "random init", "supervised": "true-flow supervised (reference)"}
 
 
@@ -61,62 +58,6 @@ def _err(stats_list: list[dict]) -> list[list[float]]:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def collect(cfg: DictConfig, jobs: dict[str, Job]) -> dict:
-    """Everything finished so far: flow curves, evaluations, embedder quality."""
-    out: dict = {"curves": {}, "evals": {}}
-    for init, name in CURVES.items():
-        curve = _load(jobs[name].run_dir / "flow_curve.json") if name in jobs else None
-        if curve:
-            out["curves"][init] = curve
-    for name, job in jobs.items():
-        if job.kind == "step":
-            out["evals"][name] = _load(eval_path(cfg, job))
-    emb = _load(jobs["embedder"].run_dir / "fit_metrics.json")
-    out["embedder_auc"] = emb.get("val/verif_auc") if emb else None
-    return out
-
-
-def merge(founds: list[dict]) -> dict:
-    """Every seed's results as one: per-pair rows pooled (pairs keyed by seed), summaries recomputed
-    with identity-bootstrap intervals, flow curves averaged per step (each seed's curve kept)."""
-    if len(founds) == 1:
-        return founds[0]
-    out: dict = {"curves": {}, "evals": {}, "per_seed": founds}
-    for init in {i for f in founds for i in f["curves"]}:
-        curves = [f["curves"][init] for f in founds if init in f["curves"]]
-        steps = sorted(set.intersection(*({p["step"] for p in c} for c in curves)))
-        out["curves"][init] = [{"step": s, **{k: sum(next(p[k] for p in c if p["step"] == s) for c in curves) / len(curves)
-                                               for k in ("flow_epe", "flow_pck", "flow_epe_zero")}} for s in steps]
-    names = {n for f in founds for n in f["evals"]}
-    for name in names:
-        found = [(s, f["evals"].get(name)) for s, f in enumerate(founds)]
-        if any(res is None for _, res in found):
-            out["evals"][name] = None
-            continue
-        first = found[0][1]
-        res = {k: v for k, v in first.items() if k not in ("rows", "summary", "buckets", "models")}
-        if "rows" in first:
-            res["rows"] = [{**r, "seed": s, "pair": f"s{s}:{r.get('pair', i)}"} for s, e in found
-                           for i, r in enumerate(e["rows"])]
-            res["summary"] = summarise(res["rows"], tuple(first["summary"]))
-        if "buckets" in first:
-            res["buckets"] = {b: summarise([r for r in res["rows"] if str(r["bucket"]) == b], tuple(first["summary"]))
-                              for b in first["buckets"]}
-        if "models" in first:
-            res["models"] = {}
-            for label, model in first["models"].items():
-                rows = [{**r, "seed": s} for s, e in found for r in e["models"][label]["rows"]]
-                res["models"][label] = {**model, "rows": rows, "summary": summarise(rows, tuple(model["summary"]))}
-        out["evals"][name] = res
-    aucs = [f["embedder_auc"] for f in founds if f.get("embedder_auc") is not None]
-    out["embedder_auc"] = sum(aucs) / len(aucs) if aucs else None
-    return out
 
 
 def _plots(out_dir: Path, found: dict, cfg: DictConfig) -> tuple[dict, str | None]:
@@ -145,7 +86,7 @@ def _plots(out_dir: Path, found: dict, cfg: DictConfig) -> tuple[dict, str | Non
         plots["fast_learner"] = "fast_learner.png"
         fig.savefig(out_dir / plots["fast_learner"], dpi=110)
         plt.close(fig)
-    masks = _masking_rows(cfg, found)
+    masks = masking_rows(cfg, found)
     if masks:
         ratios = [r for r, _ in masks]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -159,7 +100,7 @@ def _plots(out_dir: Path, found: dict, cfg: DictConfig) -> tuple[dict, str | Non
         plots["masking"] = "masking.png"
         fig.savefig(out_dir / plots["masking"], dpi=110)
         plt.close(fig)
-    warp = _warp_table(found)
+    warp = warp_table(found)
     if warp:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         labels = [b["label"] for b in warp["buckets"]]
@@ -178,43 +119,6 @@ def _plots(out_dir: Path, found: dict, cfg: DictConfig) -> tuple[dict, str | Non
         fig.savefig(out_dir / plots["warping"], dpi=110)
         plt.close(fig)
     return plots, None
-
-
-def _masking_rows(cfg: DictConfig, found: dict) -> list[tuple[float, dict]]:
-    rows = []
-    for ratio in cfg.claims.masking.ratios:
-        res = found["evals"].get(f"eval_masking_{ratio_tag(ratio)}")
-        if res:
-            rows.append((float(ratio), res["summary"]))
-    return rows
-
-
-def _warp_table(found: dict) -> dict | None:
-    warp, nowarp = found["evals"].get("eval_warping_warp"), found["evals"].get("eval_warping_nowarp")
-    if not warp or not nowarp:
-        return None
-    edges = warp["edges"]
-    other = {r["pair"]: r for r in nowarp["rows"]}
-
-    def delta(rows: list[dict], ref: dict, key: str = "id_cos") -> dict:
-        return stats.compare([r[key] for r in rows], [ref[r["pair"]][key] for r in rows], [r["identity"] for r in rows])
-
-    buckets = []
-    for k in range(len(edges) - 1):
-        rows = [r for r in warp["rows"] if r["bucket"] == k and r["pair"] in other]
-        buckets.append({"label": V._bucket_label(edges, k), "n": len(rows),
-                        "warp": warp["buckets"].get(str(k)), "nowarp": nowarp["buckets"].get(str(k)),
-                        "delta": delta(rows, other)})
-    out = {"buckets": buckets, "delta": delta([r for r in warp["rows"] if r["pair"] in other], other)}
-    true = found["evals"].get("eval_warping_truewarp")
-    if true:  # the oracle: the same pairs, masks and noise, warped with the renderer's flow
-        oracle = {r["pair"]: r for r in true["rows"]}
-        for k, b in enumerate(buckets):
-            both = [r for r in true["rows"] if r["bucket"] == k and r["pair"] in other]
-            b["true"] = true["buckets"].get(str(k))
-            b["true_delta"] = delta(both, other)
-        out["true_delta"] = delta([r for r in oracle.values() if r["pair"] in other], other)
-    return out
 
 
 def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dict, device: str, final: bool,
@@ -278,7 +182,7 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dic
     md += [f"**{verdicts['fast_learner'][0]}** at this scale: {verdicts['fast_learner'][1]}.",
            f"Rule (eval/claims/rules.yaml): {rules['fast_learner']['rule']}", ""]
     # 2 -----------------------------------------------------------------------------------------
-    masks = _masking_rows(cfg, found)
+    masks = masking_rows(cfg, found)
     verdicts["masking"] = V.masking([f["evals"] for f in founds], rules, ratio_tag)[:2]
     md += ["## 2. Masking ratio of Lighting-Aware Stitching", "", f"> {V.CLAIMS['masking']}", "",
            f"Measured: one stitching fit per ratio (same pretrained base, seed, steps), evaluated at its own ratio on "
@@ -301,7 +205,7 @@ def write(cfg: DictConfig, jobs: dict[str, Job], timeline: Timeline, status: dic
     md += [f"**{verdicts['masking'][0]}** at this scale: {verdicts['masking'][1]}.",
            f"Rule (eval/claims/rules.yaml): {rules['masking']['rule']}", ""]
     # 3 -----------------------------------------------------------------------------------------
-    warp = _warp_table(found)
+    warp = warp_table(found)
     verdicts["warping"] = V.warping([f["evals"] for f in founds], rules)[:2]
     md += ["## 3. Warping by the matching flow vs unwarped concatenation", "", f"> {V.CLAIMS['warping']}", "",
            "Measured: two adaptation fits from the same stitching run, pretrained base and seed, with the flow warp "

@@ -108,9 +108,9 @@ def _config_name(path: str, overrides: list[str]) -> str:
 def write_reports(cfg, per_seed: dict, plans: dict, timelines: dict, statuses: dict, device: str, final: bool,
                   config_name: str) -> Path:
     """Each seed's own report (when there are several) and the pooled one at ``cfg.report``."""
-    from icp.jobs.claims import report
+    from icp.jobs.claims import report, results
 
-    founds = {seed: report.collect(c, plans[seed]) for seed, c in per_seed.items()}
+    founds = {seed: results.collect(c, plans[seed]) for seed, c in per_seed.items()}
     if len(per_seed) > 1:
         for seed, c in per_seed.items():
             report.write(c, plans[seed], timelines[seed], statuses[seed], device, final, config_name)

@@ -2,7 +2,7 @@
 
 The rules and thresholds live in ``eval/claims/rules.yaml`` (committed before the results they
 judge); this module only applies them. Every function takes the results of ALL seeds (a list of
-``report.collect`` outputs, one per seed) and pools per-pair rows across seeds; intervals are
+``results.collect`` outputs, one per seed) and pools per-pair rows across seeds; intervals are
 identity bootstraps (icp.eval.stats), and fewer than ``min_valid`` valid pairs is NOT DECIDED.
 """
 
