@@ -107,9 +107,8 @@ WORKER_KEY = "_stream_worker"  # batch key: the logical worker that made it (rem
 class _Position:
     """Items per logical worker given to trained batches in one epoch, and the last batch's worker."""
 
-    def __init__(self, epoch: int = 0, workers: int = 1, consumed: dict | None = None, last: int | None = None,
-                 finished: bool = False):
-        self.epoch, self.workers, self.last, self.finished = epoch, workers, last, finished
+    def __init__(self, epoch: int = 0, workers: int = 1, consumed: dict | None = None, last: int | None = None):
+        self.epoch, self.workers, self.last = epoch, workers, last
         self.consumed: dict[int, int] = consumed or {}
 
     def took(self, worker: int, items: int) -> None:
@@ -291,10 +290,9 @@ class ShardDataModule(L.LightningDataModule):
             return
         consumed = {int(w): int(n) for w, n in restored["consumed"].items()}
         self._position = _Position(epoch=epoch, workers=here["workers"], consumed=dict(consumed),
-                                   last=restored["last"], finished=bool(restored.get("finished")))
+                                   last=restored["last"])
         rotation = 0 if restored["last"] is None else (int(restored["last"]) + 1) % here["workers"]
-        self.train_set.resume = {"epoch": epoch, "skip": consumed, "rotation": rotation,
-                                 "finished": bool(restored.get("finished"))}
+        self.train_set.resume = {"epoch": epoch, "skip": consumed, "rotation": rotation}
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and WORKER_KEY in batch:

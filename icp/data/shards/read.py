@@ -160,7 +160,7 @@ class ShardStream(IterableDataset):
         # and the workers see the epoch the trainer set (also with persistent workers).
         self._epoch = mp.Value("q", 0)
         # Resumable position (ShardDataModule): {"epoch", "skip": {logical worker: items},
-        # "rotation", "finished"}, read when an iterator is made; and the batch key naming the
+        # "rotation"}, read when an iterator is made; and the batch key naming the
         # logical worker of each item, so the main process can count what each worker gave.
         self.resume: dict | None = None
         self.worker_key: str | None = None
@@ -205,8 +205,6 @@ class ShardStream(IterableDataset):
         # worker after the one that gave the last trained batch (see ShardDataModule.state_dict).
         worker = (worker + int(resume.get("rotation", 0))) % workers if resume else worker
         skip = int(resume.get("skip", {}).get(worker, 0)) if resume else 0
-        if resume and resume.get("finished"):
-            return iter(())
         return self._iterate(epoch, rank, world, worker, workers, skip)
 
     def _iterate(self, epoch: int, rank: int, world: int, worker: int, workers: int, skip: int) -> Iterator:
