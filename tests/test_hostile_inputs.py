@@ -92,7 +92,7 @@ opt: {_target_: torch.optim.AdamW, _partial_: true, lr: 0.1}
 sched: {_target_: torch.optim.lr_scheduler.StepLR, _partial_: true, step_size: 3}
 noise: {_target_: diffusers.DDPMScheduler, num_train_timesteps: 10}
 cb: {_target_: lightning.pytorch.callbacks.LearningRateMonitor}
-pre: {_target_: icp.cluster.slurm.PreemptionCheckpoint}
+pre: {_target_: icp.cluster.preemption.PreemptionCheckpoint}
 """))
     net = cfglib.instantiate(cfg.net, cfg, "net")
     opt = cfglib.instantiate(cfg.opt, cfg, "opt")(net.parameters())

@@ -92,7 +92,7 @@ def test_prepare_config_matches_the_allocation(repo_root):
     fsdp = prepare_config(cfglib.load(repo_root / TOY, ["+trainer.strategy=fsdp"]), JobSpec())
     assert fsdp.trainer.strategy == "fsdp"
     bare = prepare_config(cfglib.load(repo_root / "tests/configs/toy.yaml"), JobSpec(cpu=True))
-    assert bare.callbacks.preemption._target_ == "icp.cluster.slurm.PreemptionCheckpoint"
+    assert bare.callbacks.preemption._target_ == "icp.cluster.preemption.PreemptionCheckpoint"
     assert "--gpus-per-node" not in render_script(bare, repo_root / "x", JobSpec(cpu=True))
     with pytest.raises(ConfigError, match="--time"):
         prepare_config(cfg, JobSpec(time="soon"))

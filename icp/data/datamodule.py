@@ -277,7 +277,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_set.resume = None
         if restored is not None and restored.get("finished") and int(restored["epoch"]) == epoch:
             # Saved after the epoch's last batch: Lightning makes this iterator before it moves
-            # to the next epoch (icp.cluster.slurm._mend_epoch_end), so it is the next one's pass.
+            # to the next epoch (icp.cluster.preemption._mend_epoch_end), so it is the next one's pass.
             epoch += 1
             self.train_set.set_epoch(epoch)
         self._position = _Position(epoch=epoch, workers=max(1, self.num_workers))

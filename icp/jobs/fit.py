@@ -213,7 +213,7 @@ def _fit(cfg: DictConfig) -> Path:
         metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics["global_step"] = trainer.global_step
         (run_dir / "fit_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    from icp.cluster.slurm import after_fit
+    from icp.cluster.preemption import after_fit
 
     after_fit(trainer)  # a preempted job requeues now, its DataLoader workers already gone
     return run_dir
