@@ -27,15 +27,11 @@ runs a "defaults" row with some switches changed, e.g. ``c_stitching_defaults@ch
 - attn: the attention kernels alone at the steps' shapes (SDPA kernels, heads zero-padded to 64,
   the VAE's 512-wide head as matmul + softmax): seconds per candidate instead of a compiled step.
 
-``b_task_defaults_bsN`` runs the (b) defaults row at batch N (``b_task_defaults_big`` = the
-``--big-batch``, 72: the fastest H100 batch under the training override, round 7).
-
-Each task row is built the way a config builds it: ``perf=<the model.perf node>`` and an AdamW
-``_partial_`` optimizer ("off" rows set ``fused: true`` in it, as (a) does, so that they do the
-same work as the baseline; "defaults" rows leave it to ``perf.fused_optimizer``). FLOPs are counted
-eagerly before anything is compiled or graphed. ``--budget`` skips a row whose estimated time
-(compile included, see ROW_COST_S) no longer fits, so a run under a hard time limit keeps every
-finished row; the table is rewritten after each row. Writes bench_train[_TAG].{json,md} to --out.
+``b_task_defaults_bsN``: the (b) defaults row at batch N (``_big`` = ``--big-batch``). Task rows are
+built as a config builds them (``perf=<model.perf>``, an AdamW ``_partial_``; "off" rows fuse it as
+(a) does). FLOPs are counted eagerly before compilation; ``--budget`` skips a row whose estimated
+time (ROW_COST_S) no longer fits, and the table (bench_train[_TAG].{json,md} in --out) is rewritten
+after each row.
 """
 
 from __future__ import annotations
