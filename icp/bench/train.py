@@ -8,8 +8,7 @@ The default plan (:data:`PLAN`) runs every target's rows under the project defau
 baseline and one measured peak (~15 minutes on an H100, compilation included: two calls of at most
 10 minutes, the second ``--only`` the rows the first one's report lists as skipped).
 
-Rows (``--only`` takes row names or section letters, run in the given order; ``ROW@key=value``
-runs a "defaults" row with some switches changed, e.g. ``c_stitching_defaults@channels_last=1``):
+Rows (``--only``: row names or section letters, in order; ``ROW@key=value`` changes switches):
 
 - peak: bf16 matmul rate, the MFU denominator;
 - a: the plain diffusers train step (the baseline, ``a_plain``), its 64x128 canvas version, and
