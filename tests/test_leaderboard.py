@@ -32,7 +32,7 @@ def _run(root, name, sigma):
     cfg = {"experiment": "toy", "security": {"allowed_targets": ["tests"]}, "data": {"resolution": 32},
            "model": {"_target_": "tests.test_leaderboard.NoisyTask", "sigma": sigma}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    torch.save({"state_dict": NoisyTask(sigma).state_dict()}, run / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": NoisyTask(sigma).state_dict(), "global_step": 1}, run / "checkpoints" / "last.ckpt")
     return run
 
 

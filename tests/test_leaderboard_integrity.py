@@ -49,7 +49,7 @@ def test_record_holds_checkpoint_and_manifest_sha256_and_leaderboard_rechecks_th
 
     # The weights file is swapped after evaluation: refused, naming what changed.
     original = ckpt.read_bytes()
-    torch.save({"state_dict": NoisyTask(0.9).state_dict()}, ckpt)
+    torch.save({"state_dict": NoisyTask(0.9).state_dict(), "global_step": 1}, ckpt)
     with pytest.raises(LeaderboardError, match="evaluated checkpoint .* changed since evaluation"):
         build([str(run)], tmp_path / "lb1")
     ckpt.write_bytes(original)
@@ -80,7 +80,7 @@ def test_record_holds_checkpoint_and_manifest_sha256_and_leaderboard_rechecks_th
 def test_eval_refuses_a_pickled_checkpoint(measured, repo_root, tmp_path, capsys):
     root, run = measured
     evil = _run(tmp_path, "evil", 0.1)
-    torch.save({"state_dict": NoisyTask(0.1).state_dict(), "extra": Pickled()}, evil / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": NoisyTask(0.1).state_dict(), "global_step": 1, "extra": Pickled()}, evil / "checkpoints" / "last.ckpt")
     assert _eval(repo_root, root, evil) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "refused" in err and "test_leaderboard_integrity.Pickled" in err and "--trust-checkpoint" in err and "runs pickled code" in err

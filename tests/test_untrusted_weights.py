@@ -100,7 +100,7 @@ def test_generate_cli_refuses_a_pickled_checkpoint(tmp_path, capsys):
         "experiment: a\nmodel:\n  _target_: icp.tasks.adaptation.AdaptationTask\n"
         "  backbone: {_target_: icp.models.backbone.tiny, resolution: 32, width: 16}\n")
     marker = tmp_path / MARKER
-    torch.save({"state_dict": {}, "x": Payload(marker)}, run / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": {}, "global_step": 1, "x": Payload(marker)}, run / "checkpoints" / "last.ckpt")
     img = tmp_path / "face.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
     args = ["generate", "--profile", str(img), "--target", str(img), "--checkpoint", str(run),
@@ -120,7 +120,7 @@ def test_appearance_sources_are_safe(tmp_path):
     task = AdaptationTask(tiny(resolution=32, width=16))
     marker = tmp_path / MARKER
     ckpt = tmp_path / "stitch.ckpt"
-    torch.save({"state_dict": stitch.state_dict(), "x": Payload(marker)}, ckpt)
+    torch.save({"state_dict": stitch.state_dict(), "global_step": 1, "x": Payload(marker)}, ckpt)
     with pytest.raises(WeightsError, match="trust-checkpoint"):
         load_appearance(task, ckpt)
     assert not marker.exists()
