@@ -15,7 +15,8 @@ def test_quickstart_shortened_runs_end_to_end_and_caches(repo_root, tmp_path, mo
     assert cli.main(args) == 0
     run_dir = tmp_path / "runs/quickstart/main"
     for name in ("report.html", "report.md", "stages.json", "evaluate/metrics.json", "evaluate/grid.png",
-                 "evaluate/flows.png", "evaluate/relight.png", "evaluate/loss_curves.png"):
+                 "evaluate/flows.png", "evaluate/relight.png", "evaluate/loss_curves.png", "evaluate/eval_curves.png",
+                 "evaluate/pairs.png"):
         assert (run_dir / name).is_file(), name
     result = json.loads((run_dir / "evaluate/metrics.json").read_text())
     by_name = {row["name"]: row for row in result["metrics"]}

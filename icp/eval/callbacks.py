@@ -40,6 +40,7 @@ class EvalCallback(L.Callback):
         identity: identity extractors to use, of "icp", "dlib", "facenet".
         baselines: baselines generated beside the method (icp.eval.baselines; default: another identity's
             profile, which doubles the sampling cost; [] for none).
+        probe: a geometry probe (probe.pt) for the view-consistency metrics (landmark, yaw, pitch, silhouette).
         embedder / dlib_models_dir / facenet_weights / inception_torchscript / clip_model: local
             weights (eval.* options); a metric whose weights are absent is reported unavailable.
     """
@@ -51,14 +52,16 @@ class EvalCallback(L.Callback):
                  embedder: str | None = None, dlib_models_dir: str | None = None, facenet_weights: str | None = None,
                  fid: bool = True, inception_torchscript: str | None = None, clip_model: str | None = None,
                  kid_subset_size: int = 100, grid_samples: int = 8, at_train_end: bool = True,
-                 prefix: str = "eval", baselines: list[str] | tuple[str, ...] = ("other_identity",)):
+                 prefix: str = "eval", baselines: list[str] | tuple[str, ...] = ("other_identity",),
+                 probe: str | None = None):
         self.every_n_steps, self.shards, self.num_samples = every_n_steps, shards, num_samples
         self.batch_size, self.resolution, self.mask_ratio, self.patch_size = batch_size, resolution, mask_ratio, patch_size
         self.seed, self.num_steps, self.guidance_scale = seed, num_steps, guidance_scale
         self.extractor_kwargs = dict(identity=list(identity) if not isinstance(identity, str) else identity,
                                      embedder=embedder, dlib_models_dir=dlib_models_dir,
                                      facenet_weights=facenet_weights, fid=fid,
-                                     inception_torchscript=inception_torchscript, clip_model=clip_model)
+                                     inception_torchscript=inception_torchscript, clip_model=clip_model,
+                                     probe=probe)
         self.kid_subset_size, self.grid_samples = kid_subset_size, grid_samples
         self.at_train_end, self.prefix = at_train_end, prefix
         self.baselines = B.resolve(list(baselines))

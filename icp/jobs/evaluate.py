@@ -176,14 +176,21 @@ def summarise(result, extractors, flows: dict, relight: dict) -> dict:
 
 def extractor_of(metric: str, described: dict) -> str:
     """Which model produced a metric's features (every report names it)."""
+    def named(entry: dict) -> str:
+        sha = entry.get("sha256")
+        return (entry.get("label") or entry.get("name", "?")) + (f" (weights sha256 {sha[:12]})" if sha else "")
+
     for prefix in ("id_cos_", "face_fail_"):
         if metric.startswith(prefix):
-            entry = described.get("identity_" + metric[len(prefix):], {})
-            return entry.get("label") or entry.get("name", "?")
+            return named(described.get("identity_" + metric[len(prefix):], {}))
     if metric in ("fid", "kid"):
-        return described.get("inception", {}).get("name", "?")
+        return named(described.get("inception", {}))
     if metric.startswith("clip_"):
-        return described.get("clip", {}).get("name", "?")
+        return named(described.get("clip", {}))
+    if metric in ("landmark_err", "yaw_err", "pitch_err", "silhouette_iou") and "probe" in described:
+        return named(described["probe"])
+    if metric in ("landmark_err_dlib", "lm_fail_dlib") and "landmarks_dlib" in described:
+        return named(described["landmarks_dlib"])
     return "renderer ground truth"
 
 

@@ -16,20 +16,90 @@ PICTURES = (
     ("grid.png", "Held-out identities (one per row): profile | masked target | generated | each baseline | true render"),
     ("flows.png", "Matching flow target→profile, rows: profile, target, true flow, predicted flow (colour wheel), profile warped by it"),
     ("relight.png", "Relighting: one identity and pose, one column per light; rows: true render, generated"),
+    ("pairs.png", "Per pair: icp against a baseline (same pair, same noise; the grey line is equality)"),
+    ("eval_curves.png", "Held-out identity and view consistency vs training step (in-loop evaluation)"),
     ("loss_curves.png", "Training losses per stage"),
 )
 
 
 def read_losses(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every ``*loss*`` column of a stage's CSV logs (all invocations), as (step, value) lists."""
+    return read_columns(stage_dir, lambda key: "loss" in key)
+
+
+CURVE_METRICS = ("eval/id_cos_icp", "eval/id_cos_icp@other_identity", "eval/yaw_err", "eval/landmark_err")
+
+
+def read_columns(stage_dir: Path, wanted) -> dict[str, list[tuple[int, float]]]:
+    """Columns of a stage's CSV logs (all invocations) for which ``wanted(name)``, as (step, value) lists."""
     series: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(stage_dir.glob("logs/csv/version_*/metrics.csv")):
         with path.open() as fh:
             for row in csv.DictReader(fh):
                 for key, value in row.items():
-                    if "loss" in key and value not in ("", None):
+                    if key and wanted(key) and value not in ("", None):
                         series.setdefault(key, []).append((int(float(row.get("step") or 0)), float(value)))
     return series
+
+
+def plot_eval_curves(stages: dict, out: Path) -> Path | None:
+    """Identity and view consistency on held-out pairs vs training step (the in-loop EvalCallback)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {name: read_columns(Path(entry["result"]["run_dir"]), lambda k: k in CURVE_METRICS)
+              for name, entry in stages.items() if "run_dir" in entry.get("result", {})}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    for stage, series in curves.items():
+        for key, points in sorted(series.items()):
+            ax = axes[0] if "id_cos" in key else axes[1] if "yaw" in key else axes[2]
+            steps, values = zip(*sorted(points))
+            ax.plot(steps, values, marker="o", lw=1, ls="--" if "@" in key else "-",
+                    label=f"{stage}: {key.split('/', 1)[1]}")
+    for ax, title in zip(axes, ("identity (head, icp embedder)", "yaw error (deg, probe)", "landmark error (probe)")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_pairs(evaluation: dict, out: Path) -> Path | None:
+    """Per-pair scatter: the method against its baseline, pair by pair (same pair, same noise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = evaluation.get("per_pair", {})
+    panels = [(k, b) for k, b in (("id_cos_icp", "other_identity"), ("id_cos_icp", "inpaint"), ("yaw_err", "copy_profile"),
+                                  ("yaw_err", "inpaint")) if b in pairs and any(k in r for r in pairs.get("method", []))]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2), squeeze=False)
+    for ax, (key, base) in zip(axes[0], panels):
+        xy = [(b[key], m[key]) for m, b in zip(pairs["method"], pairs[base]) if m.get(key) == m.get(key)
+              and b.get(key) == b.get(key)]
+        if not xy:
+            continue
+        x, y = zip(*xy)
+        ax.scatter(x, y, s=8)
+        lo, hi = min(x + y), max(x + y)
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+        ax.set_xlabel(f"{base}", fontsize=8)
+        ax.set_ylabel("icp", fontsize=8)
+        ax.set_title(f"{key} per pair (n={len(xy)})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def plot_losses(stages: dict, out: Path) -> Path | None:
@@ -91,6 +161,8 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     evaluation = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").is_file() else {}
     eval_dir.mkdir(exist_ok=True)
     plot_losses(stages, eval_dir / "loss_curves.png")
+    plot_eval_curves(stages, eval_dir / "eval_curves.png")
+    plot_pairs(evaluation, eval_dir / "pairs.png")
 
     summary = evaluation.get("summary", "No evaluation has run yet.")
     metrics = evaluation.get("metrics", [])
