@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from icp.core.errors import WeightsError
+from icp.models import netfile
 
 FORMAT = "icp-identity-embedder"
 LABEL = "icp-synthetic-embedder, trained by icp"
@@ -58,37 +58,10 @@ class IdentityEmbedderNet(nn.Module):
 
 
 def export(net: IdentityEmbedderNet, path: str | Path, meta: dict | None = None) -> Path:
-    """Write the standalone embedder file eval code loads (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"format": FORMAT, "version": 1, "hparams": dict(net.hparams), "meta": dict(meta or {}),
-            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    return path
+    """Write the standalone file eval code loads (atomic; icp.models.netfile)."""
+    return netfile.export(net, path, FORMAT, meta)
 
 
 def load_net(path: str | Path) -> IdentityEmbedderNet:
-    """IdentityEmbedderNet from an exported file or an EmbedderTask Lightning checkpoint."""
-    path = Path(path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # zip/pickle errors of many kinds: not a torch file we can read safely
-        raise WeightsError(f"{path}: not an icp embedder file ({type(err).__name__}); "
-                           "export one with `icp fit experiments/embedder.yaml`") from None
-    if isinstance(blob, dict) and blob.get("format") == FORMAT:
-        hparams, state = blob["hparams"], blob["state_dict"]
-    elif isinstance(blob, dict) and "state_dict" in blob and "hyper_parameters" in blob:
-        hp = blob["hyper_parameters"]
-        hparams = {k: hp[k] for k in ("dim", "width", "depth", "input_size") if k in hp}
-        state = {k[len("net."):]: v for k, v in blob["state_dict"].items() if k.startswith("net.")}
-    else:
-        raise WeightsError(f"{path}: neither an exported icp embedder nor an EmbedderTask checkpoint")
-    net = IdentityEmbedderNet(**hparams)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as err:
-        raise WeightsError(f"{path}: embedder weights do not fit its hyper-parameters "
-                           f"({str(err).splitlines()[0]})") from None
-    return net.eval().requires_grad_(False)
+    """IdentityEmbedderNet from an exported file or its training task's Lightning checkpoint."""
+    return netfile.load(path, FORMAT, IdentityEmbedderNet, ("dim", "width", "depth", "input_size"), "icp embedder", "experiments/embedder.yaml")
