@@ -144,7 +144,7 @@ def test_appearance_from_stitching_checkpoint_and_export(tmp_path):
             p.add_(torch.randn_like(p))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
-    torch.save({"state_dict": stitch.state_dict()}, ckpt)
+    torch.save({"state_dict": stitch.state_dict(), "global_step": 1}, ckpt)  # as Lightning writes it
     export = tmp_path / "export"
     stitch.appearance.to_controlnet().save_pretrained(export)
     ref = stitch.appearance.state_dict()
