@@ -1,0 +1,36 @@
+# Issue 30, first GPU call (<= 10 min on one H100/H200): 64-px shards, a time-boxed base, the
+# correspondence probe on the base and on random weights, 256 base samples, the base back in bf16 pieces.
+# Run from a clean copy of the tree with the wheels beside it (the device image lacks diffusers, omegaconf,
+# webdataset, facenet-pytorch): mkdir .gpu && git archive HEAD | tar -x -C .gpu; cp eval/gpu/portrait64_first_call.sh .gpu/;
+# then `cd .gpu && bash portrait64_first_call.sh` with .whl and .gpu carried. Score the samples here afterwards:
+#   python -m icp.eval.base_samples score samples.npz --heldout <held-out shards at 64 px>
+set -u
+export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl || exit 3
+export PYTHONPATH=/tmp/site:$PWD
+L=$OUT/res; mkdir -p $L
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $L/machine.txt; nproc >> $L/machine.txt
+python3 -c "import torch,diffusers;print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name())" >> $L/machine.txt
+D=/tmp/p64; R=/tmp/r; T0=$(date +%s)
+python3 -m icp.cli shards synth $D/train --identities 1024 --views 8 --resolution 64 --workers 14 --shard-size 64 > $L/data.log 2>&1 &
+python3 -m icp.cli shards synth $D/heldout --identities 32 --views 8 --resolution 64 --first-identity 1024 --shard-size 8 --workers 2 >> $L/data.log 2>&1
+wait; echo "data_s $(( $(date +%s)-T0 ))" >> $L/times.txt
+T1=$(date +%s)
+timeout 230 python3 -m icp.cli fit experiments/base_pretrain.yaml run.root=$R run.name=base64 data.shards=$D/train data.val_shards=$D/heldout data.resolution=64 model.backbone.width=64 +model.backbone.levels=3 +model.backbone.layers_per_block=2 +model.backbone.codec_factor=2 data.batch_size=128 data.num_workers=12 trainer.precision=bf16-mixed trainer.max_steps=10000 trainer.val_check_interval=2500 checkpoint.every_n_train_steps=2500 model.ema_decay=0.999 model.optimizer.lr=5.0e-4 callbacks.samples.every_n_steps=5000 logger.wandb=null +trainer.max_time=00:00:02:40 > $L/pretrain.log 2>&1
+echo "pretrain_rc $? pretrain_s $(( $(date +%s)-T1 ))" >> $L/times.txt
+B=$R/base_pretrain/base64
+cp $B/fit_metrics.json $L/ 2>/dev/null; tail -c 3000 $B/logs/csv/version_0/metrics.csv > $L/metrics_tail.csv 2>/dev/null
+P="--resolution 64 --pairs 128 --ensemble 4 --batch-size 32 --first-identity 1024 --identities 32 --views 8"
+python3 -m icp.eval.correspondence --backbone $B/backbone $P --out $L/probe_base > $L/probe.log 2>&1
+python3 -m icp.eval.correspondence --backbone tiny --tiny '{"width":64,"levels":3,"layers_per_block":2,"codec_factor":2,"prediction_type":"sample"}' $P --out $L/probe_random >> $L/probe.log 2>&1
+python3 -m icp.eval.base_samples sample $B --count 256 --steps 25 --out $L/samples.npz > $L/samples.log 2>&1
+echo "total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
+tar czf $OUT/results.tgz -C $OUT res
+python3 - "$B/backbone" <<'PY'
+import sys, pathlib, safetensors.torch as st, torch
+for f in pathlib.Path(sys.argv[1]).rglob("*.safetensors"):
+    sd = st.load_file(str(f)); st.save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, str(f))
+PY
+tar czf - -C $B backbone fit_metrics.json config.yaml | split -b 15M - $OUT/base64.tgz.
+rm -rf $L
+ls -la $OUT
