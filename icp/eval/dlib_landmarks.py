@@ -28,15 +28,14 @@ renderer's lie on the surface in front of a part's centre -- a few pixels apart 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from icp.eval.dlib_face import packaged_models_dir
-from icp.eval.extractors import ExtractorUnavailable, check_images, file_sha256, require_file, to_uint8
+from icp.eval.dlib_face import open_models
+from icp.eval.extractors import check_images, file_sha256, to_uint8
 
 SHAPE_68 = "shape_predictor_68_face_landmarks.dat"
 OPTION = ("metrics.dlib_models_dir in eval/protocol.yaml or callbacks.eval.dlib_models_dir (a folder holding "
@@ -63,13 +62,7 @@ class DlibLandmarks68:
     name = "dlib-shape-predictor-68"
 
     def __init__(self, models_dir: str | None = None, upsample: int = 1, min_size: int = 160):
-        try:
-            import dlib
-        except ImportError:
-            raise ExtractorUnavailable(self.name, "the dlib package is not installed", "`pip install dlib-bin`") from None
-        folder = Path(models_dir) if models_dir else packaged_models_dir()
-        folder = require_file(folder, self.name, OPTION, folder=True)
-        path = require_file(folder / SHAPE_68, self.name, OPTION)
+        dlib, (path,) = open_models(self.name, models_dir, (SHAPE_68,), OPTION)
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(str(path))
         self.weights_sha256 = file_sha256(path)
