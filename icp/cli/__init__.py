@@ -30,6 +30,7 @@ VERB_MODULES = (
     "icp.cli.run",          # run (the main job: data -> training -> report)
     "icp.cli.shards",  # shards synth|import|check
     "icp.cli.generate",     # generate
+    "icp.cli.export",       # export (a diffusers folder with model_index.json and the pipeline)
     "icp.cli.eval",         # eval, leaderboard
     "icp.cli.slurm",        # slurm submit
 )
