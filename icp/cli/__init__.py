@@ -17,6 +17,7 @@ import sys
 import warnings
 
 from icp import __version__
+from icp.cli import args as cli_args
 from icp.cluster import preempt
 from icp.core.errors import IcpError
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = cli_args.parse(parser, argv)  # options and key=value overrides in any order
     try:
         return int(args.func(args) or 0)
     except IcpError as err:
