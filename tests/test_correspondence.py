@@ -74,15 +74,19 @@ def test_pixel_features_compare_patches_at_the_grid():
     assert C.pixel_features(img, (12, 12)).shape == (2, 27, 12, 12)  # not a divisor: area-resized
 
 
-def test_decoder_features_hook_every_up_block_of_an_unconditional_unet():
+def test_unet_features_hook_the_named_blocks_of_an_unconditional_unet():
     from diffusers import UNet2DModel
 
     unet = UNet2DModel(sample_size=8, in_channels=12, out_channels=12, block_out_channels=(16, 32),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        layers_per_block=1, norm_num_groups=8)
-    feats = C.decoder_features(unet, torch.randn(3, 12, 8, 8), torch.tensor([50, 50, 50]))
-    assert [tuple(f.shape) for f in feats] == [(3, 32, 8, 8), (3, 16, 8, 8)]
-    assert not unet.up_blocks[0]._forward_hooks  # hooks removed
+    feats = C.unet_features(unet, torch.randn(3, 12, 8, 8), torch.tensor([50, 50, 50]))
+    assert {k: tuple(f.shape) for k, f in feats.items()} == {"up0": (3, 32, 8, 8), "up1": (3, 16, 8, 8)}
+    every = C.unet_features(unet, torch.randn(3, 12, 8, 8), torch.tensor([50, 50, 50]), blocks=C.BLOCKS)
+    # encoder fine to coarse (the first block downsamples), then the middle, then the decoder
+    assert list(every) == ["down0", "down1", "mid", "up0", "up1"]
+    assert tuple(every["down0"].shape) == (3, 16, 4, 4) and tuple(every["mid"].shape) == (3, 32, 4, 4)
+    assert not unet.up_blocks[0]._forward_hooks and not unet.down_blocks[0]._forward_hooks  # hooks removed
 
 
 def test_probe_table_on_a_tiny_unet(batches):
@@ -113,13 +117,13 @@ def test_probe_table_on_a_tiny_unet(batches):
 
 
 def _result(best_epe: float) -> dict:
-    row = {"kind": "probe", "level": 1, "grid": "32x32", "channels": 64, "t": 200, "profile": "noised",
+    row = {"kind": "probe", "level": "up1", "grid": "32x32", "channels": 64, "t": 200, "profile": "noised",
            "epe": best_epe, "pck": 0.5, "n_valid": 100, "pairs": [best_epe] * 4, "identities": [0, 0, 1, 1]}
     base = [{"kind": "zero", "name": "zero flow", "level": None, "grid": "-", "epe": 8.0, "pck": 0.1, "n_valid": 100,
              "pairs": [8.0] * 4, "identities": [0, 0, 1, 1]},
             {"kind": "rounded", "name": "rounded true flow", "level": None, "grid": "32x32", "cells": 1024,
              "epe": 0.7, "pck": 1.0, "n_valid": 100, "pairs": [0.7] * 4, "identities": [0, 0, 1, 1]}]
-    result = {"rows": [row, {**row, "level": 0, "grid": "16x16", "epe": 9.0}], "baselines": base, "zero_epe": 8.0,
+    result = {"rows": [row, {**row, "level": "up0", "grid": "16x16", "epe": 9.0}], "baselines": base, "zero_epe": 8.0,
               "pairs": 4, "settings": {"timesteps": [200], "profile_modes": ["noised"], "ensemble": 1, "seed": 0,
                                        "pck_alpha": 0.05}}
     result["verdict"] = C.verdict(result)
@@ -135,7 +139,7 @@ def test_verdict_and_markdown_table(tmp_path):
     assert "| up0 | 16x16 | 200 | noised | 9.00 | 0.500 | 1.12 | 100 |" in md
     assert "| zero flow | - | 8.00 | 0.100 | 1.00 | 100 |" in md
     assert "| rounded true flow | 32x32 | 0.70 | 1.000 | 0.09 | 100 |" in md
-    assert re.search(r"\*\*Verdict\*\*.*TESTABLE: best level 1 \(32x32\)", md)
+    assert re.search(r"\*\*Verdict\*\*.*TESTABLE: best level up1 \(32x32\)", md)
     assert "NOT TESTABLE" in C.markdown(bad)
     files = C.write(good, tmp_path / "out")
     assert files["md"].read_text() == md
@@ -155,7 +159,9 @@ def test_run_on_an_exported_backbone_folder(tmp_path):
     out = C.from_pipeline(cfg, tmp_path / "backbone", tmp_path / "probe", "cpu")
     data = json.loads(Path(out["files"]["json"]).read_text())
     assert data["pairs"] == 2 and data["settings"]["heldout_identities"] == [60, 62]
-    assert len(data["rows"]) == 2 and {r["profile"] for r in data["rows"]} == {"clean"}
+    # every block by default: 2 encoder levels, the middle, 2 decoder levels
+    assert sorted(r["level"] for r in data["rows"]) == ["down0", "down1", "mid", "up0", "up1"]
+    assert {r["profile"] for r in data["rows"]} == {"clean"}
     assert "Verdict" in Path(out["files"]["md"]).read_text()
 
 

@@ -7,8 +7,9 @@ correspondence" on a base we trained ourselves, measure whether its features mat
 
 For held-out profile/target pairs with the renderer's true flow: both images are encoded, the
 target (and the profile, ``profile="noised"``; or not, ``"clean"``, as in the method's canvas)
-is noised to timestep t with fixed noise, the UNet runs once, and every decoder level's output
-(``unet.up_blocks[i]``) gives a cosine-argmax flow target -> profile at that level's grid
+is noised to timestep t with fixed noise, the UNet runs once, and every block's output (decoder
+``up<i>``: DIFT's features; encoder ``down<i>`` and ``mid``: what a ControlNet-style Matching Net
+copied from the base starts from) gives a cosine-argmax flow target -> profile at that level's grid
 (:func:`icp.models.matching.match`), upsampled to pixels and scored inside the target head on the
 co-visible pixels (FLOW_VALID) by :func:`icp.tasks.flows.flow_metrics` (EPE px, PCK@alpha).
 
@@ -42,25 +43,35 @@ from icp.tasks.flows import flow_metrics
 TIMESTEPS = (50, 200, 400)
 TESTABLE_RATIO = 0.7  # a level must reach EPE <= 0.7 x zero flow (issue 30)
 PROFILE_MODES = ("noised", "clean")
+BLOCKS = ("down", "mid", "up")
 
 # ------------------------------------------------------------------------------ features
 
 
-def decoder_features(unet: nn.Module, latents: Tensor, timesteps: Tensor, text_states: Tensor | None = None
-                     ) -> list[Tensor]:
-    """Outputs of every decoder block ``unet.up_blocks[i]`` (coarse to fine) for one UNet call.
+def unet_features(unet: nn.Module, latents: Tensor, timesteps: Tensor, text_states: Tensor | None = None,
+                  blocks: Sequence[str] = ("up",)) -> dict[str, Tensor]:
+    """Block outputs of one UNet call, named ``down<i>`` (encoder, fine to coarse: the features a
+    ControlNet-style copy such as the Matching Net gives), ``mid`` and ``up<i>`` (decoder, coarse to
+    fine: DIFT's features), for the kinds named in ``blocks``.
 
     Works for diffusers ``UNet2DConditionModel`` (``text_states`` required) and ``UNet2DModel``
     (no text). The hooks read the block outputs only; the UNet's own output is discarded.
     """
-    found: dict[int, Tensor] = {}
+    modules: list[tuple[str, nn.Module]] = []
+    if "down" in blocks:
+        modules += [(f"down{k}", b) for k, b in enumerate(unet.down_blocks)]
+    if "mid" in blocks and getattr(unet, "mid_block", None) is not None:
+        modules.append(("mid", unet.mid_block))
+    if "up" in blocks:
+        modules += [(f"up{k}", b) for k, b in enumerate(unet.up_blocks)]
+    found: dict[str, Tensor] = {}
 
-    def keep(k: int):
-        def hook(_module, _inputs, out) -> None:
-            found[k] = out[0] if isinstance(out, tuple) else out
+    def keep(name: str):
+        def hook(_module, _inputs, out):
+            found[name] = out[0] if isinstance(out, tuple) else out
         return hook
 
-    hooks = [block.register_forward_hook(keep(k)) for k, block in enumerate(unet.up_blocks)]
+    hooks = [module.register_forward_hook(keep(name)) for name, module in modules]
     try:
         if text_states is None:
             unet(latents, timesteps)
@@ -69,7 +80,7 @@ def decoder_features(unet: nn.Module, latents: Tensor, timesteps: Tensor, text_s
     finally:
         for h in hooks:
             h.remove()
-    return [found[k].float() for k in range(len(unet.up_blocks))]
+    return {name: found[name].float() for name, _ in modules}
 
 
 # ----------------------------------------------------------------------- flows at a grid
@@ -143,11 +154,12 @@ class _Tally:
 @torch.no_grad()
 def probe(unet: nn.Module, codec: nn.Module, scheduler, batches: Iterable[dict], text_states: Tensor | None = None,
           timesteps: Sequence[int] = TIMESTEPS, profile_modes: Sequence[str] = ("noised",), ensemble: int = 1,
-          seed: int = 0, pck_alpha: float = 0.05, chunk_rows: int | None = 8) -> dict:
+          seed: int = 0, pck_alpha: float = 0.05, chunk_rows: int | None = 8, blocks: Sequence[str] = ("up",)) -> dict:
     """The probe's whole table on ``batches`` (the batch contract: PROFILE, TARGET, FLOW_GT,
     FLOW_VALID, IDENTITY). ``text_states``: (1, L, D) prompt states for a conditional UNet, None
     for ``UNet2DModel``. ``ensemble``: features averaged over that many fixed noise draws (DIFT
     uses 8). Noise is seeded by (seed, batch index) and the same for every t and profile mode.
+    ``blocks``: which block outputs are probed (``down``, ``mid``, ``up``: see :func:`unet_features`).
 
     Returns {"rows": [{level, grid, t, profile, epe, pck, n_valid, pairs, identities}],
     "baselines": [{name, level, grid, ...same scores}], "zero_epe", "verdict": {...}, "settings"}.
@@ -175,11 +187,11 @@ def probe(unet: nn.Module, codec: nn.Module, scheduler, batches: Iterable[dict],
             for mode in profile_modes:
                 noisy_s = (torch.cat([scheduler.add_noise(lat_s, n, steps) for n in noise_s]) if mode == "noised"
                            else lat_s.repeat(ensemble, 1, 1, 1))
-                feats = decoder_features(unet, torch.cat([noisy_t, noisy_s]), steps.repeat(2 * ensemble), text)
+                named = unet_features(unet, torch.cat([noisy_t, noisy_s]), steps.repeat(2 * ensemble), text, blocks)
                 # (2*E*B, C, h, w) -> mean over the E noise draws, split into target / profile
-                feats = [f.view(2, ensemble, b, *f.shape[1:]).mean(1) for f in feats]
+                feats = [f.view(2, ensemble, b, *f.shape[1:]).mean(1) for f in named.values()]
                 flows = feature_flows([f[0] for f in feats], [f[1] for f in feats], chunk_rows)
-                for level, (flow, f) in enumerate(zip(flows, feats)):
+                for level, flow, f in zip(named, flows, feats):
                     grid = tuple(f.shape[-2:])
                     grids[level] = grid
                     tally.add(("probe", level, int(t), mode), {"kind": "probe", "level": level,
@@ -204,6 +216,7 @@ def probe(unet: nn.Module, codec: nn.Module, scheduler, batches: Iterable[dict],
     zero = next((r for r in baselines if r["kind"] == "zero"), None)
     result = {"rows": table, "baselines": baselines, "zero_epe": zero["epe"] if zero else math.nan, "pairs": pairs,
               "settings": {"timesteps": [int(t) for t in timesteps], "profile_modes": list(profile_modes),
+                           "blocks": list(blocks),
                            "ensemble": int(ensemble), "seed": int(seed), "pck_alpha": float(pck_alpha)}}
     result["verdict"] = verdict(result)
     return result
@@ -223,7 +236,7 @@ def verdict(result: dict, ratio: float = TESTABLE_RATIO) -> dict:
     share = best["epe"] / zero["epe"]
     paired = compare(best["pairs"], [ratio * z for z in zero["pairs"]], best["identities"], higher_is_better=False)
     testable = share <= ratio
-    name = f"level {best['level']} ({best['grid']}), t={best['t']}, profile {best['profile']}"
+    name = f"level {_level_name(best['level'])} ({best['grid']}), t={best['t']}, profile {best['profile']}"
     text = (f"{'TESTABLE' if testable else 'NOT TESTABLE'}: best {name}: EPE {best['epe']:.2f} px = "
             f"{share:.2f} x zero flow ({zero['epe']:.2f} px); needed <= {ratio:g} x. Per pair, EPE - {ratio:g} x zero: "
             f"{paired['mean']:.2f} [{paired['lo']:.2f}, {paired['hi']:.2f}] px ({paired['verdict']}, "
@@ -237,6 +250,16 @@ def verdict(result: dict, ratio: float = TESTABLE_RATIO) -> dict:
 # ------------------------------------------------------------------------------- writing
 
 
+def _level_name(level) -> str:
+    return f"up{level}" if isinstance(level, int) else str(level)  # results before encoder levels: ints = up<i>
+
+
+def _block_order(level) -> tuple:
+    name = _level_name(level)
+    kind = name.rstrip("0123456789")
+    return ({"down": 0, "mid": 1, "up": 2}.get(kind, 3), int(name[len(kind):] or 0))
+
+
 def markdown(result: dict, title: str = "Correspondence probe of the base (DIFT-style, no training)") -> str:
     """The probe table, the baselines and the verdict as Markdown."""
     s = result["settings"]
@@ -248,12 +271,13 @@ def markdown(result: dict, title: str = "Correspondence probe of the base (DIFT-
     alpha = f"PCK@{s['pck_alpha']:g}"
     lines = [f"# {title}", "",
              f"{result['pairs']} held-out pairs; timesteps {s['timesteps']}; noise ensemble {s['ensemble']}; "
-             f"seed {s['seed']}. Cosine argmax of each decoder level's features, target -> profile, upsampled to "
+             f"seed {s['seed']}. Cosine argmax of each UNet block's output features (down<i>: encoder, the "
+             "features a ControlNet-style Matching Net starts from; up<i>: decoder, DIFT's), target -> profile, upsampled to "
              "pixels and scored on the target's co-visible head pixels against the renderer's flow.", ""]
     lines += ["| level | grid | t | profile | EPE px | " + alpha + " | x zero | valid px |",
               "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(result["rows"], key=lambda r: (r["level"], r["t"], r["profile"])):
-        lines.append(f"| up{r['level']} | {r['grid']} | {r['t']} | {r['profile']} | {r['epe']:.2f} | {r['pck']:.3f} | "
+    for r in sorted(result["rows"], key=lambda r: (_block_order(r["level"]), r["t"], r["profile"])):
+        lines.append(f"| {_level_name(r['level'])} | {r['grid']} | {r['t']} | {r['profile']} | {r['epe']:.2f} | {r['pck']:.3f} | "
                      f"{share(r['epe'])} | {r['n_valid']} |")
     lines += ["", "Baselines (no model):", "", "| baseline | grid | EPE px | " + alpha + " | x zero | valid px |",
               "|---|---|---|---|---|---|"]
@@ -298,7 +322,7 @@ def run(backbone: str, out: str | Path, pairs: int = 64, resolution: int = 64, f
         identities: int = 32, views: int = 8, seed: int = 0, timesteps: Sequence[int] = TIMESTEPS,
         profile_modes: Sequence[str] = PROFILE_MODES, ensemble: int = 1, batch_size: int = 16, device: str = "cpu",
         prompt: str = "a photo of a person", dtype: str = "float32", pck_alpha: float = 0.05,
-        tiny_kwargs: dict | None = None) -> dict:
+        tiny_kwargs: dict | None = None, blocks: Sequence[str] = BLOCKS) -> dict:
     """Load ``backbone`` (a diffusers folder, icp.models.backbone.pretrained; or ``tiny`` = a random
     icp.models.backbone.tiny(resolution, **tiny_kwargs)), render held-out pairs, probe, write
     ``<out>/correspondence.md/json``. Returns the result (with "files")."""
@@ -318,7 +342,7 @@ def run(backbone: str, out: str | Path, pairs: int = 64, resolution: int = 64, f
         model.unet.config.cross_attention_dim else None
     batches = heldout_batches(first_identity, identities, views, resolution, pairs, batch_size, seed)
     result = probe(model.unet, model.codec, model.noise_scheduler, batches, text, timesteps, profile_modes, ensemble,
-                   seed, pck_alpha)
+                   seed, pck_alpha, blocks=blocks)
     params = sum(p.numel() for p in model.unet.parameters())
     info = {"backbone": str(backbone), "unet_parameters": params, "resolution": resolution, "device": device,
             "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -360,10 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--blocks", nargs="+", default=list(BLOCKS), choices=BLOCKS,
+                   help="block outputs probed: down (encoder: the Matching Net's features), mid, up (decoder: DIFT's)")
     a = p.parse_args(argv)
     result = run(a.backbone, a.out, a.pairs, a.resolution, a.first_identity, a.identities, a.views, a.seed,
                  a.timesteps, a.profile, a.ensemble, a.batch_size, a.device, dtype=a.dtype,
-                 tiny_kwargs=json.loads(a.tiny))
+                 tiny_kwargs=json.loads(a.tiny), blocks=a.blocks)
     print(markdown(result))
     print(f"wrote {result['files']['md']} ({result['settings']['seconds']} s)")
     return 0
