@@ -241,3 +241,30 @@ def test_results_were_judged_by_the_committed_rules():
         result = json.loads(path.read_text())
         assert result.get("rules", {}).get("sha256") == rules["sha256"], (
             f"{path.name} was judged by other rules; rebuild it (python eval/paper_claims.py ... --report-only)")
+
+
+def test_a_given_base_replaces_the_pretrain_fit(tmp_path):
+    """fits.pretrain.backbone: every stitching and adaptation variant starts from that folder, no
+    pretrain job runs; a folder that is not an exported base is refused in one line."""
+    from icp.core import config as cfglib
+    from icp.core.errors import ConfigError
+    from icp.jobs.claims import plan
+    from icp.models.backbone import tiny
+
+    base = tmp_path / "run" / "backbone"
+    tiny(resolution=64, width=16, levels=3, codec_factor=2).save_pretrained(base)
+    cfg = cfglib.load(ROOT / "eval/claims/portrait64.yaml", ["device=cpu", f"fits.pretrain.backbone={base}"])
+    jobs = plan.build(cfg)
+    assert "pretrain" not in jobs and all("pretrain" not in j.deps for j in jobs.values())
+    for name in ("stitch_m000", "stitch_m080", "adapt_base", "adapt_random", "adapt_truewarp"):
+        assert jobs[name].cfg.model.backbone == {"_target_": "icp.models.backbone.pretrained", "path": str(base)}
+    for job in jobs.values():
+        if job.kind == "fit":
+            for node in ("data", "model", "trainer", "callbacks"):
+                cfglib.validate(job.cfg[node], job.cfg, node)
+    assert jobs["adapt_base"].cfg.data.resolution == 64 and list(jobs["adapt_base"].cfg.callbacks.flow_curve.steps) == [
+        0, 50, 100, 200, 500]
+    with pytest.raises(ConfigError, match="not an exported base"):
+        plan.build(cfglib.load(ROOT / "eval/claims/portrait64.yaml", ["device=cpu", f"fits.pretrain.backbone={tmp_path}"]))
+    own = plan.build(cfglib.load(ROOT / "eval/claims/portrait64.yaml", ["device=cpu"]))
+    assert own["pretrain"].cfg.trainer.max_steps == 10000 and "pretrain" in own["stitch_m080"].deps

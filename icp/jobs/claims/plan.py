@@ -36,6 +36,21 @@ def _backbone(pretrain_dir: Path) -> list[str]:
             "model.backbone={_target_: icp.models.backbone.pretrained, path: " + str(pretrain_dir / "backbone") + "}"]
 
 
+def given_base(cfg: DictConfig) -> Path | None:
+    """``fits.pretrain.backbone``: an exported base (a diffusers folder named ``backbone`` holding
+    ``unet/``) used instead of a pretrain fit; None when the study pretrains its own."""
+    path = OmegaConf.select(cfg, "fits.pretrain.backbone", default=None)
+    if path is None:
+        return None
+    path = Path(str(path))
+    if path.name != "backbone" or not (path / "unet" / "config.json").is_file():
+        from icp.core.errors import ConfigError
+
+        raise ConfigError(f"fits.pretrain.backbone={path}: not an exported base (a folder named 'backbone' with "
+                          "unet/config.json, as a pretrain run writes); point it at <pretrain run>/backbone")
+    return path
+
+
 def build(cfg: DictConfig) -> dict[str, Job]:
     jobs: dict[str, Job] = {}
 
@@ -49,12 +64,17 @@ def build(cfg: DictConfig) -> dict[str, Job]:
     probe = None
     if "probe" in cfg.fits:  # the geometry probe: view-consistency metrics for the warping claim
         probe = add(Job("probe", "fit", needs=("probe.pt",), cfg=fit_config(cfg, "probe", "claims_probe", [])))
-    pretrain = add(Job("pretrain", "fit", needs=("backbone/unet",), cost=3,
-                       cfg=fit_config(cfg, "pretrain", "claims_pretrain", [])))
+    given = given_base(cfg)
+    if given is None:
+        pretrain = add(Job("pretrain", "fit", needs=("backbone/unet",), cost=3,
+                           cfg=fit_config(cfg, "pretrain", "claims_pretrain", [])))
+        base_dir, base_deps = pretrain.run_dir, ["pretrain"]
+    else:  # a base trained elsewhere (e.g. by an earlier GPU call): every variant starts from it
+        base_dir, base_deps = given.parent, []
     stitch: dict[float, Job] = {}
     for ratio in claims.masking.ratios:
-        extra = [*_backbone(pretrain.run_dir), f"data.mask_ratio={float(ratio)}"]
-        stitch[float(ratio)] = add(Job(f"stitch_{ratio_tag(ratio)}", "fit", deps=["pretrain"], cost=4,
+        extra = [*_backbone(base_dir), f"data.mask_ratio={float(ratio)}"]
+        stitch[float(ratio)] = add(Job(f"stitch_{ratio_tag(ratio)}", "fit", deps=base_deps, cost=4,
                                        cfg=fit_config(cfg, "stitching", "claims_stitching", extra)))
     main = stitch.get(float(claims.masking.main_ratio))
     if main is None:
@@ -67,7 +87,7 @@ def build(cfg: DictConfig) -> dict[str, Job]:
              + f", steps: {list(fl.steps)}, pairs: {fl.pairs}, pairs_per_identity: {fl.pairs_per_identity}, "
              + f"resolution: {cfg.data.resolution}, mask_ratio: {float(claims.masking.main_ratio)}, "
              + f"patch_size: {cfg.evaluate.patch_size}, seed: {cfg.seed}}}")
-    base_adapt = [*_backbone(pretrain.run_dir), f"model.appearance_from={main.run_dir}",
+    base_adapt = [*_backbone(base_dir), f"model.appearance_from={main.run_dir}",
                   f"data.mask_ratio={float(claims.masking.main_ratio)}"]
     variants = {"adapt_base": ["+model.matching_init=base", curve],
                 "adapt_random": ["+model.matching_init=random", curve],
