@@ -29,23 +29,26 @@ def test_fit_writes_run_dir_and_resumes_to_the_same_weights(toy, tmp_path):
         "last.ckpt", "step00000003.ckpt", "step00000006.ckpt"]
     # Interrupted run: 3 steps, then the same command with more steps resumes from step 3.
     fit(toy("run.name=resumed", "trainer.max_steps=3"))
-    resumed = fit(toy("run.name=resumed", "trainer.max_steps=6", "run.allow_config_change=true"))
+    resumed = fit(toy("run.name=resumed", "trainer.max_steps=6"))  # max_steps is not a config change
     a, b = weights(straight / "checkpoints/last.ckpt"), weights(resumed / "checkpoints/last.ckpt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (resumed / "config.0.yaml").is_file()  # the earlier config is kept, not overwritten
+    assert "max_steps: 6" in (resumed / "config.yaml").read_text() and not list(resumed.glob("config.*.yaml"))
     assert (resumed / "logs/csv/version_0/metrics.csv").is_file()  # and so are the earlier logs
     assert (resumed / "logs/csv/version_1/metrics.csv").is_file()
 
 
 def test_same_name_with_a_different_config_is_refused(toy):
     fit(toy("run.name=x", "trainer.max_steps=1"))
-    with pytest.raises(ConfigError, match="different config.*trainer.max_steps"):
-        fit(toy("run.name=x", "trainer.max_steps=2"))
+    with pytest.raises(ConfigError, match="different config.*model.hidden"):
+        fit(toy("run.name=x", "trainer.max_steps=1", "model.hidden=4"))
+    changed = fit(toy("run.name=x", "trainer.max_steps=1", "model.hidden=4", "run.allow_config_change=true",
+                      "run.restart=true"))
+    assert (changed / "config.0.yaml").is_file()  # the earlier config is kept, not overwritten
 
 
 def test_unnamed_runs_are_named_by_config_hash(toy):
     assert fit(toy("trainer.max_steps=1")) == fit(toy("trainer.max_steps=1"))
-    assert fit(toy("trainer.max_steps=1")) != fit(toy("trainer.max_steps=2"))
+    assert fit(toy("trainer.max_steps=1")) != fit(toy("trainer.max_steps=1", "model.hidden=4"))
 
 
 def test_truncated_checkpoint_is_skipped_for_the_previous_one(toy):

@@ -1,4 +1,4 @@
-"""``icp fit CONFIG [key=value ...] [--dry-run]``."""
+"""``icp fit CONFIG [key=value ...] [--dry-run] [-m]``."""
 
 from __future__ import annotations
 
@@ -29,7 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train an experiment. Running the same command again resumes "
                                    "from the run's last checkpoint.")
     add_config_arguments(p, "experiments/stitching/tiny.yaml", "trainer.max_steps=10")
+    add_multirun_argument(p)
     p.set_defaults(func=run)
+
+
+def add_multirun_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--multirun", action="store_true",
+                   help="sweep: key=a,b overrides are axes, every combination is one run "
+                        "(e.g. -m model.optimizer.lr=1e-4,3e-4 seed=0,1); manifest in <run.root>/<experiment>/sweeps/")
 
 
 def _first_line(err: BaseException) -> str:
@@ -49,8 +56,13 @@ def _resume_error(err: RuntimeError) -> WeightsError:
 def run(args: argparse.Namespace) -> int:
     from icp.core import config as cfglib
 
+    if args.multirun:
+        return _sweep(args)
     cfg = cfglib.load(args.config, args.overrides)
     cfglib.check_values(cfg)  # NaN/inf and out-of-range counts: one line, before anything is built
+    from icp.jobs.preflight import preflight
+
+    preflight(cfg)  # data paths and every _target_, before a run directory or W&B run exists
     if args.dry_run:
         return print_dry_run(cfg)
     from icp.jobs.fit import fit
@@ -66,4 +78,23 @@ def run(args: argparse.Namespace) -> int:
         raise WeightsError(f"the run's checkpoint needs full unpickling and was refused (it could run code): "
                            f"{_first_line(err)}; restore a checkpoint written by icp or pass run.restart=true") from None
     print(f"icp: run directory {run_dir}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from icp.core import sweep as sweeplib
+
+    if args.dry_run:
+        from icp.jobs.preflight import preflight
+
+        plan = sweeplib.plan(args.config, args.overrides)
+        for cfg in plan.configs:
+            preflight(cfg)
+        for i, run_dir in enumerate(plan.run_dirs):
+            print(f"{sweeplib.describe(plan, i) or '(no axis)'}\t{run_dir}")
+        print(f"# sweep manifest: {plan.directory / sweeplib.MANIFEST}")
+        return 0
+    from icp.jobs.sweep import run_local
+
+    print(f"icp: sweep manifest {run_local(args.config, args.overrides)}")
     return 0

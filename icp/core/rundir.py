@@ -5,7 +5,13 @@ directory and continues from its last checkpoint, which is what SLURM requeue ne
 ``run.name`` is given the name is a hash of the resolved config, so the same command maps to the
 same directory and a changed config to a new one. A named run whose saved config differs from
 the new one is refused (naming the differing keys) instead of silently mixing two experiments;
-``run.allow_config_change=true`` accepts the change on purpose (e.g. raising max_steps).
+``run.allow_config_change=true`` accepts the change on purpose.
+
+A run's identity is what it computes, not how long or on how many devices: ``trainer.max_steps``
+and the process layout (``trainer.accelerator/devices/num_nodes/strategy``; with
+``global_batch_size`` set also the per-device batch and accumulation it implies) neither enter the
+hash nor count as a change, so raising max_steps continues the run and 1 vs 8 GPUs share one
+directory (docs/decisions/run-identity.md).
 """
 
 from __future__ import annotations
@@ -25,12 +31,43 @@ CONFIG_FILE = "config.yaml"
 # Keys that say where/how a run is stored, not what it computes: they do not enter the hash and
 # may change between invocations of the same run.
 _VOLATILE = ("run",)
+# Keys that say how long or on which processes a run computes, not what (docs/decisions/run-identity.md).
+_SCHEDULE = ("trainer.max_steps",)
+# (trainer.strategy: by name only; a configured strategy object stays part of what runs.)
+_LAYOUT = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes")
+# With global_batch_size set, the optimizer's batch is fixed and these only split it over processes.
+_BATCH_SPLIT = ("data.batch_size", "trainer.accumulate_grad_batches")
+_GLOBAL_BATCH_CALLBACK = "icp.cluster.slurm.GlobalBatchSize"
+
+
+def _pop(data: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        data = data.get(part) if isinstance(data, dict) else None
+    if isinstance(data, dict):
+        data.pop(last, None)
+
+
+def identity(data: dict) -> dict:
+    """The part of a resolved config (a plain dict) that names a run: ``data`` without the keys
+    that only say where it is stored, how long it trains or how it is spread over processes."""
+    data = json.loads(json.dumps(data, default=str))  # a deep copy we may edit
+    for key in _VOLATILE:
+        data.pop(key, None)
+    for key in _SCHEDULE + _LAYOUT + (_BATCH_SPLIT if data.get("global_batch_size") else ()):
+        _pop(data, key)
+    trainer = data.get("trainer")
+    if isinstance(trainer, dict) and isinstance(trainer.get("strategy"), str):
+        trainer.pop("strategy")
+    if data.get("global_batch_size") and isinstance(data.get("callbacks"), dict):
+        for node in data["callbacks"].values():
+            if isinstance(node, dict) and node.get("_target_") == _GLOBAL_BATCH_CALLBACK:
+                node.pop("per_device_batch_size", None)
+    return data
 
 
 def config_hash(cfg: DictConfig) -> str:
-    data = yaml.safe_load(cfglib.to_yaml(cfg))
-    for key in _VOLATILE:
-        data.pop(key, None)
+    data = identity(yaml.safe_load(cfglib.to_yaml(cfg)))
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -64,26 +101,34 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def prepare(cfg: DictConfig) -> Path:
-    """Create (or re-open) the run directory and write the resolved config into it."""
+def changed_keys(cfg: DictConfig) -> tuple[Path, list[str]]:
+    """The run directory of ``cfg`` and the keys its saved config differs in (identity keys only);
+    raises when they differ and the config does not accept the change. Creates nothing."""
     run_dir = run_dir_of(cfg)
     saved = run_dir / CONFIG_FILE
-    if saved.is_file():
-        old = cfglib.safe_yaml(saved.read_text(), str(saved)) or {}  # a copied run dir may hold anything
-        if not isinstance(old, dict):
-            raise ConfigError(f"{saved}: not a config (a YAML mapping); move the run directory away")
-        new = yaml.safe_load(cfglib.to_yaml(cfg))
-        changed = [k for k in _diff(old, new) if k.split(".")[0] not in _VOLATILE]
-        if changed and not OmegaConf.select(cfg, "run.allow_config_change", default=False):
-            shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
-            raise ConfigError(
-                f"{run_dir} holds a run with a different config (changed: {shown}); choose another "
-                "run.name, or pass run.allow_config_change=true to continue it with the new config"
-            )
-        if changed:
-            # Keep the history of accepted changes instead of overwriting the old config.
-            n = len(list(run_dir.glob("config.*.yaml")))
-            saved.replace(run_dir / f"config.{n}.yaml")
+    if not saved.is_file():
+        return run_dir, []
+    old = cfglib.safe_yaml(saved.read_text(), str(saved)) or {}  # a copied run dir may hold anything
+    if not isinstance(old, dict):
+        raise ConfigError(f"{saved}: not a config (a YAML mapping); move the run directory away")
+    changed = _diff(identity(old), identity(yaml.safe_load(cfglib.to_yaml(cfg))))
+    if changed and not OmegaConf.select(cfg, "run.allow_config_change", default=False):
+        shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
+        raise ConfigError(
+            f"{run_dir} holds a run with a different config (changed: {shown}); choose another "
+            "run.name, or pass run.allow_config_change=true to continue it with the new config"
+        )
+    return run_dir, changed
+
+
+def prepare(cfg: DictConfig) -> Path:
+    """Create (or re-open) the run directory and write the resolved config into it."""
+    run_dir, changed = changed_keys(cfg)
+    saved = run_dir / CONFIG_FILE
+    if changed:
+        # Keep the history of accepted changes instead of overwriting the old config.
+        n = len(list(run_dir.glob("config.*.yaml")))
+        saved.replace(run_dir / f"config.{n}.yaml")
     for sub in ("checkpoints", "samples", "logs"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     cfglib.save(cfg, saved)

@@ -5,7 +5,9 @@ Top-level config nodes (see experiments/base.yaml): ``data`` (a LightningDataMod
 node; null disables one), ``logger`` (csv / wandb switches), ``checkpoint`` (cadence, how many to
 keep). This module adds what every run needs so that experiment files stay small: checkpoints
 written atomically into the run directory, resume from the newest intact one, CSV and offline W&B
-logs, the resolved config saved beside them.
+logs, the resolved config saved beside them. Before any of it is made, the data paths and every
+``_target_`` are checked (icp.jobs.preflight); a run already at ``trainer.max_steps`` is left as
+it is (no new log folder, W&B run or config copy).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,6 +29,7 @@ from icp.core import rundir
 from icp.core.checkpointing import AtomicCheckpointIO, checkpoint_step, resumable_checkpoint, start_over
 from icp.core.errors import ConfigError
 from icp.core.secrets import redact_tree
+from icp.jobs.preflight import preflight
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,14 @@ class RunCheckpoint(ModelCheckpoint):
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     callbacks: list[L.Callback] = []
     nodes = OmegaConf.select(cfg, "callbacks", default=None) or {}
+    bar = OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True)
     for name, node in nodes.items():
         if node is None:
             continue
-        callbacks.append(cfglib.instantiate(node, cfg, f"callbacks.{name}"))
+        callback = cfglib.instantiate(node, cfg, f"callbacks.{name}")
+        if isinstance(callback, ProgressBar) and bar is False:
+            continue  # trainer.enable_progress_bar=false switches the bar off (Lightning refuses both)
+        callbacks.append(callback)
     global_batch = OmegaConf.select(cfg, "global_batch_size", default=None)
     if global_batch and not any(type(c).__name__ == "GlobalBatchSize" for c in callbacks):
         from icp.cluster.slurm import GlobalBatchSize
@@ -180,6 +187,17 @@ def fit(cfg: DictConfig) -> Path:
             preempt.uninstall()
 
 
+def finished_step(cfg: DictConfig, run_dir: Path) -> int | None:
+    """The global step of the run in ``run_dir`` when it already reached ``trainer.max_steps``
+    (its newest intact checkpoint is at or past it), else None. Reads one pickle header."""
+    max_steps = int(OmegaConf.select(cfg, "trainer.max_steps", default=-1))
+    if max_steps < 0:
+        return None
+    ckpt = resumable_checkpoint(run_dir / "checkpoints")
+    step = checkpoint_step(ckpt) if ckpt is not None else None
+    return step if step is not None and step >= max_steps else None
+
+
 def _fit(cfg: DictConfig) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     restart = bool(OmegaConf.select(cfg, "run.restart", default=False))
@@ -187,6 +205,18 @@ def _fit(cfg: DictConfig) -> Path:
         # Never saved as true: a requeued job re-reading config.yaml must resume, not restart again.
         cfg = cfglib.copy(cfg)
         OmegaConf.update(cfg, "run.restart", False, force_add=True)
+    preflight(cfg)
+    run_dir, _ = rundir.changed_keys(cfg)  # a refused config change: before anything is written
+    done = None if restart else finished_step(cfg, run_dir)
+    if done is not None:
+        # A no-op: no new CSV version, W&B run or config copy; fit_metrics.json (what the stage
+        # runner's cache reads) only if a copied run lacks it.
+        metrics = run_dir / "fit_metrics.json"
+        if not metrics.is_file():
+            metrics.write_text(json.dumps({"global_step": done}, indent=2))
+        print(f"icp: {run_dir} already done at step {done} (trainer.max_steps={cfg.trainer.max_steps}); "
+              "raise trainer.max_steps to train it further")
+        return run_dir
     run_dir = rundir.prepare(cfg)
     L.seed_everything(int(OmegaConf.select(cfg, "seed", default=0)), workers=True, verbose=False)
     datamodule, model, trainer = build(cfg, run_dir)
