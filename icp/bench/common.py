@@ -70,8 +70,10 @@ def count_flops(fn: Callable[[], Any]) -> float:
 
 
 # Above this batch a step's FLOPs are fitted, not counted whole: the eager step under the counter
-# needs more memory than the compiled one that is timed (H100, 80 GB: batch 64 ran out).
-FLOP_COUNT_MAX_BATCH = 32
+# needs more memory than the compiled one that is timed (H100, 80 GB: batch 64 ran out), and two
+# small batches count in seconds what one large one counts in a minute. Every row, icp's and the
+# peers', is counted this way.
+FLOP_COUNT_MAX_BATCH = 8
 
 
 def count_flops_fitted(step_at: Callable[[int], Callable[[], Any]], batch: int,

@@ -16,11 +16,21 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-class PlainTrainStep:
-    """One diffusers-style training step of the full UNet on given latents (callable)."""
+def mark_step(on: bool) -> None:
+    """A new step for inductor's CUDA graphs (compile mode reduce-overhead): what their error
+    ("accessing tensor output of CUDAGraphs that has been overwritten") tells a user to call
+    before each model invocation, so outputs kept from the last step may be overwritten."""
+    if on:
+        torch.compiler.cudagraph_mark_step_begin()
 
-    def __init__(self, backbone, batch: int, latent_hw: tuple[int, int], device: torch.device, seed: int = 0):
-        self.device = device
+
+class PlainTrainStep:
+    """One diffusers-style training step of the full UNet on given latents (callable).
+    ``mark_steps``: mark each step for inductor's CUDA graphs (:func:`mark_step`)."""
+
+    def __init__(self, backbone, batch: int, latent_hw: tuple[int, int], device: torch.device, seed: int = 0,
+                 mark_steps: bool = False):
+        self.device, self.mark_steps = device, mark_steps
         self.unet = backbone.unet.to(device).train()
         # As train_text_to_image.py: the frozen text encoder in the mixed-precision dtype.
         self.text_encoder = backbone.text_encoder.to(device, torch.bfloat16).requires_grad_(False)
@@ -36,6 +46,7 @@ class PlainTrainStep:
         self.batch = batch
 
     def __call__(self) -> torch.Tensor:
+        mark_step(self.mark_steps)
         with torch.no_grad():
             text = self.text_encoder(self.ids)[0]
         noise = torch.randn_like(self.latents)
@@ -54,13 +65,16 @@ class PlainSampler:
     """diffusers-pipeline-style DDIM sampling with batched CFG (uncond and cond in one batch).
 
     With ``controlnet`` (a diffusers ControlNetModel) it runs as StableDiffusionControlNetPipeline
-    does: the control net sees both CFG halves and its residuals go into the UNet.
+    does: the control net sees both CFG halves and its residuals go into the UNet. ``mark_steps``:
+    each denoising step marked for inductor's CUDA graphs (:func:`mark_step`).
     """
 
     def __init__(self, backbone, batch: int, latent_hw: tuple[int, int], device: torch.device,
                  steps: int = 30, guidance: float = 7.5, controlnet=None,
-                 weights_dtype: torch.dtype = torch.float32, decode: bool = True, seed: int = 0):
+                 weights_dtype: torch.dtype = torch.float32, decode: bool = True, seed: int = 0,
+                 mark_steps: bool = False):
         self.device, self.batch, self.steps, self.guidance, self.decode = device, batch, steps, guidance, decode
+        self.mark_steps = mark_steps
         self.unet = backbone.unet.to(device, weights_dtype).eval()
         self.codec = backbone.codec.to(device, weights_dtype).eval()
         self.controlnet = controlnet.to(device, weights_dtype).eval() if controlnet is not None else None
@@ -87,6 +101,7 @@ class PlainSampler:
         latents = self.noise * self.scheduler.init_noise_sigma
         with autocast(self.device):
             for t in self.scheduler.timesteps:
+                mark_step(self.mark_steps)
                 x = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
                 down = mid = None
                 if self.controlnet is not None:
@@ -103,6 +118,7 @@ class PlainSampler:
                 eps = eps_u + self.guidance * (eps_c - eps_u)
                 latents = self.scheduler.step(eps, t, latents).prev_sample
             if self.decode:
+                mark_step(self.mark_steps)
                 return self.codec.decode(latents)
         return latents
 

@@ -10,6 +10,13 @@ from pathlib import Path
 import torch
 
 from .attn import KERNELS
+from .plan import load_targets
+
+# The compiled peers (icp.bench.peer) and the rows read against the best of them (issue 29):
+# icp's training rows (b_*) against the best a_peer_* row, its sampling rows against d_peer_*.
+PEERS = {"b_": "a_peer_", "d_task": "d_peer_"}
+# Each peer against the eager loop it compiles: what torch.compile alone gives.
+EAGER_OF_PEER = {"a_peer_": "a_plain", "d_peer_": "d_plain_controlnet"}
 
 
 # Which row each row is compared with ("vs" column): same work, plainest implementation.
@@ -38,13 +45,42 @@ def baseline_of(name: str) -> str | None:
     return None
 
 
+def best_row(table: list[dict], prefix: str, max_gib: float | None = None) -> dict | None:
+    """The fastest row (samples/s) whose name starts with ``prefix``, among those that fit
+    ``max_gib`` (a row whose peak memory is unknown, as on CPU, fits); None if there is none."""
+    fits = [r for r in table if r["name"].startswith(prefix) and not math.isnan(r["samples_per_s"])
+            and not (max_gib is not None and r["peak_gib"] > max_gib)]
+    return max(fits, key=lambda r: r["samples_per_s"], default=None)
+
+
+def vs_of(name: str, peers: dict[str, dict | None]) -> str | None:
+    """The row ``name`` is compared with: the best peer of its kind where the run has one."""
+    base = name.partition("+")[0]
+    for prefix, peer in PEERS.items():
+        if base.startswith(prefix) and peers.get(peer) is not None:
+            return peers[peer]["name"]
+    for peer, eager in EAGER_OF_PEER.items():
+        if base.startswith(peer):
+            return eager
+    return baseline_of(name)
+
+
 def rows(bench) -> list[dict]:
-    by_name = {r.name: r for r in bench.results}
-    return [r.row(bench.peak, by_name.get(baseline_of(r.name) or "")) | {"vs": baseline_of(r.name)}
-            for r in bench.results]
+    table = [r.row(bench.peak, None) for r in bench.results]
+    limit = load_targets()["training"]["max_peak_gib"]
+    peers = {p: best_row(table, p, limit) for p in EAGER_OF_PEER}
+    by_name = {r["name"]: r for r in table}
+    for r in table:
+        r["vs"] = vs_of(r["name"], peers)
+        base = by_name.get(r["vs"] or "")
+        r["vs_baseline"] = r["samples_per_s"] / base["samples_per_s"] if base else float("nan")
+    return table
 
 
-def targets(bench, table: list[dict]) -> list[str]:
+def targets(bench, table: list[dict], rules: dict | None = None) -> list[str]:
+    """The verdicts (rules: experiments/perf/targets.yaml), every ratio against the best
+    compiled peer of the same run."""
+    rules = rules or load_targets()
     by = {r["name"]: r for r in table}
     out = []
 
@@ -61,25 +97,36 @@ def targets(bench, table: list[dict]) -> list[str]:
             out.append("  - also tried in this run: " + ", ".join(f"{r['name']} {fmt(r)}" for r in others))
         out.append("  - earlier rounds: docs/history/performance.md")
 
-    defaults = [r for r in table if r["name"].startswith("b_task_defaults")]
-    if defaults:
-        best = max(defaults, key=lambda r: r["samples_per_s"])
-        check("(b) >= 1.5x baseline, >= 42% MFU", best["vs_baseline"] >= 1.5 and best["mfu"] >= 0.42,
-              f"{best['name']} {best['vs_baseline']:.2f}x, MFU {best['mfu']:.1%}", best, defaults)
-    if "b_task_off" in by and not math.isnan(by["b_task_off"]["vs_baseline"]):
-        r = by["b_task_off"]
-        check("(b) settings off within 3% of baseline", abs(r["vs_baseline"] - 1) <= 0.03, f"{r['vs_baseline']:.3f}x")
+    def against_peer(label, tried, peer_prefix, rule, mfu=None):
+        """The best of ``tried`` (icp's rows of one kind) against the best ``peer_prefix`` row."""
+        limit = rules["training"]["max_peak_gib"]
+        best, peer = best_row(tried, "", limit), best_row(table, peer_prefix, limit)
+        if best is None:
+            return
+        if peer is None:
+            out.append(f"- n/a {label}: no compiled peer row ({peer_prefix}*) ran in this run")
+            return
+        ratio = best["samples_per_s"] / peer["samples_per_s"]
+        mfu_ok = mfu is None or best["mfu"] >= mfu
+        need = f">= {rule:.2f}x the best compiled peer" + (f", >= {mfu:.0%} MFU" if mfu is not None else "")
+        check(f"{label} {need}", ratio >= rule and mfu_ok,
+              f"{best['name']} (batch {best['batch']}) {ratio:.2f}x {peer['name']} (batch {peer['batch']})"
+              + (f", MFU {best['mfu']:.1%}" if mfu is not None else ""), best, tried)
+
+    train = rules["training"]
+    against_peer("training", [r for r in table if r["name"].startswith("b_task_defaults")], "a_peer_",
+                 train["vs_best_peer"], train["mfu"])
+    if "b_task_off" in by and "a_plain" in by:
+        r, within = by["b_task_off"]["samples_per_s"] / by["a_plain"]["samples_per_s"], rules["framework"]["within"]
+        check(f"framework: settings off within {within:.0%} of the eager plain loop", abs(r - 1) <= within, f"{r:.3f}x")
     for r in table:
         if r["name"].startswith("c_") and r["name"].partition("+")[0].endswith("_defaults"):
-            stem = r["name"].partition("+")[0]
+            stem, need = r["name"].partition("+")[0], rules["steps"]["mfu"]
             variants = [v for v in table if v["name"].partition("+")[0] == stem]
-            check(f"(c) {r['name']} >= 40% MFU", r["mfu"] >= 0.40, f"MFU {r['mfu']:.1%}", r, variants,
+            check(f"steps: {r['name']} >= {need:.0%} MFU", r["mfu"] >= need, f"MFU {r['mfu']:.1%}", r, variants,
                   fmt=lambda v: f"MFU {v['mfu']:.1%}")
-    tasks = [r for r in table if r["name"].startswith("d_task") and r["name"] != "d_task_off"]
-    if tasks and "d_plain_controlnet" in by:
-        best = max(tasks, key=lambda r: r["samples_per_s"])
-        check("(d) icp sampling >= 2x the plain loop (same models)", best["vs_baseline"] >= 2,
-              f"{best['name']} {best['vs_baseline']:.2f}x of d_plain_controlnet", best, tasks)
+    sampling = [r for r in table if r["name"].startswith("d_task") and r["name"] != "d_task_off"]
+    against_peer("sampling", sampling, "d_peer_", rules["sampling"]["vs_best_peer"])
     if bench.loader and bench.loader.get("rates"):
         need = max((r["samples_per_s"] for r in table if r["name"].startswith("c_")), default=float("nan"))
         best = max(bench.loader["rates"], key=lambda r: r["samples_per_s"])
@@ -96,6 +143,31 @@ def _num(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.0f}"
 
 
+def machine(env: dict) -> str:
+    """The machine of a run, in words (the results file names it first)."""
+    soft = ", ".join(f"{k} {env[k]}" for k in ("torch", "diffusers", "lightning", "cuda", "cudnn") if k in env)
+    if env.get("gpu"):
+        return (f"{env['gpu']} ({env.get('sms')} SMs, {env.get('gpu_mem_gib')} GiB), {env.get('cpu_count')} CPU "
+                f"cores; {soft}")
+    return f"no GPU ({env.get('device', 'cpu')}, {env.get('cpu_count')} CPU cores; a smoke run, not a measurement); {soft}"
+
+
+def peer_summary(table: list[dict]) -> list[str]:
+    """The compiled peer rows of the run and icp's rows read against the best of them."""
+    lines = []
+    for label, prefix, peer in (("Training", "b_", "a_peer_"), ("Sampling", "d_task", "d_peer_")):
+        peers = [r for r in table if r["name"].startswith(peer)]
+        if not peers:
+            continue
+        if not lines:
+            lines = ["## Against the compiled peer (plain diffusers + torch.compile, icp.bench.peer)", "",
+                     "| kind | row | batch | samples/s | MFU | peak GiB | vs | ratio |", "|---|---|---|---|---|---|---|---|"]
+        for r in peers + [r for r in table if r["name"].startswith(prefix) and r["vs"] in {p["name"] for p in peers}]:
+            lines.append(f"| {label} | {r['name']} | {r['batch']} | {r['samples_per_s']:.2f} | {r['mfu']:.1%} | "
+                         f"{r['peak_gib']:.1f} | {r['vs'] or '-'} | {r['vs_baseline']:.2f} |")
+    return lines + [""] if lines else []
+
+
 def write_report(out: Path, bench) -> None:
     table = rows(bench)
     data = {"environment": getattr(bench, "env", {}), "peak_bf16_tflops": bench.peak, "sizes": bench.size,
@@ -103,8 +175,10 @@ def write_report(out: Path, bench) -> None:
             "targets": targets(bench, table), "notes": bench.notes, "profiles": bench.profiles}
     (out / f"bench_train{bench.tag}.json").write_text(json.dumps(data, indent=1, default=str))
     lines = ["# Training / sampling benchmark (eval/bench_train.py)", "",
-             "Environment: " + ", ".join(f"{k}={v}" for k, v in data["environment"].items()), "",
+             "Machine: " + machine(data["environment"]), "",
              f"bf16 matmul peak measured in this run: {bench.peak:.1f} TFLOP/s (MFU denominator).", "",
+             *peer_summary(table), "## Targets (experiments/perf/targets.yaml)", *data["targets"], "",
+             "## All rows", "",
              "'off' rows: model.perf all off (icp.perf.OFF); 'defaults' rows: the config's model.perf "
              f"`{json.dumps(bench.on)}`", "",
              "| row | batch | samples/s | GFLOP/sample | TFLOP/s | MFU | peak GiB | ms/step | vs | ratio | warm-up s |",
@@ -126,7 +200,6 @@ def write_report(out: Path, bench) -> None:
                                   f"{r.get('graph_other_batch_vs_first', float('nan')):.4f}" for r in kept)]
     if bench.loader:
         lines += ["", "Loader (e): " + json.dumps(bench.loader)]
-    lines += ["", "## Targets", *data["targets"]]
     if bench.notes:
         lines += ["", "## Notes", *[f"- {n}" for n in bench.notes]]
     if bench.errors:

@@ -1,18 +1,22 @@
-"""GPU training / sampling / loader benchmark (issue 9): one run, one table.
+"""GPU training / sampling / loader benchmark (issues 9, 29): one run, one table.
 
-    python eval/bench_train.py --budget 540 --out DIR        # the default plan: every target (GPU)
-    python eval/bench_train.py --only ROWS --budget 540 ...  # rows the budget skipped, or a question
+    python eval/bench_train.py --budget 500 --out DIR        # the default plan "peer" (GPU, one call)
+    python eval/bench_train.py --plan steps --budget 500 ... # the stitching / adaptation MFU targets
+    python eval/bench_train.py --only ROWS --budget 500 ...  # rows the budget skipped, or a question
     python eval/bench_train.py --tiny --out /tmp/bench_tiny  # every code path, tiny, CPU, ~1 min
 
-The default plan (:data:`PLAN`) runs every target's rows under the project defaults, against one
-baseline and one measured peak (~15 minutes on an H100, compilation included: two calls of at most
-10 minutes, the second ``--only`` the rows the first one's report lists as skipped).
+The plans (icp.bench.plan.PLANS) run the targets' rows under the project defaults, against one
+measured peak, within one GPU call each; the verdicts follow experiments/perf/targets.yaml, every
+ratio against the best compiled-peer row of the same run (eval/gpu/bench_peer.sh runs them).
 
 Rows (``--only``: row names or section letters, in order; ``ROW@key=value`` changes switches):
 
 - peak: bf16 matmul rate, the MFU denominator;
-- a: the plain diffusers train step (the baseline, ``a_plain``), its 64x128 canvas version, and
-  the same loop with single switches (``a_variants``: channels_last, SDPA kernels; ``a_compile``);
+- a: the plain diffusers train step (eager: ``a_plain``), its 64x128 canvas version, and
+  the same loop with single switches (``a_variants``: channels_last, SDPA kernels);
+- peer: the compiled peer (icp.bench.peer): ``a_peer_<default|ro>_bsN``, the plain step with
+  ``torch.compile(unet)`` (default / reduce-overhead) at batch N (``a_peer``: each of ``--peer-batches``
+  in both modes); ``d_peer_<default|ro>``, the plain ControlNet loop compiled as diffusers' docs do;
 - b: the same denoising step through icp's task and ``lightning.Trainer``: ``b_task_off``
   (``model.perf`` all off: the framework alone), ``b_task_defaults`` (the project's defaults, read
   from experiments/stitching/sd15.yaml's ``model.perf``) and ``b_task_defaults_big`` (defaults at a
@@ -28,8 +32,9 @@ Rows (``--only``: row names or section letters, in order; ``ROW@key=value`` chan
 
 ``b_task_defaults_bsN``: the (b) defaults row at batch N (``_big`` = ``--big-batch``). Task rows are
 built as a config builds them (``perf=<model.perf>``, an AdamW ``_partial_``; "off" rows fuse it as
-(a) does). FLOPs are counted eagerly before compilation; ``--budget`` skips a row whose estimated
-time (ROW_COST_S) no longer fits, and the table (bench_train[_TAG].{json,md} in --out) is rewritten
+(a) does). FLOPs are counted eagerly before compilation, on two small batches and scaled linearly
+above them (common.count_flops_fitted: every row, any batch); ``--budget`` skips a row whose estimated
+time (plan.ROW_COST_S) no longer fits, and the table (bench_train[_TAG].{json,md} in --out) is rewritten
 after each row.
 """
 
@@ -39,7 +44,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import time
 import traceback
 from pathlib import Path
@@ -49,6 +53,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from icp.bench import common, plain, tasks  # noqa: E402
+from icp.bench.peer import PeerRows  # noqa: E402
+from icp.bench.plan import (ALL_ROWS, BATCH_ROW, GRAPH_NEUTRAL, PLAN, PLAN_PROFILE, PLANS, PEER_SAMPLE,  # noqa: E402,F401
+                            PEER_TRAIN, ROW_COST_S, SECTIONS, SIZES, TASK_KEYS, known_row, parse_settings, row_cost)
 from icp.bench.sampling import SamplingRows  # noqa: E402
 from icp.bench.report import write_report  # noqa: E402
 
@@ -57,58 +64,6 @@ from icp.core.paths import REPO, RESULTS  # noqa: E402
 from icp.models import backbone as bb  # noqa: E402
 
 ROOT = REPO
-SIZES = {
-    "full": dict(res=512, batch=32, big_batch=72, canvas_batch=16, task_batch=32, sample_batch=8, steps=30,
-                 vae_batch=32, warmup=3, iters=10, sample_iters=2, loader_ids=16, loader_views=4, loader_batch=16),
-    "tiny": dict(res=32, batch=2, big_batch=3, canvas_batch=2, task_batch=2, sample_batch=2, steps=3, vae_batch=2,
-                 warmup=1, iters=2, sample_iters=1, loader_ids=2, loader_views=3, loader_batch=2),
-}
-# Estimated seconds per row on an H100/H200 with 16 cores (build + warm-up + timing; compile rows
-# include torch.compile of their block shapes: 2-4 min for the UNet's fwd+bwd, measured on the
-# H200: c_stitching_defaults 185-225 s of warm-up, b_task_defaults_bs48 120-138 s, d 86-114 s).
-# c_adaptation_defaults after c_stitching_defaults reuses the frozen-UNet, VAE and trainable
-# control-net graphs (same shapes), so it compiles far less (35 s of warm-up).
-ROW_COST_S = {
-    "peak": 10, "a_plain": 25, "a_plain_canvas": 25, "a_variants": 110, "a_compile": 240,
-    "b_task_off": 30, "b_task_defaults": 200, "b_task_defaults_big": 180,
-    "c_stitching_off": 35, "c_stitching_defaults": 270, "c_adaptation_off": 45, "c_adaptation_defaults": 120,
-    "d_plain_unet": 20, "d_plain_controlnet": 25, "d_task_off": 40, "d_task_defaults": 150,
-    "d_task_defaults_nograph": 25, "d_task_defaults_nocompile": 30, "vae": 45, "e": 100, "attn": 60,
-}
-# Switches that leave the compiled graphs as they are: a variant of only these reuses the graphs of
-# its base row (inductor's cache), so it costs a fraction of the base row.
-GRAPH_NEUTRAL = {"cudnn_benchmark", "foreach_ema", "ema_decay", "lagged_progress_loss"}
-# Row keys that are task arguments, not model.perf switches: ``ema_decay`` (what sd15.yaml trains
-# with, 0.9999; the (a) loop and the plain rows have no EMA).
-TASK_KEYS = {"ema_decay"}
-BATCH_ROW = re.compile(r"b_task_defaults_bs(\d+)")  # (b) defaults at batch N, costed like _big
-SECTIONS = {
-    "peak": ["peak"], "a": ["a_plain", "a_plain_canvas", "a_variants"], "late": ["a_compile"],
-    "b": ["b_task_off", "b_task_defaults", "b_task_defaults_big"],
-    "c": ["c_stitching_off", "c_stitching_defaults", "c_adaptation_off", "c_adaptation_defaults"],
-    "d": ["d_plain_unet", "d_plain_controlnet", "d_task_off", "d_task_defaults_nocompile", "d_task_defaults_nograph",
-          "d_task_defaults"],
-    "vae": ["vae"], "e": ["e"], "attn": ["attn"],
-}
-
-
-# Every row, in section order: what --tiny runs (each code path on CPU) and ``--only all``.
-ALL_ROWS = ["peak", *SECTIONS["a"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e", "attn", "a_compile"]
-# The default plan: every target under the project defaults, against one baseline and one measured
-# peak, ordered by what a call must not miss (the ratio targets first). c_adaptation_defaults runs
-# after c_stitching_defaults and reuses its frozen-UNet, VAE and control-net graphs (ROW_COST_S).
-PLAN = ["peak", "a_plain", "b_task_off", "b_task_defaults_big", "c_stitching_defaults", "c_adaptation_defaults",
-        "d_plain_controlnet", "d_task_defaults", "e"]
-PLAN_PROFILE = "b_task_defaults_big,c_adaptation_defaults,d_task_defaults"  # torch.profiler tables of these
-SECTIONS["all"] = ALL_ROWS
-
-
-def parse_settings(spec: str) -> dict:
-    out = {}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        out[key] = {"1": True, "0": False, "true": True, "false": False}.get(value, None if value == "none" else value)
-    return out
 
 
 def project_defaults() -> dict:
@@ -119,7 +74,7 @@ def project_defaults() -> dict:
     return perf.settings(dict(cfg.model.perf))
 
 
-class Bench(SamplingRows):
+class Bench(SamplingRows, PeerRows):
     """One benchmark run: builds each row as a config would, times it, writes the table after each row."""
 
     def __init__(self, args):
@@ -128,6 +83,8 @@ class Bench(SamplingRows):
         self.size = dict(SIZES["tiny" if args.tiny else "full"])
         for key in ("batch", "big_batch", "task_batch"):  # --batch, --big-batch, --task-batch (0: the size's)
             self.size[key] = getattr(args, key) or self.size[key]
+        if args.peer_batches:
+            self.size["peer_batches"] = tuple(int(b) for b in args.peer_batches.split(","))
         self.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
         self.defaults = perf.settings({**project_defaults(), **parse_settings(args.perf)})
         self.results: list[common.Result] = []
@@ -208,13 +165,13 @@ class Bench(SamplingRows):
 
     def guarded(self, name: str, fn) -> None:
         base, _, spec = name.partition("@")
-        cost = ROW_COST_S.get("b_task_defaults_big" if BATCH_ROW.fullmatch(base) else base, 60)
+        cost = row_cost(base)
         variant = parse_settings(spec.replace(";", ","))
         core = ";".join(item for item in spec.split(";") if item and item.partition("=")[0] not in GRAPH_NEUTRAL)
         ran = base + (f"+{core}" if core else "")
         if variant and core != spec and any(r.name == ran for r in self.results):
             # Same compiled graphs as the row that just ran: inductor's cache answers (H200: 49 s
-            # for d_task_defaults@cudnn_benchmark=1 after d_task_defaults' 150 s). After a row with
+            # for a graph-neutral variant of d_task_defaults after its 150 s). After a row with
             # inductor's CUDA graphs dynamo compiles again (tasks.free), from the on-disk caches.
             cost = cost * 2 // 3 if self.uses_cudagraphs(variant) else max(30, cost // 3)
         if str(variant.get("compile", "")).startswith("max-autotune"):
@@ -233,9 +190,9 @@ class Bench(SamplingRows):
             self.errors[name] = common.error_line(err)
             traceback.print_exc()
         finally:
-            graphs = self.uses_cudagraphs()
+            # A peer row's compiled nets are dropped with dynamo's code: nothing later reuses them.
+            graphs = self.uses_cudagraphs() or base.startswith(("a_peer", "d_peer"))
             self.variant, self.suffix = {}, ""
-            torch.backends.cudnn.benchmark = False  # a row's cudnn_benchmark=1 is process-wide
             tasks.free(recompile=graphs)
             self.save()
 
@@ -257,21 +214,26 @@ class Bench(SamplingRows):
         self.peak = common.matmul_peak_tflops(self.device, size=1024 if self.tiny else 8192)
         print(f"bf16 matmul peak: {self.peak:.1f} TFLOP/s", flush=True)
 
-    def plain_train(self, name, batch, hw, switches: dict) -> None:
+    def plain_train(self, name, batch, hw, switches: dict, compile_mode: str | None = None) -> None:
+        """The plain train step, eager or (``compile_mode``) as the compiled peer (icp.bench.peer)."""
         parts = self.backbone()
-        step = plain.PlainTrainStep(parts, batch, hw, self.device)
         # Count FLOPs before compiling: dynamo refuses to trace under the counter's dispatch mode
-        # and then leaves the code eager for good (seen on the H100: compile measured 1.00x).
-        flops = common.count_flops(step)
+        # and then leaves the code eager for good (seen on the H100: compile measured 1.00x). On
+        # small batches, scaled to this one: an eager step at the compiled peer's batch 64 ran out
+        # of memory on the H100.
+        flops = common.count_flops_fitted(lambda n: plain.PlainTrainStep(parts, n, hw, self.device), batch)
+        step = plain.PlainTrainStep(parts, batch, hw, self.device, mark_steps=compile_mode == "reduce-overhead")
         if switches.get("channels_last"):
             perf.channels_last(parts.unet)
             step.latents = step.latents.contiguous(memory_format=torch.channels_last)
         perf.set_sdpa_backend(switches.get("sdpa", "auto"))
-        if self.device.type == "cuda":
-            perf.compile_module(parts.unet, switches.get("compile"), regional=switches.get("regional", True))
+        if compile_mode:
+            from icp.bench.peer import compile_peer
+
+            step.unet = compile_peer(step.unet, compile_mode, self.device)
         common.reset_memory(self.device)
         timing = common.time_steps(step, self.device, self.size["warmup"], self.size["iters"])
-        self.record(name, "a", batch, timing, flops, switches)
+        self.record(name, "a", batch, timing, flops, switches, first_steps_s=timing["warmup_s"])
         self.maybe_profile(name, step)
         perf.set_sdpa_backend("auto")
 
@@ -288,10 +250,6 @@ class Bench(SamplingRows):
         for spec in filter(None, self.args.plain_variants.split(";")):
             name = "a_" + spec.replace("=", "").replace(",", "_")
             self.guarded(name, lambda spec=spec, name=name: self.plain_train(name, b, (n, n), parse_settings(spec)))
-
-    def row_a_compile(self) -> None:
-        n, b = self.latent, self.size["batch"]
-        self.plain_train("a_compiledefault", b, (n, n), {"compile": "default"})
 
     # -------------------------------------------------------------------------------- (b), (c)
     def fit_task(self, name, section, task, batch, n_samples) -> None:
@@ -337,6 +295,12 @@ class Bench(SamplingRows):
         match = BATCH_ROW.fullmatch(base)
         if match:  # b_task_defaults_bsN
             return functools.partial(self.denoise_row, base, "defaults", int(match.group(1)))
+        match = PEER_TRAIN.fullmatch(base)
+        if match:  # a_peer_<mode>_bsN
+            return functools.partial(self.peer_train, match.group(1), int(match.group(2)))
+        match = PEER_SAMPLE.fullmatch(base)
+        if match:  # d_peer_<mode>
+            return functools.partial(self.peer_sample, match.group(1))
         return getattr(self, f"row_{base}")
 
     def task_row(self, kind: str, mode: str) -> None:
@@ -399,12 +363,11 @@ class Bench(SamplingRows):
             if "peak" not in names:
                 names.insert(0, "peak")
         else:
-            names = ALL_ROWS if self.tiny else PLAN
-        unknown = [n for n in names if n.partition("@")[0] not in ROW_COST_S
-                   and not BATCH_ROW.fullmatch(n.partition("@")[0])]
+            names = ALL_ROWS if self.tiny else PLANS[self.args.plan]
+        unknown = [n for n in names if not known_row(n.partition("@")[0])]
         if unknown:
-            raise SystemExit(f"bench_train: unknown row/section '{unknown[0]}'; rows: {', '.join(ROW_COST_S)}; "
-                             f"sections: {', '.join(SECTIONS)}")
+            raise SystemExit(f"bench_train: unknown row/section '{unknown[0]}'; rows: {', '.join(ROW_COST_S)}, "
+                             f"b_task_defaults_bsN, a_peer_<default|ro>_bsN; sections: {', '.join(SECTIONS)}")
         return names
 
     def run(self) -> None:
@@ -423,13 +386,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke run of every row)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even where a GPU exists")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--only", default="", help="comma list of rows or sections (a,b,c,d,vae,e,attn,late,all), in "
-                   "order, instead of the default plan; ROW@key=value[;key=value] runs a 'defaults' row with "
+    p.add_argument("--plan", default="peer", choices=sorted(PLANS), help="the rows to run (icp.bench.plan.PLANS)")
+    p.add_argument("--only", default="", help="comma list of rows or sections (a,peer,b,c,d,vae,e,attn,all), "
+                   "in order, instead of the plan; ROW@key=value[;key=value] runs a 'defaults' row with "
                    "switches changed (named ROW+key=value)")
     p.add_argument("--budget", type=float, default=0, help="seconds: skip rows whose estimate no longer fits")
     p.add_argument("--batch", type=int, default=0, help="override the (a)/(b) batch size")
     p.add_argument("--big-batch", type=int, default=0, help="override the batch of b_task_defaults_big")
     p.add_argument("--task-batch", type=int, default=0, help="override the batch of the (c) rows (32)")
+    p.add_argument("--peer-batches", default="", help="comma list of batches of the row a_peer (default: 32,64)")
     p.add_argument("--perf", default="", help="key=value list over the config's model.perf for 'defaults' rows")
     p.add_argument("--plain-variants", default="channels_last=1;sdpa=flash;sdpa=cudnn;sdpa=efficient",
                    help="';'-separated switch sets timed on the plain loop (row a_variants)")
