@@ -13,17 +13,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $L/machin
 python3 -c "import torch,diffusers;print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name())" >> $L/machine.txt
 D=/tmp/p64; R=/tmp/r; T0=$(date +%s)
 python3 -m icp.cli shards synth $D/train --identities 1024 --views 8 --resolution 64 --workers 14 --shard-size 64 > $L/data.log 2>&1 &
-python3 -m icp.cli shards synth $D/heldout --identities 32 --views 8 --resolution 64 --first-identity 1024 --shard-size 8 --workers 2 >> $L/data.log 2>&1
+python3 -m icp.cli shards synth $D/heldout --identities 32 --views 8 --resolution 64 --first-identity 1024 --shard-size 64 --workers 2 >> $L/data.log 2>&1
 wait; echo "data_s $(( $(date +%s)-T0 ))" >> $L/times.txt
 T1=$(date +%s)
 timeout 230 python3 -m icp.cli fit experiments/base_pretrain.yaml run.root=$R run.name=base64 data.shards=$D/train data.val_shards=$D/heldout data.resolution=64 model.backbone.width=64 +model.backbone.levels=3 +model.backbone.layers_per_block=2 +model.backbone.codec_factor=2 data.batch_size=128 data.num_workers=12 trainer.precision=bf16-mixed trainer.max_steps=10000 trainer.val_check_interval=2500 checkpoint.every_n_train_steps=2500 model.ema_decay=0.999 model.optimizer.lr=5.0e-4 callbacks.samples.every_n_steps=5000 logger.wandb=null +trainer.max_time=00:00:02:40 > $L/pretrain.log 2>&1
 echo "pretrain_rc $? pretrain_s $(( $(date +%s)-T1 ))" >> $L/times.txt
 B=$R/base_pretrain/base64
 cp $B/fit_metrics.json $L/ 2>/dev/null; tail -c 3000 $B/logs/csv/version_0/metrics.csv > $L/metrics_tail.csv 2>/dev/null
+# In parallel with the probe and the samples: the claims study's first seed on this base and these
+# shards, for whatever time is left (the report is rewritten after every job; a later call redoes it).
+LEFT=$(( 545 - ($(date +%s)-T0) ))
+timeout $LEFT python3 eval/paper_claims.py --config eval/claims/portrait64.yaml "seeds=[0]" data.out=$D \
+  fits.pretrain.backbone=$B/backbone report=$L/claims/portrait64 > $L/claims.log 2>&1 &
+CLAIMS=$!
 P="--resolution 64 --pairs 128 --ensemble 4 --batch-size 32 --first-identity 1024 --identities 32 --views 8"
 python3 -m icp.eval.correspondence --backbone $B/backbone $P --out $L/probe_base > $L/probe.log 2>&1
 python3 -m icp.eval.correspondence --backbone tiny --tiny '{"width":64,"levels":3,"layers_per_block":2,"codec_factor":2,"prediction_type":"sample"}' $P --out $L/probe_random >> $L/probe.log 2>&1
 python3 -m icp.eval.base_samples sample $B --count 256 --steps 25 --out $L/samples.npz > $L/samples.log 2>&1
+wait $CLAIMS; echo "claims_rc $?" >> $L/times.txt
+cp -r runs/portrait64_claims/logs $L/claims_logs 2>/dev/null
 echo "total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
 tar czf $OUT/results.tgz -C $OUT res
 python3 - "$B/backbone" <<'PY'
