@@ -1,4 +1,4 @@
-"""``icp slurm submit CONFIG [key=value ...] --nodes N --gpus-per-node G [...] [--dry-run]``."""
+"""``icp slurm submit CONFIG [key=value ...] --nodes N --gpus-per-node G [...] [--dry-run] [-m]``."""
 
 from __future__ import annotations
 
@@ -33,12 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="extra #SBATCH option, repeatable, e.g. --sbatch=--constraint=h100")
     s.add_argument("--template", help="sbatch template (jinja2) [slurm/fit.sbatch.j2]")
     s.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    s.add_argument("-m", "--multirun", action="store_true",
+                   help="sweep: key=a,b overrides are axes; ONE job array (--array=0-N), task i trains point i "
+                        "in its own run directory (manifest and logs in <run.root>/<experiment>/sweeps/<id>/)")
     s.set_defaults(func=run_submit)
 
 
 def run_submit(args: argparse.Namespace) -> int:
     from icp.core import config as cfglib
-    from icp.cluster.slurm import JobSpec, submit
+    from icp.cluster.slurm import JobSpec, submit, submit_array
+    from icp.jobs.preflight import preflight
 
     spec = JobSpec(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu=args.cpu, partition=args.partition,
@@ -46,7 +50,19 @@ def run_submit(args: argparse.Namespace) -> int:
         env_setup=args.env_setup, job_name=args.job_name, signal_seconds=args.signal_seconds,
         extra_sbatch=list(args.extra_sbatch),
     )
+    if args.multirun:
+        folder, script, job_id = submit_array(args.config, args.overrides, spec, dry_run=args.dry_run,
+                                              template=args.template, check=preflight)
+        if args.dry_run:
+            print(script, end="")
+            print(f"# sweep folder: {folder}")
+        else:
+            print(f"icp: submitted job array {job_id} for sweep {folder} (manifest: {folder}/sweep.json, "
+                  f"logs: {folder}/logs/)")
+        return 0
     cfg = cfglib.load(args.config, args.overrides)
+    cfglib.check_values(cfg)
+    preflight(cfg)  # data paths and every _target_, before the run directory is made
     run_dir, script, job_id = submit(cfg, spec, dry_run=args.dry_run, template=args.template)
     if args.dry_run:
         print(script, end="")

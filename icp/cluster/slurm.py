@@ -169,13 +169,36 @@ _LINE_BREAK = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 _SAFE_PATH = re.compile(r"[\w./+,:=@-]+")
 
 
-def render_script(cfg: DictConfig, run_dir: Path, spec: JobSpec, template: Path | None = None) -> str:
-    import jinja2
-
-    spec.check()
+def _check_path(run_dir: Path) -> None:
     if not _SAFE_PATH.fullmatch(run_dir.as_posix()):
         raise ConfigError(f"run directory {run_dir.as_posix()!r} cannot stand in an sbatch script (spaces, quotes or "
                           "control characters); choose run.root, experiment and run.name of letters, digits and _ . - /")
+
+
+def _array_lines(run_dirs: list[Path]) -> tuple[str, str]:
+    """A job array over ``run_dirs``: the #SBATCH option, and the shell lines that pick this task's
+    run directory by ``SLURM_ARRAY_TASK_ID`` (each task requeues on its own, as one job does)."""
+    for d in run_dirs:
+        _check_path(d)
+    listed = " ".join(shlex.quote(d.as_posix()) for d in run_dirs)
+    select = (f"RUN_DIRS=({listed})\n"
+              'RUN_DIR="${RUN_DIRS[${SLURM_ARRAY_TASK_ID:?not an array task}]}"\n'
+              'echo "icp: array task ${SLURM_ARRAY_TASK_ID} (job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}) runs ${RUN_DIR}"')
+    return f"--array=0-{len(run_dirs) - 1}", select
+
+
+def render_script(cfg: DictConfig, run_dir: Path, spec: JobSpec, template: Path | None = None,
+                  array_run_dirs: list[Path] | None = None) -> str:
+    """The sbatch script of one run; with ``array_run_dirs`` a job array, task i training the
+    saved config of ``array_run_dirs[i]`` and ``run_dir`` the folder holding the array's logs."""
+    import jinja2
+
+    spec.check()
+    _check_path(run_dir)
+    extra, env_setup, config = list(spec.extra_sbatch), spec.env_setup, shlex.quote((run_dir / "config.yaml").as_posix())
+    if array_run_dirs:
+        option, select = _array_lines(array_run_dirs)
+        extra, env_setup, config = [option, *extra], f"{env_setup}\n{select}".lstrip("\n"), '"${RUN_DIR}/config.yaml"'
 
     template = Path(template) if template else TEMPLATE_DIR / "fit.sbatch.j2"
     if not template.is_file():
@@ -186,9 +209,8 @@ def render_script(cfg: DictConfig, run_dir: Path, spec: JobSpec, template: Path 
         run_dir=run_dir.as_posix(), job_name=re.sub(r"[^\w.-]", "_", name), nodes=spec.nodes,
         tasks_per_node=spec.tasks_per_node, gpus_per_node=None if spec.cpu_job else spec.gpus_per_node,
         cpus_per_task=spec.cpus_per_task, mem=spec.mem, time=spec.time, partition=spec.partition,
-        account=spec.account, signal_seconds=spec.signal_seconds, extra_sbatch=spec.extra_sbatch,
-        env_setup=spec.env_setup, icp_command=spec.command(),
-        config=shlex.quote((run_dir / "config.yaml").as_posix()),
+        account=spec.account, signal_seconds=spec.signal_seconds, extra_sbatch=extra,
+        env_setup=env_setup, icp_command=spec.command(), config=config,
     )
     leaked = leaks(script)
     if leaked:
@@ -220,16 +242,51 @@ def submit(cfg: DictConfig, spec: JobSpec, dry_run: bool = False, template: Path
     script = render_script(cfg, run_dir, spec, template)
     if dry_run:
         return run_dir, script, None
+    _need(sbatch)
+    run_dir = rundir.prepare(cfg)
+    return run_dir, script, _sbatch(sbatch, run_dir, script)
+
+
+def _need(sbatch: str) -> None:
     if shutil.which(sbatch) is None:
         raise IcpError(f"'{sbatch}' not found on PATH: submit from a Slurm login node, or use --dry-run to see the script")
-    run_dir = rundir.prepare(cfg)
-    path = run_dir / SCRIPT_NAME
+
+
+def _sbatch(sbatch: str, folder: Path, script: str) -> str:
+    """Write ``folder/job.sbatch``, submit it, note the job id in ``folder/logs/slurm_jobs.txt``."""
+    path = folder / SCRIPT_NAME
     path.write_text(script)
     done = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no message"]
         raise IcpError(f"sbatch refused {path}: {reason[0]}")
     job_id = parse_job_id(done.stdout)
-    with open(run_dir / "logs" / "slurm_jobs.txt", "a") as fh:
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    with open(folder / "logs" / "slurm_jobs.txt", "a") as fh:
         fh.write(job_id + "\n")
-    return run_dir, script, job_id
+    return job_id
+
+
+def submit_array(config: str, overrides: list[str], spec: JobSpec, dry_run: bool = False,
+                 template: Path | None = None, sbatch: str = "sbatch", check=None) -> tuple[Path, str, str | None]:
+    """A sweep (``icp slurm submit CONFIG -m key=a,b ...``) as one job array, one task per point.
+
+    Every point's run directory is prepared (config.yaml) before submitting, so task i runs
+    exactly the saved config of point i and a requeued task resumes its own run. ``check(cfg)``
+    runs on each point before anything is written (the CLI passes the preflight). Returns (sweep folder, script, job id).
+    """
+    from icp.core import rundir
+    from icp.core import sweep as sweeplib
+
+    plan = sweeplib.plan(config, overrides, prepare=lambda cfg: prepare_config(cfg, spec))
+    folder = plan.directory
+    script = render_script(plan.configs[0], folder, spec, template, array_run_dirs=plan.run_dirs)
+    for cfg in plan.configs if check is not None else ():
+        check(cfg)
+    if dry_run:
+        return folder, script, None
+    _need(sbatch)
+    for cfg in plan.configs:
+        rundir.prepare(cfg)
+    sweeplib.write_manifest(plan)
+    return folder, script, _sbatch(sbatch, folder, script)
