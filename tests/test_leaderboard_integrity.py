@@ -73,7 +73,7 @@ def test_record_holds_checkpoint_and_manifest_sha256_and_leaderboard_rechecks_th
     with pytest.raises(LeaderboardError, match="sha256"):
         build([str(path)], tmp_path / "lb3")
     # A malformed record is one line, not a KeyError from deep inside.
-    path.write_text(json.dumps({"format": record["format"], "metrics": {}}))
+    path.write_text(json.dumps({"schema": record["schema"], "metrics": {}}))
     assert main(["leaderboard", str(path), "--out", str(tmp_path / "lb4")]) == 2
 
 

@@ -19,7 +19,7 @@ def test_quickstart_shortened_runs_end_to_end_and_caches(repo_root, tmp_path, mo
                  "evaluate/pairs.png"):
         assert (run_dir / name).is_file(), name
     result = json.loads((run_dir / "evaluate/metrics.json").read_text())
-    by_name = {row["name"]: row for row in result["metrics"]}
+    by_name = {row["name"]: row for row in result["rows"]}
     assert {"id_cos_icp", "psnr", "flow_epe", "flow_epe_zero", "landmark_err", "yaw_err", "silhouette_iou"} <= set(by_name)
     # every metric beside its trivial baselines (that the other identity is never the same person is
     # tests/test_paired.py's property test)
@@ -28,6 +28,17 @@ def test_quickstart_shortened_runs_end_to_end_and_caches(repo_root, tmp_path, mo
     assert "baseline" in result["summary"]
     html = (run_dir / "report.html").read_text()
     assert "id_cos_icp" in html and "evaluate/grid.png" in html
+    # One metrics.json schema (issue 28): `icp eval` of the root (held-out set and embedder from the
+    # run) writes what the evaluate stage wrote, and the leaderboard takes the root.
+    assert result["schema"] == "icp-metrics/2" and result["source"] == "icp run"
+    assert cli.main(["eval", str(run_dir), "pairs.num_samples=4", "generation.num_steps=1", "metrics.identity=[icp]",
+                     "metrics.fid=false", "--device", "cpu"]) == 0
+    record = json.loads((run_dir / "eval/metrics.json").read_text())
+    assert set(result) - {"relighting", "flows", "notes", "reliability", "key"} == set(record)
+    assert record["extractors"]["identity_icp"]["sha256"] == result["extractors"]["identity_icp"]["sha256"]
+    assert record["checkpoint_sha256"] == result["checkpoint_sha256"]
+    assert cli.main(["leaderboard", str(run_dir), "--out", str(tmp_path / "lb")]) == 0
+    assert cli.main(["leaderboard", str(run_dir / "evaluate/metrics.json"), "--out", str(tmp_path / "lb2")]) == 0
     # Re-running the same command skips every stage; changing one stage re-runs it and those after it.
     capsys.readouterr()
     assert cli.main(args) == 0

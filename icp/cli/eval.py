@@ -1,4 +1,8 @@
-"""``icp eval RUN_DIR|CHECKPOINT`` and ``icp leaderboard RUN...`` (see eval/protocol.md)."""
+"""``icp eval RUN`` and ``icp leaderboard RUN...`` (see eval/protocol.md).
+
+RUN is any run icp.core.runs.resolve takes: an ``icp fit`` run, a checkpoint in it, the main
+job's root (``runs/quickstart/main``), a claims sub-run; the leaderboard also takes metrics.json files.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,18 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="measure a trained run under the benchmark protocol -> metrics.json",
-                       description="Generate the protocol's held-out pairs with the run's task and score them. "
-                                   "Writes RUN_DIR/eval/metrics.json (values, extractors + weight sha256, "
-                                   "data manifest sha256, protocol id, config hash, code version).")
-    p.add_argument("target", help="run directory (made by `icp fit`) or a checkpoint in its checkpoints/")
-    p.add_argument("overrides", nargs="*", help="protocol dotlist overrides, e.g. metrics.embedder=runs/embedder/x/embedder.pt")
+                       description="Generate the protocol's held-out pairs with the run's model and score them. "
+                                   "The held-out shards, embedder and resolution default to the run's own. "
+                                   "Writes RUN/eval/metrics.json (schema icp-metrics/2: values, intervals, "
+                                   "extractors + weight sha256, data manifest sha256, protocol id, config hash, "
+                                   "code version).")
+    p.add_argument("target", metavar="RUN", help="a run directory (`icp fit`'s, the main job's root such as "
+                   "runs/quickstart/main, a claims sub-run) or a checkpoint in its checkpoints/")
+    p.add_argument("overrides", nargs="*", help="protocol dotlist overrides, e.g. dataset.shards=data_shards/synth/eval "
+                   "metrics.embedder=runs/embedder/x/embedder.pt (anywhere on the line)")
     p.add_argument("--protocol", default=None, help="protocol YAML (default: eval/protocol.yaml)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--out", default=None, help="where to write metrics.json (default: RUN_DIR/eval/metrics.json)")
+    p.add_argument("--out", default=None, help="where to write metrics.json (default: RUN/eval/metrics.json)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load a checkpoint that needs full unpickling: this RUNS CODE stored in the file; "
                         "only for checkpoints from people you trust")
@@ -23,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("leaderboard", help="rank runs evaluated under one protocol -> Markdown + HTML + plot",
                        description="Refuses entries of different protocols and entries whose weights or data "
                                    "changed since they were evaluated.")
-    q.add_argument("entries", nargs="+", help="run directories (with eval/metrics.json) or metrics.json files")
+    q.add_argument("entries", nargs="+", help="runs of any kind (their eval/metrics.json, else the main job's "
+                   "evaluate/metrics.json) or metrics.json files")
     q.add_argument("--out", default="leaderboard", help="output folder (default: ./leaderboard)")
     q.add_argument("--sort", default=None, help="metric to rank by (default: id_cos_icp, else id_cos_dlib, else fid)")
     q.set_defaults(func=run_leaderboard)
@@ -40,12 +49,16 @@ def run_eval(args: argparse.Namespace) -> int:
     import json
 
     record = json.loads(path.read_text())
-    for name, value in sorted(record["metrics"].items()):
-        print(f"{name:>18s}  {value:.4f}")
-    for name in record.get("no_valid_samples", []):
-        print(f"{name:>18s}  no valid sample (e.g. no face detected in any output)")
-    for name, why in sorted(record["unavailable"].items()):
-        print(f"{name:>18s}  unavailable: {why}")
+    empty = set(record.get("no_valid_samples", []))
+    for row in record["rows"]:  # value with its identity-bootstrap interval where it has one
+        name, value = row["name"], row.get("value")
+        if row.get("unavailable"):
+            print(f"{name:>18s}  unavailable: {row['unavailable']}")
+        elif name in empty or value is None:
+            print(f"{name:>18s}  no valid sample (e.g. no face detected in any output)")
+        else:
+            print(f"{name:>18s}  {row.get('interval') or format(value, '.4f')}")
+    print(record["summary"])
     print(f"icp: wrote {path}")
     return 0
 

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from icp.core.errors import DataError, IcpError
-from icp.eval.record import DIGEST_FIELDS, FORMAT, protocol_id, record_digest, sha256_of
+from icp.eval.record import DIGEST_FIELDS, FORMAT, SCHEMA, protocol_id, record_digest, sha256_of
 
 # Direction of each metric (True = higher is better); unknown metrics are shown, not ranked.
 HIGHER_IS_BETTER = {"id_cos_icp": True, "id_cos_dlib": True, "id_cos_facenet": True, "clip_i": True,
@@ -29,11 +29,27 @@ class LeaderboardError(IcpError):
     """Records that cannot share one leaderboard."""
 
 
-def load_record(path: str | Path) -> dict:
-    """A metrics.json, given itself or the run directory holding ``eval/metrics.json``."""
+def record_path(path: str | Path) -> Path:
+    """The metrics.json of ``path``: itself, or that of a run of any kind icp.core.runs.resolve takes
+    (a fit run, the main job's root, a claims sub-run, a checkpoint): ``icp eval``'s first."""
+    from icp.core.runs import resolve
+
     path = Path(path)
+    if path.is_dir() and not (path / "eval" / "metrics.json").is_file():  # a folder holding just eval/ still counts
+        found = resolve(path).metrics
+        if found is None:
+            raise DataError(f"{path}: the run has no metrics.json yet; run `icp eval {path}` first")
+        return found
     if path.is_dir():
-        path = path / "eval" / "metrics.json"
+        return path / "eval" / "metrics.json"
+    if path.suffix == ".ckpt":
+        return record_path(resolve(path).root)
+    return path
+
+
+def load_record(path: str | Path) -> dict:
+    """A metrics.json, given itself or a run directory of any kind (see :func:`record_path`)."""
+    path = record_path(path)
     if not path.is_file():
         raise DataError(f"{path}: no metrics.json; run `icp eval RUN_DIR` first")
     if not path.is_file() or path.stat().st_size > MAX_RECORD_BYTES:
@@ -44,8 +60,10 @@ def load_record(path: str | Path) -> dict:
         raise DataError(f"{path}: not valid JSON ({getattr(err, 'msg', type(err).__name__)})") from None
     if not isinstance(record, dict):
         raise DataError(f"{path}: a metrics record is a JSON object, not a {type(record).__name__}; make it with `icp eval`")
-    if record.get("format") != FORMAT:
-        raise DataError(f"{path}: not an icp metrics record (format {record.get('format')!r}); make it with `icp eval`")
+    # v1 (`icp eval` before one schema, issue 28) holds every field read here: still accepted
+    if record.get("schema") != SCHEMA and not (record.get("format") == FORMAT and record.get("version") == 1):
+        raise DataError(f"{path}: not an icp metrics record (schema {record.get('schema', record.get('format'))!r}, "
+                        f"expected {SCHEMA!r}); make it with `icp eval` or `icp run`")
     # A record from someone else may be hand-edited: its shape is checked here, one line if wrong.
     shape = {"protocol_id": str, "protocol": dict, "metrics": dict, "extractors": dict, "dataset": dict,
              "run": str, "task": str}
@@ -120,6 +138,7 @@ def verify(record: dict) -> None:
         raise LeaderboardError(f"{where}: lacks the sha256 of its weights or data ({err}); re-run `icp eval` "
                                "for this entry") from None
     for what, file, expected in checks:
+        file = _located(file, record)
         if not isinstance(expected, str) or len(expected) != 64:
             raise LeaderboardError(f"{where}: {what} has no valid sha256; re-run `icp eval` for this entry")
         if not isinstance(file, str) or not file or not Path(file).exists():
@@ -135,6 +154,20 @@ def verify(record: dict) -> None:
         if actual != expected:
             raise LeaderboardError(f"{where}: {what} {file} changed since evaluation (sha256 differs); "
                                    "re-run `icp eval` for this entry")
+
+
+def _located(file, record: dict):
+    """A relative path in a record is relative to the folder the evaluation ran in. When it is not
+    found from here, look from that folder as the record's place tells it: a record in
+    ``<run>/eval/`` or ``<run>/evaluate/`` whose ``run`` is relative (``runs/quickstart/main``)."""
+    if not isinstance(file, str) or not file or Path(file).is_absolute() or Path(file).exists():
+        return file
+    run = Path(record["run"])
+    here = Path(record["_path"]).resolve().parent.parent.parts
+    if run.is_absolute() or not run.parts or len(here) <= len(run.parts) or here[-len(run.parts):] != run.parts:
+        return file
+    moved = Path(*here[:-len(run.parts)]) / file
+    return str(moved) if moved.exists() else file
 
 
 def _pseudo(path: Path) -> bool:

@@ -1,6 +1,8 @@
 """``icp eval``: measure one trained run under a protocol and write a reproducible metrics.json.
 
-The record holds the values, the extractors (name, weight file, sha256), the data set's
+One schema (``SCHEMA``) for every metrics.json: ``icp eval`` and the main job's evaluate stage
+(icp/jobs/evaluate.py) both build theirs with :func:`build_record`, so ``icp leaderboard`` and
+the report read either. The record holds the values, the extractors (name, weight file, sha256), the data set's
 manifest sha256, the protocol settings and their hash (``protocol_id``), the run's config hash
 and the code version, so a leaderboard can refuse to mix protocols and can re-check that the
 weights and data it was measured with are still the same files (icp/eval/leaderboard.py).
@@ -20,13 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 from icp import __version__
 from icp.core import config as cfglib
 from icp.core.errors import ConfigError, DataError
+from icp.core.paths import EVAL
 from icp.eval import baselines as B
 from icp.eval.evaluator import build_extractors
 from icp.eval.heldout import heldout_loader, interleaved
 from icp.eval.paired import METHOD, evaluate_pairs
 
-FORMAT = "icp-metrics"
-DEFAULT_PROTOCOL = Path("eval") / "protocol.yaml"
+SCHEMA = "icp-metrics/2"  # v2: one schema for `icp eval` and the main job (rows, summary, per_pair added)
+FORMAT = "icp-metrics"    # v1 records (`icp eval` before v2) said {"format": FORMAT, "version": 1}
+DEFAULT_PROTOCOL = EVAL / "protocol.yaml"  # the checkout's, whatever the current folder
 
 
 def code_version() -> str:
@@ -101,64 +105,115 @@ def load_protocol(path: str | Path | None, overrides: list[str] = ()) -> dict:
     return data
 
 
-def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str | Path | None = None,
-             trust_checkpoint: bool = False) -> Path:
-    """Evaluate the run directory or checkpoint ``target``; write and return metrics.json's path.
+def read_protocol_defaults(protocol: dict, info) -> tuple[dict, list[str]]:
+    """``protocol`` with its null held-out set, embedder and resolution taken from the run
+    (``info``: icp.core.runs.RunInfo); returns it and a line per value taken, for the user."""
+    ds, met = protocol["dataset"], protocol["metrics"]
+    taken = []
+    for section, key, value, what in ((ds, "shards", info.heldout, "held-out shards"),
+                                      (met, "embedder", info.embedder, "identity embedder"),
+                                      (ds, "resolution", info.resolution, "resolution")):
+        if section.get(key) is None and value is not None:
+            section[key] = str(value) if isinstance(value, Path) else value
+            taken.append(f"{what} {value} (from the run; override with "
+                         f"{'dataset' if section is ds else 'metrics'}.{key}=...)")
+    if ds.get("shards") is None:
+        raise DataError(f"{info.root} names no held-out set (no data.val_shards in its config); pass "
+                        "dataset.shards=FOLDER, e.g. the benchmark set made by the command in eval/protocol.yaml")
+    return protocol, taken
 
-    ``trust_checkpoint``: allow a checkpoint that needs full unpickling (it can run code).
-    """
-    from icp.tasks.loading import load_task, locate_run
 
-    run_dir, ckpt = locate_run(target)
-    run_cfg = cfglib.load(run_dir / "config.yaml")
-    ds, pairs, gen, met = protocol["dataset"], protocol["pairs"], protocol["generation"], protocol["metrics"]
-    shards = Path(ds["shards"])
-    if not (shards / "manifest.json").is_file():
-        raise DataError(f"held-out set {shards} has no manifest.json; make it with the command in eval/protocol.yaml "
-                        "or set dataset.shards=FOLDER")
-    resolution = ds.get("resolution") or OmegaConf.select(run_cfg, "data.resolution", default=None)
-    if resolution is None:
-        raise ConfigError(f"{run_dir}/config.yaml has no data.resolution; pass dataset.resolution=N")
-    # Hash the checkpoint before loading it: the record names exactly the bytes that were measured.
-    ckpt_sha = sha256_of(ckpt)
-    task = load_task(run_dir if Path(target).is_dir() else ckpt, device=device, trust_checkpoint=trust_checkpoint)
-    extractors = build_extractors(
-        identity=met.get("identity", ["icp", "dlib"]), embedder=met.get("embedder"),
-        dlib_models_dir=met.get("dlib_models_dir"), facenet_weights=met.get("facenet_weights"),
-        fid=bool(met.get("fid", True)), inception_torchscript=met.get("inception_torchscript"),
-        clip_model=met.get("clip_model"), device=device)
-    loader = heldout_loader(str(shards), resolution=int(resolution), mask_ratio=pairs["mask_ratio"],
-                            patch_size=pairs["patch_size"], pairs_per_identity=pairs["pairs_per_identity"],
-                            seed=pairs["seed"], batch_size=int(gen.get("batch_size", 8)))
-    batch_size = int(gen.get("batch_size", 8))
-    result = evaluate_pairs(task.sample, interleaved(loader, int(pairs["num_samples"]), batch_size), extractors, device,
-                            baselines=B.resolve(list(protocol.get("baselines", ["other_identity"]))),
-                            num_steps=int(gen["num_steps"]), guidance_scale=gen.get("guidance_scale"),
-                            seed=int(gen.get("seed", 0)), kid_subset_size=int(met.get("kid_subset_size", 50)))
-    scalars = result.scalars[METHOD]
+def build_record(result, extractors, *, source: str, run: str | Path, checkpoint: str | Path, checkpoint_sha256: str,
+                 task: str, protocol: dict, shards: str | Path, resolution: int, config_hash: str,
+                 flows: dict | None = None, extra: dict | None = None) -> dict:
+    """The metrics.json record of one paired evaluation (``result``: icp.eval.paired.PairedResult),
+    whoever ran it (``source``: "icp eval" or "icp run"). ``protocol`` holds name, pairs, generation
+    and metrics.kid_subset_size; ``flows`` are scalars without per-pair rows (the matching flow's
+    error); ``extra`` adds sections a report reads (relighting, notes, reliability)."""
+    from icp.eval.summary import identity_verdict, metric_rows
+
+    scalars = {**result.scalars[METHOD], **(flows or {})}
     described = extractors.describe()
-    manifest = shards / "manifest.json"
+    manifest = Path(shards) / "manifest.json"
     key = protocol_key(protocol, sha256_of(manifest), int(resolution), described)
-    from icp.core.rundir import config_hash
-
     record = {
-        "format": FORMAT, "version": 1,
-        "run": str(run_dir), "checkpoint": str(ckpt), "checkpoint_sha256": ckpt_sha, "task": type(task).__name__,
+        "schema": SCHEMA, "source": source,
+        "run": str(run), "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256, "task": task,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "metrics": scalars, "samples": result.samples, "unavailable": extractors.unavailable,
-        "no_valid_samples": result.empty[METHOD],
+        "metrics": scalars, "samples": result.samples, "unavailable": dict(extractors.unavailable),
+        "no_valid_samples": result.empty[METHOD], "arms": list(result.scalars),
         "baselines": {arm: v for arm, v in result.scalars.items() if arm != METHOD},
         "intervals": result.intervals[METHOD], "comparisons": result.comparisons,
+        "summary": identity_verdict(result), "rows": metric_rows(result, described, extractors.unavailable, flows),
         "extractors": described,
         "dataset": {"shards": str(shards), "manifest": str(manifest), "manifest_sha256": key["dataset_manifest_sha256"]},
         "protocol": key, "protocol_id": protocol_id(key),
-        "config_hash": config_hash(run_cfg), "code_version": code_version(),
+        "config_hash": config_hash, "code_version": code_version(),
         "per_sample": per_sample_scores(result.rows.get(METHOD, []), scalars),
+        "per_pair": result.rows,
+        **(extra or {}),
     }
     record["digest"] = record_digest(record)
-    path = Path(out) if out else run_dir / "eval" / "metrics.json"
+    return record
+
+
+def write_record(record: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
     return path
+
+
+def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str | Path | None = None,
+             trust_checkpoint: bool = False, say=print) -> Path:
+    """Evaluate the run ``target`` (any path icp.core.runs.resolve takes); write and return
+    metrics.json's path (default ``<run>/eval/metrics.json``). The protocol's null held-out set,
+    embedder and resolution come from the run.
+
+    ``trust_checkpoint``: allow a checkpoint that needs full unpickling (it can run code).
+    """
+    from tqdm import tqdm
+
+    from icp.core.rundir import config_hash
+    from icp.core.runs import resolve
+    from icp.tasks.loading import load_task
+
+    info = resolve(target)
+    ckpt = info.need_checkpoint()
+    protocol, taken = read_protocol_defaults(protocol, info)
+    ds, pairs, gen, met = protocol["dataset"], protocol["pairs"], protocol["generation"], protocol["metrics"]
+    shards = Path(ds["shards"])
+    if not (shards / "manifest.json").is_file():
+        raise DataError(f"held-out set {shards} has no manifest.json; make it with the command in eval/protocol.yaml "
+                        "or set dataset.shards=FOLDER")
+    resolution = ds.get("resolution") or OmegaConf.select(cfglib.load(info.config), "data.resolution", default=None)
+    if resolution is None:
+        raise ConfigError(f"{info.config} has no data.resolution; pass dataset.resolution=N")
+    say(f"icp eval: {info.kind} run {info.root}, checkpoint {ckpt}")
+    for line in taken:
+        say(f"icp eval: {line}")
+    # Hash the checkpoint before loading it: the record names exactly the bytes that were measured.
+    ckpt_sha = sha256_of(ckpt)
+    task = load_task(ckpt, device=device, trust_checkpoint=trust_checkpoint)
+    extractors = build_extractors(
+        identity=met.get("identity", ["icp", "dlib"]), embedder=met.get("embedder"),
+        dlib_models_dir=met.get("dlib_models_dir"), facenet_weights=met.get("facenet_weights"),
+        fid=bool(met.get("fid", True)), inception_torchscript=met.get("inception_torchscript"),
+        clip_model=met.get("clip_model"), device=device)
+    batch_size = int(gen.get("batch_size", 8))
+    loader = heldout_loader(str(shards), resolution=int(resolution), mask_ratio=pairs["mask_ratio"],
+                            patch_size=pairs["patch_size"], pairs_per_identity=pairs["pairs_per_identity"],
+                            seed=pairs["seed"], batch_size=batch_size)
+    num_samples = int(pairs["num_samples"])
+    # Generation of every arm takes minutes on a CPU: a bar with an ETA, batch by batch.
+    with tqdm(total=-(-num_samples // batch_size), desc="icp eval", unit="batch", dynamic_ncols=True) as bar:
+        result = evaluate_pairs(task.sample, interleaved(loader, num_samples, batch_size), extractors, device,
+                                baselines=B.resolve(list(protocol.get("baselines", ["other_identity"]))),
+                                num_steps=int(gen["num_steps"]), guidance_scale=gen.get("guidance_scale"),
+                                seed=int(gen.get("seed", 0)), kid_subset_size=int(met.get("kid_subset_size", 50)),
+                                progress=bar)
+    record = build_record(result, extractors, source="icp eval", run=info.root, checkpoint=ckpt,
+                          checkpoint_sha256=ckpt_sha, task=type(task).__name__, protocol=protocol, shards=shards,
+                          resolution=int(resolution), config_hash=config_hash(cfglib.load(info.config)))
+    return write_record(record, Path(out) if out else info.root / "eval" / "metrics.json")

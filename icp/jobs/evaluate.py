@@ -19,28 +19,40 @@ from icp.data import keys as K
 from icp.eval import baselines as B
 from icp.eval import metrics as M
 from icp.eval import relighting as RL
-from icp.eval.evaluator import LOWER_IS_BETTER, MEANINGS, build_extractors
+from icp.eval.evaluator import build_extractors
 from icp.eval.grids import save_grid
 from icp.eval.heldout import heldout_loader, interleaved, take
-from icp.eval.paired import METHOD, evaluate_pairs
-from icp.eval.stats import fmt_interval
+from icp.eval.paired import evaluate_pairs
+from icp.eval.record import build_record, sha256_of
+from icp.eval.summary import FLOW_MEANINGS
 from icp.jobs.runner import Job, shards_dirs
 
-FLOW_MEANINGS = {
-    "flow_epe": "matching-flow end-point error in pixels vs the renderer's ground truth (lower is better)",
-    "flow_pck": "fraction of co-visible target pixels whose matched profile pixel is within 5% of the image size",
-    "flow_epe_zero": "end-point error of the zero (no-motion) flow: the baseline a useful matcher must beat",
-}
 DEFAULT_BASELINES = ("other_identity", "copy_profile", "mirror_profile", "inpaint", "truth")
+KID_SUBSET_SIZE = 100
+
+
+def protocol_of(cfg: DictConfig) -> dict:
+    """The main job's evaluation settings in the fields of an ``icp eval`` protocol (its record's
+    protocol block and id; eval/protocol.yaml)."""
+    ev = cfg.evaluate
+    return {"name": "icp-main-job",
+            "pairs": {"pairs_per_identity": int(ev.pairs_per_identity), "num_samples": int(ev.pairs),
+                      "mask_ratio": float(ev.mask_ratio), "patch_size": int(ev.patch_size), "seed": int(cfg.seed)},
+            "generation": {"num_steps": int(ev.steps), "guidance_scale": None, "seed": int(cfg.seed)},
+            "metrics": {"kid_subset_size": KID_SUBSET_SIZE}}
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], device: str = "cpu") -> dict:
-    from icp.tasks.loading import load_task
+    """The main job's metrics.json record (icp.eval.record.build_record: the schema of `icp eval`)."""
+    from icp.core.rundir import config_hash
+    from icp.tasks.loading import load_task, locate_run
 
     ev = cfg.evaluate
     out_dir = run_dir / "evaluate"
     out_dir.mkdir(parents=True, exist_ok=True)
-    task = load_task(jobs["adaptation"].run_dir, device=device)
+    _, ckpt = locate_run(jobs["adaptation"].run_dir)
+    ckpt_sha = sha256_of(ckpt)  # before loading: the record names the bytes that were measured
+    task = load_task(ckpt, device=device)
     probe = str(jobs["probe"].run_dir / "probe.pt") if "probe" in jobs else None
     extractors = build_extractors(identity=tuple(ev.identity), embedder=str(jobs["embedder"].run_dir / "embedder.pt"),
                                   fid=bool(ev.fid), device=device, probe=probe,
@@ -51,17 +63,21 @@ def evaluate(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], device: str =
                             batch_size=ev.batch_size)
     bar = tqdm(total=-(-int(ev.pairs) // int(ev.batch_size)), desc="evaluate", unit="batch")
     result = evaluate_pairs(task.sample, interleaved(loader, int(ev.pairs), int(ev.batch_size)), extractors, device, baselines=baselines,
-                            num_steps=int(ev.steps), seed=int(cfg.seed), grid_samples=6, progress=bar)
+                            num_steps=int(ev.steps), seed=int(cfg.seed), grid_samples=6, progress=bar,
+                            kid_subset_size=KID_SUBSET_SIZE)
     bar.close()
     save_grid(out_dir / "grid.png", result.grid_columns, row_labels=[f"id {i}" for i in result.grid_identities])
     flows = flow_scores(task, cfg, out_dir, device)
     relight = relighting(task, cfg, out_dir, device)
-    found = summarise(result, extractors, flows, relight)
-    found["reliability"] = reliability(extractors, cfg)
+    trust = reliability(extractors, cfg)
     if extractors.probe is not None:
-        found["reliability"]["markdown"] = (found["reliability"].get("markdown", "") + "\n"
-                                            + probe_floor(extractors.probe, cfg, str(shards_dirs(cfg)[1])) + "\n")
-    return found
+        trust["markdown"] = (trust.get("markdown", "") + "\n"
+                             + probe_floor(extractors.probe, cfg, str(shards_dirs(cfg)[1])) + "\n")
+    return build_record(result, extractors, source="icp run", run=run_dir, checkpoint=ckpt, checkpoint_sha256=ckpt_sha,
+                        task=type(task).__name__, protocol=protocol_of(cfg), shards=shards_dirs(cfg)[1],
+                        resolution=int(cfg.data.resolution), config_hash=config_hash(cfg), flows=flows,
+                        extra={"summary": summary(result, flows, relight), "relighting": relight, "flows": flows,
+                               "notes": notes(relight), "reliability": trust})
 
 
 def probe_floor(probe, cfg: DictConfig, heldout: str) -> str:
@@ -134,79 +150,27 @@ def relighting(task, cfg: DictConfig, out_dir: Path, device: str) -> dict:
     return found
 
 
-def summarise(result, extractors, flows: dict, relight: dict) -> dict:
-    described = extractors.describe()
-    arms = list(result.scalars)
-    rows = []
-    for name in sorted(set().union(*(result.scalars[a] for a in arms)) | set(flows)):
-        row = {"name": name, "value": result.scalars[METHOD].get(name, flows.get(name)),
-               # per-pair metrics carry an identity-bootstrap interval; set-level ones (FID, KID) and flows do not
-               "interval": fmt_interval(result.intervals[METHOD][name]) if name in result.intervals[METHOD] else None,
-               "extractor": extractor_of(name, described), "meaning": MEANINGS.get(name, FLOW_MEANINGS.get(name, "")),
-               "lower_is_better": name in LOWER_IS_BETTER, "baselines": {}, "versus": {}}
-        for arm in arms[1:]:
-            row["baselines"][arm] = result.scalars[arm].get(name)
-            if name in result.comparisons.get(arm, {}):
-                row["versus"][arm] = result.comparisons[arm][name]
-        if name == "flow_epe" and "flow_epe_zero" in flows:
-            row["baselines"]["zero_flow"] = flows["flow_epe_zero"]
-        rows.append(row)
-    for name, why in extractors.unavailable.items():
-        rows.append({"name": name, "value": None, "unavailable": why, "meaning": why})
-    summary = identity_verdict(result)
+def summary(result, flows: dict, relight: dict) -> str:
+    """The report's summary: the identity verdict, then whether the Matching Net learned anything."""
+    from icp.eval.summary import identity_verdict
+
+    text = identity_verdict(result)
     if "flow_epe" in flows and "flow_epe_zero" in flows:
         learned = flows["flow_epe"] < flows["flow_epe_zero"]
-        summary += (f" Matching: flow EPE {flows['flow_epe']:.2f} px vs {flows['flow_epe_zero']:.2f} px for the "
-                    f"zero flow, so the Matching Net {'has' if learned else 'has NOT yet'} learned useful "
-                    "correspondence at this scale.")
-    m, i = relight["method"], relight["inpaint"]
-    notes = [f"relighting: the output follows its own target's light by {m['follow_shading']:+.4f} (shading) and "
-             f"{m['follow_colour']:+.4f} (colour); model-free inpainting of the masked target scores "
-             f"{i['follow_shading']:+.4f} / {i['follow_colour']:+.4f} (positive = closer to its own light than "
-             "to the other lights)",
-             "baselines: the same model, masked targets and noise with each profile swapped for another held-out "
-             "identity's (never the same identity); the profile copied and mirrored; model-free inpainting of the "
-             "masked target; the true render (the ceiling)",
-             "intervals: 95 % bootstrap over identities (pairs of one identity are resampled together); a "
-             "comparison with fewer than 20 valid pairs is never called better or worse"]
-    return {"summary": summary, "metrics": rows, "arms": arms, "extractors": described, "relighting": relight,
-            "flows": flows, "samples": result.samples, "notes": notes,
-            "per_pair": {arm: rs for arm, rs in result.rows.items()}}
-
-
-def extractor_of(metric: str, described: dict) -> str:
-    """Which model produced a metric's features (every report names it)."""
-    def named(entry: dict) -> str:
-        sha = entry.get("sha256")
-        return (entry.get("label") or entry.get("name", "?")) + (f" (weights sha256 {sha[:12]})" if sha else "")
-
-    for prefix in ("id_cos_", "face_fail_"):
-        if metric.startswith(prefix):
-            return named(described.get("identity_" + metric[len(prefix):], {}))
-    if metric in ("fid", "kid"):
-        return named(described.get("inception", {}))
-    if metric.startswith("clip_"):
-        return named(described.get("clip", {}))
-    if metric in ("landmark_err", "yaw_err", "pitch_err", "silhouette_iou") and "probe" in described:
-        return named(described["probe"])
-    if metric in ("landmark_err_dlib", "lm_fail_dlib") and "landmarks_dlib" in described:
-        return named(described["landmarks_dlib"])
-    return "renderer ground truth"
-
-
-def identity_verdict(result) -> str:
-    method = result.scalars[METHOD]
-    key = "id_cos_icp" if "id_cos_icp" in method else next((k for k in method if k.startswith("id_cos_")), None)
-    if key is None:
-        return "No identity extractor was available, so identity preservation was not measured."
-    text = f"Identity: generated portraits of held-out identities have {key} = {fmt_interval(result.intervals[METHOD][key])}."
-    versus = result.comparisons.get("other_identity", {}).get(key)
-    if versus:
-        base = result.intervals["other_identity"][key]
-        said = {"better": "beats", "worse": "is WORSE than", "no difference": "does NOT beat",
-                "too few": "cannot be compared with (too few valid pairs)"}[versus["verdict"]]
-        text += (f" icp {said} the other-identity baseline ({base['mean']:.3f}): paired difference "
-                 f"{fmt_interval(versus)}, icp closer in {versus['win_rate']:.0%} of pairs.")
-    if "truth" in result.intervals:
-        text += f" The true render scores {result.intervals['truth'][key]['mean']:.3f} (the ceiling)."
+        text += (f" Matching: flow EPE {flows['flow_epe']:.2f} px vs {flows['flow_epe_zero']:.2f} px for the "
+                 f"zero flow, so the Matching Net {'has' if learned else 'has NOT yet'} learned useful "
+                 "correspondence at this scale.")
     return text
+
+
+def notes(relight: dict) -> list[str]:
+    m, i = relight["method"], relight["inpaint"]
+    return [f"relighting: the output follows its own target's light by {m['follow_shading']:+.4f} (shading) and "
+            f"{m['follow_colour']:+.4f} (colour); model-free inpainting of the masked target scores "
+            f"{i['follow_shading']:+.4f} / {i['follow_colour']:+.4f} (positive = closer to its own light than "
+            "to the other lights)",
+            "baselines: the same model, masked targets and noise with each profile swapped for another held-out "
+            "identity's (never the same identity); the profile copied and mirrored; model-free inpainting of the "
+            "masked target; the true render (the ceiling)",
+            "intervals: 95 % bootstrap over identities (pairs of one identity are resampled together); a "
+            "comparison with fewer than 20 valid pairs is never called better or worse"]

@@ -165,7 +165,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     plot_pairs(evaluation, eval_dir / "pairs.png")
 
     summary = evaluation.get("summary", "No evaluation has run yet.")
-    metrics = evaluation.get("metrics", [])
+    metrics = evaluation.get("rows", evaluation.get("metrics", []))  # rows: icp-metrics/2; a list: older roots
     pictures = [(f"evaluate/{name}", caption) for name, caption in PICTURES if (eval_dir / name).is_file()]
     timings = [(name, entry.get("seconds")) for name, entry in stages.items()]
 
