@@ -672,7 +672,7 @@ def test_pickle_bearing_last_ckpt_is_one_line(tmp_path):
     assert _fit(tmp_path, "trainer.max_steps=3").returncode == 0
     last = next((tmp_path / "toy" / "r" / "checkpoints").glob("last*.ckpt"))
     state = torch.load(last, weights_only=False)
-    state["global_step"] = 10**6  # the newest by step: chosen for the resume
+    state["global_step"] = 4  # the newest by step: chosen for the resume (below max_steps: not "already done")
     state["evil"] = Pickled()
     torch.save(state, last)
     r = _fit(tmp_path, "trainer.max_steps=6", "run.allow_config_change=true")

@@ -12,6 +12,7 @@ import pytest
 from icp.cli import main
 from icp.core import sweep as sweeplib
 from icp.core.errors import ConfigError
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
 TOY = "tests/configs/toy.yaml"
 
@@ -150,3 +151,24 @@ def test_a_sweep_point_with_missing_data_submits_nothing(repo_root, tmp_path, mo
     rc = main(["slurm", "submit", str(repo_root / "experiments/stitching/tiny.yaml"), "-m", "seed=0,1", "--cpu"])
     assert rc == 2 and "data.shards: shard folder data_shards/synth/train does not exist" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (fake_sbatch / "sbatch.args").exists()
+
+
+@pytest.mark.slurm
+def test_a_real_slurm_job_array_trains_every_point(slurm_cluster, repo_root, tmp_path, monkeypatch, capsys):
+    import torch
+
+    cluster = slurm_cluster
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    setup = f"export PATH={sys.executable.rsplit('/', 1)[0]}:$PATH PYTHONPATH={repo_root} HF_HUB_OFFLINE=1"
+    assert main(["slurm", "submit", str(repo_root / "tests/configs/slurm_toy.yaml"), "-m", "seed=0,1",
+                 "trainer.max_steps=3", "model.step_seconds=0.0", "--cpu", "--gpus-per-node", "1",
+                 "--cpus-per-task", "1", "--env-setup", setup]) == 0
+    job = re.search(r"submitted job array (\d+)", capsys.readouterr().out).group(1)
+    for task in (0, 1):
+        assert cluster.wait_state(f"{job}_{task}", ("COMPLETED", "FAILED", "CANCELLED"), 120) == "COMPLETED", \
+            cluster.logs()
+    m = json.loads(next(tmp_path.glob("runs/slurm_toy/sweeps/*/sweep.json")).read_text())
+    for point in m["points"]:
+        last = torch.load(tmp_path / point["run_dir"] / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+        assert last["global_step"] == 3
