@@ -99,3 +99,32 @@ def test_leaderboard_says_what_a_run_lacks(job, tmp_path, capsys):
     (old / "metrics.json").write_text(json.dumps({"summary": "s", "metrics": [{"name": "psnr", "value": 1.0}]}))
     assert main(["leaderboard", str(old / "metrics.json"), "--out", str(tmp_path / "lb")]) == 2
     assert SCHEMA in capsys.readouterr().err
+
+
+def test_a_sweep_is_evaluated_and_ranked_as_one_table(job, monkeypatch, tmp_path, capsys):
+    """`icp eval SWEEP` evaluates every point; `icp leaderboard SWEEP` is one table, a row per point
+    labelled by its axis values (the manifest written by icp.core.sweep, as `icp fit -m` writes it)."""
+    from icp.core import sweep as sweeplib
+    from tests.test_leaderboard import _run
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs" / "toy"
+    dirs = [_run(runs, f"cfg-{i}", sigma) for i, sigma in enumerate((0.4, 0.05))]
+    plan = sweeplib.Plan(sweep=sweeplib.parse("toy.yaml", ["model.sigma=0.4,0.05"]), configs=[],
+                         run_dirs=[d.relative_to(tmp_path) for d in dirs])
+    manifest = sweeplib.write_manifest(plan)
+    sweep = str(manifest.parent)
+    assert main(["leaderboard", sweep, "--out", "lb"]) == 2
+    assert "2 of 2 points" in capsys.readouterr().err
+    held = job / "data_shards/qs/heldout"
+    embedder = job / REL / "stages/embedder/cfg-e1/embedder.pt"
+    assert main(["eval", sweep, *QUICK, f"dataset.shards={held}", f"metrics.embedder={embedder}", "--device", "cpu"]) == 0
+    assert "sweep point 2/2: model.sigma=0.05" in capsys.readouterr().out
+    assert main(["leaderboard", sweep, "--out", "lb", "--sort", "psnr"]) == 0
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert md.index("| 1 | model.sigma=0.05 |") < md.index("| 2 | model.sigma=0.4 |")
+    from icp.core.errors import ConfigError
+    from icp.core.runs import resolve
+
+    with pytest.raises(ConfigError, match="a sweep of 2 runs"):
+        resolve(manifest)

@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "extractors + weight sha256, data manifest sha256, protocol id, config hash, "
                                    "code version).")
     p.add_argument("target", metavar="RUN", help="a run directory (`icp fit`'s, the main job's root such as "
-                   "runs/quickstart/main, a claims sub-run) or a checkpoint in its checkpoints/")
+                   "runs/quickstart/main, a claims sub-run), a checkpoint in its checkpoints/, or a sweep "
+                   "(its sweeps/<id>/ folder: every point)")
     p.add_argument("overrides", nargs="*", help="protocol dotlist overrides, e.g. dataset.shards=data_shards/synth/eval "
                    "metrics.embedder=runs/embedder/x/embedder.pt (anywhere on the line)")
     p.add_argument("--protocol", default=None, help="protocol YAML (default: eval/protocol.yaml)")
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Refuses entries of different protocols and entries whose weights or data "
                                    "changed since they were evaluated.")
     q.add_argument("entries", nargs="+", help="runs of any kind (their eval/metrics.json, else the main job's "
-                   "evaluate/metrics.json) or metrics.json files")
+                   "evaluate/metrics.json), metrics.json files, or a sweep (sweeps/<id>/: one row per point)")
     q.add_argument("--out", default="leaderboard", help="output folder (default: ./leaderboard)")
     q.add_argument("--sort", default=None, help="metric to rank by (default: id_cos_icp, else id_cos_dlib, else fid)")
     q.set_defaults(func=run_leaderboard)
@@ -41,11 +42,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from icp.core.errors import ConfigError
+    from icp.core.runs import sweep_points
     from icp.eval.record import load_protocol, run_eval as evaluate_run
 
-    protocol = load_protocol(args.protocol, args.overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = evaluate_run(args.target, protocol, device=device, out=args.out, trust_checkpoint=args.trust_checkpoint)
+    points = sweep_points(args.target)
+    if points is not None and args.out:
+        raise ConfigError(f"{args.target} is a sweep: each point writes its own RUN/eval/metrics.json; drop --out")
+    targets = [(p.run_dir, p.label) for p in points] if points is not None else [(args.target, None)]
+    for i, (target, label) in enumerate(targets):
+        if label is not None:
+            print(f"icp eval: sweep point {i + 1}/{len(targets)}: {label}")
+        protocol = load_protocol(args.protocol, args.overrides)  # afresh: each run fills in its own defaults
+        path = evaluate_run(target, protocol, device=device, out=args.out, trust_checkpoint=args.trust_checkpoint)
+        show(path)
+    return 0
+
+
+def show(path) -> None:
     import json
 
     record = json.loads(path.read_text())
@@ -60,7 +75,6 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"{name:>18s}  {row.get('interval') or format(value, '.4f')}")
     print(record["summary"])
     print(f"icp: wrote {path}")
-    return 0
 
 
 def run_leaderboard(args: argparse.Namespace) -> int:

@@ -10,6 +10,10 @@ A user may pass any of these (issue 28):
   ``evaluate/metrics.json``): its model is the adaptation stage's run;
 - a ``metrics.json`` (from ``icp eval`` or the main job's evaluate stage).
 
+A sweep (``icp fit -m``: ``<run.root>/<experiment>/sweeps/<id>/sweep.json``) is many runs:
+:func:`sweep_points` lists them for the verbs that take a sweep whole (``icp eval``,
+``icp leaderboard``); ``resolve`` says so in one line.
+
 ``resolve`` reads only the file-system conventions (config files, stage records, checkpoint
 steps): nothing is imported or built. Paths stored in a run's files are relative to the folder the
 job ran in; they are looked up relative to that folder as inferred from the run's own location
@@ -23,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from icp.core import config as cfglib
+from icp.core import sweep as sweeplib
 from icp.core.checkpointing import checkpoint_problem, resumable_checkpoint
 from icp.core.errors import ConfigError, IcpError, WeightsError
 
@@ -177,11 +182,47 @@ def _is_main(path: Path) -> bool:
     return (path / STAGES).is_file() or ((path / CONFIG).is_file() and (path / "stages").is_dir())
 
 
+@dataclass(frozen=True)
+class SweepPoint:
+    label: str       # the point's axis overrides, e.g. "model.optimizer.lr=1e-4 seed=1"
+    run_dir: Path
+
+
+def sweep_points(path: str | Path) -> list[SweepPoint] | None:
+    """The points of the sweep ``path`` names (its folder or its sweep.json), or None when it is no
+    sweep. A point's run is looked up beside ``sweeps/`` first (the manifest's paths are relative to
+    the folder the sweep ran in), so a moved run root still resolves."""
+    path = Path(path)
+    manifest = path / sweeplib.MANIFEST if path.is_dir() else path
+    if manifest.name != sweeplib.MANIFEST or not manifest.is_file():
+        return None
+    data = _read_json(manifest)
+    points = data.get("points")
+    if data.get("schema") != sweeplib.SCHEMA or not isinstance(points, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("run_dir"), str) and p["run_dir"] for p in points):
+        raise ConfigError(f"{manifest}: not a sweep manifest of schema {sweeplib.SCHEMA} (points with run_dir); "
+                          "run the sweep again with `icp fit CONFIG -m ...`")
+    axes = data.get("axes") if isinstance(data.get("axes"), dict) else {}
+    beside = manifest.parent.parent.parent  # <run.root>/<experiment>/
+    out = []
+    for point in points:
+        given = Path(point["run_dir"])
+        run_dir = beside / given.name if (beside / given.name).is_dir() else given
+        overrides = [o for o in point.get("overrides") or [] if isinstance(o, str)]
+        label = " ".join(o for o in overrides if o.partition("=")[0].lstrip("+") in axes)
+        out.append(SweepPoint(label or run_dir.name, run_dir))
+    return out
+
+
 def resolve(path: str | Path) -> RunInfo:
     """The run ``path`` names (see the module docstring); one-line ConfigError when it names none."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such run directory or file; pass {EXPECTED}")
+    points = sweep_points(path)
+    if points is not None:
+        raise ConfigError(f"{path} is a sweep of {len(points)} runs; `icp eval` and `icp leaderboard` take it whole, "
+                          f"other verbs one of its runs (e.g. {points[0].run_dir if points else '<run dir>'})")
     try:
         if path.is_dir():
             if _is_main(path):

@@ -202,11 +202,42 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def entries(paths: list[str]) -> list[tuple[Path, str | None]]:
+    """(metrics.json or run, label) for every entry; a sweep (its folder or sweep.json, icp.core.sweep)
+    becomes its points, labelled by their axis values, so one sweep is one table and one plot."""
+    from icp.core.runs import sweep_points
+
+    out: list[tuple[Path, str | None]] = []
+    for path in paths:
+        points = sweep_points(path)
+        if points is None:
+            out.append((Path(path), None))
+            continue
+        missing = []
+        for point in points:
+            try:
+                found = record_path(point.run_dir)
+            except IcpError:  # not trained or not evaluated yet
+                found = None
+            if found is None or not found.is_file():
+                missing.append(point.label)
+            else:
+                out.append((found, point.label))
+        if missing:
+            shown = "; ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+            raise LeaderboardError(f"{len(missing)} of {len(points)} points of sweep {path} have no metrics.json "
+                                   f"({shown}); evaluate them with `icp eval {path}` (after training them)")
+    return out
+
+
 def build(paths: list[str], out_dir: str | Path, sort_by: str | None = None, check_files: bool = True) -> dict[str, Path]:
     """Write leaderboard.md / .html / .png under ``out_dir``; return their paths."""
     if not paths:
         raise LeaderboardError("no entries given: pass run directories or metrics.json files")
-    records = [load_record(p) for p in paths]
+    records = []
+    for path, label in entries(paths):
+        records.append(load_record(path))
+        records[-1]["_label"] = label or Path(records[-1]["run"]).name
     for record in records:
         check_integrity(record)
     check_same_protocol(records)
@@ -226,7 +257,7 @@ def build(paths: list[str], out_dir: str | Path, sort_by: str | None = None, che
     records.sort(key=key)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [[str(i + 1), Path(r["run"]).name, r["task"], str(r["samples"]), *[_fmt(r["metrics"].get(m)) for m in names]]
+    rows = [[str(i + 1), r["_label"], r["task"], str(r["samples"]), *[_fmt(r["metrics"].get(m)) for m in names]]
             for i, r in enumerate(records)]
     header = ["rank", "run", "task", "samples", *[f"{m} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}" for m in names]]
     proto = records[0]["protocol"]
@@ -258,7 +289,7 @@ def _plot(records: list[dict], names: list[str], path: Path) -> Path:
 
     shown = [m for m in names if any(isinstance(r["metrics"].get(m), (int, float)) for r in records)][:8]
     fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(3 * max(1, len(shown)), 3), squeeze=False)
-    labels = [Path(r["run"]).name for r in records]
+    labels = [r["_label"] for r in records]
     for ax, metric in zip(axes[0], shown):
         values = [r["metrics"].get(metric, float("nan")) for r in records]
         ax.bar(range(len(values)), values, color="tab:blue")
