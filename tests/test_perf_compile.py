@@ -36,24 +36,23 @@ def test_whole_net_compile_wraps_the_modules_that_run():
     assert perf.called_nets(parts.unet) == [parts.unet]
 
 
-def test_compile_plan_regional_whole_and_codec_whole():
+def test_compile_plan_regional_and_whole():
+    """By block (the top level, evaluation): the UNet and the codec by block, the glue whole. Whole
+    (compile_regional=false, training's default): every net, the codec as its encoder and decoder."""
     from icp.tasks.adaptation import AdaptationTask
 
     task = AdaptationTask(tiny(resolution=RES, width=16, codec="vae", seed=6), cond_drop_prob=0.0)
     vae = task.backbone.codec.vae
-    by_block = perf.settings({"compile_codec_whole": False})
-    plan = {id(m): (type(m).__name__, regional) for m, regional in perf.compile_plan(task, by_block)}
+    plan = {id(m): (type(m).__name__, regional) for m, regional in perf.compile_plan(task, perf.settings())}
     assert plan[id(task.backbone.unet)][1] and plan[id(task.backbone.codec)][1]  # by block
     glue = [id(m) for m, kind in perf.compile_targets(task) if kind == perf.WHOLE]
     assert glue == [id(task.fusion), id(task.matcher)]
     assert all(not plan[i][1] for i in glue)  # glue is compiled whole, also by block
-    whole_codec = perf.compile_plan(task, perf.settings())  # the default: the codec whole
-    assert [(m, r) for m, r in whole_codec if m in (vae.encoder, vae.decoder)] == [(vae.encoder, False),
-                                                                                 (vae.decoder, False)]
-    assert all(m is not task.backbone.codec for m, _ in whole_codec)
-    assert dict((id(m), r) for m, r in whole_codec)[id(task.backbone.unet)]  # the UNet stays regional
     everything_whole = perf.compile_plan(task, perf.settings({"compile_regional": False}))
     assert not any(regional for _, regional in everything_whole)
+    assert [(m, r) for m, r in everything_whole if m in (vae.encoder, vae.decoder)] == [(vae.encoder, False),
+                                                                                       (vae.decoder, False)]
+    assert all(m is not task.backbone.codec for m, _ in everything_whole)
 
 
 
@@ -113,7 +112,7 @@ def test_a_new_net_is_compiled_by_its_own_declaration(monkeypatch):
 
 
 def test_vae_encoder_and_decoder_trace_whole():
-    """compile_codec_whole hands inductor the VAE encoder and decoder as one graph each, with the
+    """A whole compile (training's default) hands inductor the VAE encoder and decoder as one graph each, with the
     wide-head matmul attention CUDA gives them: traced here through aot_eager (no C++ compile on
     CPU), no graph break, the same latents and images."""
     import torch._dynamo as dynamo

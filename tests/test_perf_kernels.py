@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from icp import perf
-from icp.data import keys as K
 from icp.models.backbone import tiny
-from tests.perf_helpers import _batch, _norm_rel, _rel, _sample, _stitching, _unet_loss, _vae_attention
+from tests.perf_helpers import _norm_rel, _rel, _stitching, _unet_loss, _vae_attention
 from tests.perf_helpers import _threads  # noqa: F401 (autouse: one thread, the SDPA kernel reset)
 
 
@@ -58,19 +57,6 @@ def test_sdpa_backend_same_attention(backend):
     assert _rel(F.scaled_dot_product_attention(q, k, v), ref) < 1e-4
 
 
-def test_cudnn_benchmark_is_set_for_cuda_only_and_never_switched_off(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    task = _stitching({"cudnn_benchmark": True, "compile": "none"})
-    assert "cudnn_benchmark" not in task.configure_perf(precision="bf16-mixed", device="cpu")
-    assert torch.backends.cudnn.benchmark is False
-    # Applied as for a CUDA run (nothing else of it needs a GPU with compile off).
-    applied = perf.configure_task(_stitching(), {"cudnn_benchmark": True, "compile": "none"}, device="cuda")
-    assert applied["cudnn_benchmark"] and torch.backends.cudnn.benchmark is True
-    # Off leaves a trainer's own choice (Trainer(benchmark=True)) in place.
-    perf.configure_task(_stitching(), {"compile": "none"}, device="cuda")
-    assert torch.backends.cudnn.benchmark is True
-
-
 def test_fused_optimizer_only_for_unset_adam_on_cuda():
     cuda = [types.SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)]
     cpu = [torch.nn.Parameter(torch.zeros(2))]
@@ -112,19 +98,3 @@ def test_wide_heads_run_as_chunked_matmul_with_the_same_result(monkeypatch):
 def test_wide_heads_switch_applies_on_cuda_only():
     task = _stitching()  # tiny nets: no wide heads anyway; the switch is CUDA-only
     assert task.configure_perf(precision="bf16-mixed", device="cpu")["wide_heads"] == 0
-
-
-def test_fused_qkv_for_inference_samples_like_the_separate_projections():
-    batch = _batch()
-    ref_task = _stitching()
-    ref = _sample(ref_task, batch)
-    fast = _stitching({"fuse_qkv": True})
-    keys = set(fast.state_dict())
-    applied = fast.prepare_inference("cpu")
-    assert applied["fused_qkv"] > 0
-    assert keys <= set(fast.state_dict())  # the separate projections stay (checkpoint keys)
-    assert _rel(_sample(fast, batch), ref) < 1e-5
-    swapped = {**batch, K.PROFILE: batch[K.PROFILE].flip(0)}
-    assert _rel(_sample(fast, swapped), ref) > 1e-3  # not vacuous
-    # Training never fuses: the switch is read by prepare_inference only.
-    assert "fused_qkv" not in _stitching({"fuse_qkv": True}).configure_perf(precision="32-true", device="cpu")

@@ -165,3 +165,15 @@ def test_bf16_frozen_only_under_a_bf16_precision():
     task = _stitching()
     assert task.configure_perf(precision="32-true", device="cpu")["bf16_frozen"] == 0
     assert task.backbone.unet.conv_in.weight.dtype == torch.float32
+
+
+def test_a_removed_switch_at_its_old_default_is_dropped_and_set_otherwise_is_refused():
+    """Switches removed for not paying >= 3% (issue 29) are gone from the table; a run's saved config
+    from before names them at their old defaults and still loads; turning one on is a ConfigError."""
+    old = {**perf.DEFAULTS, **perf.REMOVED, "train": {**perf.DEFAULTS["train"], "lagged_progress_loss": False}}
+    assert not set(perf.REMOVED) & set(perf.DEFAULTS)
+    assert perf.settings(old) == perf.DEFAULTS
+    with pytest.raises(ConfigError, match=r"model.perf.fuse_qkv was removed .*docs/history/performance.md"):
+        perf.settings({"fuse_qkv": True})
+    with pytest.raises(ConfigError, match=r"model.perf.train.cudnn_benchmark was removed"):
+        perf.settings({"train": {"cudnn_benchmark": True}})

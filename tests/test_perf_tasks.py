@@ -1,6 +1,6 @@
 """The task wiring of ``model.perf``: sampling with the switches off is the old loop and with them
 the same images, evaluation's bf16 weights and kept sampling graph, the trainer applying the
-switches once, the EMA, the lagged progress-bar loss, accumulation without CUDA graphs, DDP."""
+switches once, the EMA, accumulation without CUDA graphs, DDP."""
 
 from __future__ import annotations
 
@@ -188,22 +188,6 @@ def test_bf16_task_checkpoint_loads_into_an_fp32_task():
         assert p.dtype == torch.float32 and torch.equal(p.to(q.dtype), q), name
 
 
-def test_foreach_ema_steps_like_the_per_tensor_loop():
-    """foreach_ema hands the EMA to diffusers' multi-tensor path: the same shadow weights."""
-    loop, fused = _stitching(ema_decay=0.9), _stitching({"foreach_ema": True}, ema_decay=0.9)
-    assert not loop._ensure_ema().foreach and fused._ensure_ema().foreach
-    for step in range(3):
-        for task in (loop, fused):
-            with torch.no_grad():
-                for i, p in enumerate(task.trainable_parameters()):
-                    p.add_(0.01 * (step + 1) * (i % 5 - 2))  # the same update on both
-            task.on_train_batch_end(None, None, step)
-    pairs = list(zip(loop._ema.shadow_params, fused._ema.shadow_params))
-    assert pairs and all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in pairs)
-    live = list(loop.trainable_parameters())
-    assert any(not torch.allclose(a, p) for (a, _), p in zip(pairs, live))  # not vacuous: the EMA lags
-
-
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
 def test_trainer_applies_perf_once_in_setup(tmp_path, precision):
     task = _stitching(train_unet="frozen")
@@ -291,46 +275,6 @@ def test_default_training_override_trains_validates_samples_and_accumulates_on_c
     # The summed gradient of both micro-batches (a kept-and-overwritten first one would be off by
     # far more than bf16 rounding: pytorch#169545 saw a quarter of it).
     assert len(grads) == 2 and (grads[0] - grads[1]).norm() < 0.05 * grads[1].norm()
-
-
-def test_lagged_progress_loss_changes_nothing_off_cuda(tmp_path):
-    """lagged_progress_loss reads the bar's loss one step late on CUDA only; on CPU there is no
-    wait to avoid, so the bar and the logged metrics are as without it (the CUDA path is timed by
-    the bench: (b) by block with and without it, round 7, docs/history/performance.md)."""
-    assert torch.equal(perf.LaggedScalar().push(torch.tensor(2.0)), torch.tensor(2.0))
-    shown = {}
-    for switch in (False, True):
-        task = _stitching({"lagged_progress_loss": switch}, train_unet="frozen")
-        trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0)
-        trainer.fit(task, DataLoader(_Pairs(), batch_size=2))
-        shown[switch] = (sorted(trainer.progress_bar_metrics), float(trainer.callback_metrics["train/loss"]))
-    assert shown[True][0] == shown[False][0] == ["train/loss"]
-    assert shown[True][1] == pytest.approx(shown[False][1], rel=1e-6)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the lagged read exists on CUDA only")
-def test_lagged_progress_loss_shows_the_previous_steps_loss_on_cuda():
-    """On CUDA the bar's ``loss`` after step k is step k-1's loss (none after the first step)."""
-    losses, shown = [], []
-
-    class Record(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step:  # (batch_idx restarts each epoch)
-                shown.append(trainer.progress_bar_metrics.get("loss"))  # after the previous step
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    task = _stitching({"lagged_progress_loss": True, "compile": "none"}, train_unet="frozen")
-    trainer = L.Trainer(max_steps=4, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[Record()])
-    trainer.fit(task, DataLoader(_Pairs(), batch_size=2))
-    assert len(losses) == 4 and shown[0] is None and len(shown) == 3
-    assert shown[1:] == pytest.approx(losses[:2], rel=1e-6) and losses[0] != losses[1]
-    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(losses[-1], rel=1e-6)  # exact
 
 
 def test_ddp_wraps_a_task_with_bf16_frozen_parts(tmp_path):

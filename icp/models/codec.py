@@ -74,7 +74,7 @@ class PixelCodec(nn.Module):
 class VaeCodec(nn.Module):
     """Wraps a diffusers ``AutoencoderKL``: scaled latents in, images in [-1, 1] out."""
 
-    compile_as = "codec"  # icp.perf.compile: by block, or whole under compile_codec_whole
+    compile_as = "blocks"  # icp.perf.compile: by block, or whole (its compiled_parts) without compile_regional
 
     def __init__(self, vae: nn.Module):
         super().__init__()

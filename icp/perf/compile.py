@@ -5,8 +5,7 @@ What is compiled is declared by the modules themselves, never chosen by class na
 
 - a module class sets ``compile_as`` (class attribute) to one of :data:`COMPILE_KINDS`:
   ``"blocks"`` (a net of repeated blocks: by block under ``compile_regional``, whole otherwise;
-  the control nets), ``"codec"`` (the same, and whole under ``compile_codec_whole``), or
-  ``"whole"`` (glue of many small eager ops between the nets, compiled as one region each:
+  the control nets, the VAE codec), or ``"whole"`` (glue of many small eager ops between the nets, compiled as one region each:
   adaptation's fusion and matcher);
 - a module that holds nets of another library lists them in ``compiled_nets()`` as
   ``(module, kind)`` pairs (the Backbone's diffusers UNet);
@@ -27,8 +26,8 @@ from torch import nn
 from icp.core.errors import ConfigError
 from icp.perf.switches import COMPILE_MODES
 
-BLOCKS, CODEC, WHOLE = "blocks", "codec", "whole"
-COMPILE_KINDS = (BLOCKS, CODEC, WHOLE)
+BLOCKS, WHOLE = "blocks", "whole"
+COMPILE_KINDS = (BLOCKS, WHOLE)
 
 
 @functools.cache
@@ -47,14 +46,13 @@ def regional_blocks() -> tuple[type, ...]:
 
 def compile_module(module: nn.Module, mode: str | None = "default", regional: bool = True,
                    backend: str = "inductor", blocks: Iterable[type] | None = None,
-                   dynamic: bool = False, options: Mapping[str, Any] | None = None) -> int:
+                   options: Mapping[str, Any] | None = None) -> int:
     """torch.compile ``module`` in place; returns how many (sub)modules were compiled.
 
     ``regional=True`` compiles each repeated block (instances of ``blocks``, default
     :func:`regional_blocks`) instead of the whole model: the SD UNet's blocks share code, so
     compile time is a few graphs instead of one huge one, and a graph break in glue code costs
-    nothing. ``mode`` None/"none" is a no-op. ``dynamic=True`` traces symbolic shapes: blocks that
-    differ only in size share one graph. ``options``: inductor settings over those of ``mode``
+    nothing. ``mode`` None/"none" is a no-op. ``options``: inductor settings over those of ``mode``
     (torch.compile takes one or the other). State-dict keys do not change (``nn.Module.compile``
     compiles in place).
     """
@@ -70,7 +68,7 @@ def compile_module(module: nn.Module, mode: str | None = "default", regional: bo
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
         torch._dynamo.config.accumulated_cache_size_limit = max(
             torch._dynamo.config.accumulated_cache_size_limit, 4096)
-    kwargs: dict[str, Any] = {"backend": backend, "dynamic": bool(dynamic)}
+    kwargs: dict[str, Any] = {"backend": backend, "dynamic": False}  # static shapes: what was measured
     if backend == "inductor" and options:
         from torch._inductor import list_mode_options
 
@@ -140,12 +138,9 @@ def called_nets(net: nn.Module) -> list[nn.Module]:
 
 def compile_plan(task: nn.Module, s: Mapping[str, Any]) -> list[tuple[nn.Module, bool]]:
     """What ``configure_task`` compiles, in order: ``(module, regional)`` pairs. ``whole`` nets
-    are compiled whole; the codec whole too with ``compile_codec_whole`` (its encoder and
-    decoder: no eager convs, pads and bias adds between the blocks); the rest as
-    ``compile_regional`` says."""
+    are compiled whole; the rest as ``compile_regional`` says."""
     plan = []
     for net, kind in compile_targets(task):
-        whole = kind == WHOLE or (kind == CODEC and s["compile_codec_whole"])
-        regional = s["compile_regional"] and not whole
+        regional = s["compile_regional"] and kind != WHOLE
         plan += [(net, True)] if regional else [(part, False) for part in called_nets(net)]
     return plan

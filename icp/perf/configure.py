@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from icp.perf.compile import compile_module, compile_plan, inductor_options
-from icp.perf.kernels import (bf16_frozen, channels_last, frozen_children, fuse_qkv, set_sdpa_backend, store_in,
-                              wide_head_attention)
+from icp.perf.kernels import bf16_frozen, channels_last, frozen_children, set_sdpa_backend, store_in, wide_head_attention
 from icp.perf.switches import settings, training_settings, use_channels_last
 
 
@@ -56,11 +55,7 @@ def configure_inference(task: nn.Module, perf: Mapping[str, Any] | None = None,
     if bf16 is None:
         bf16 = bool(s["bf16_frozen"] and s["sample_bf16"] and device.type == "cuda")
     applied: dict[str, Any] = {"bf16_frozen": 0, "channels_last": False, "compiled": 0, "sdpa": s["sdpa"],
-                               "inference": True, "fused_qkv": 0}
-    if s["fuse_qkv"]:
-        # Before the cast, so that the new fused layers are stored in bf16 too.
-        with torch.no_grad():
-            applied["fused_qkv"] = fuse_qkv(task)
+                               "inference": True}
     if bf16:
         applied["bf16_frozen"] = store_in(task, torch.bfloat16)
     _layout_kernels_compile(task, s, device, applied, compile=compile)
@@ -82,11 +77,6 @@ def _layout_kernels_compile(task: nn.Module, s: Mapping[str, Any], device: torch
         channels_last(task)
         applied["channels_last"] = True
     set_sdpa_backend(s["sdpa"])
-    if s["cudnn_benchmark"] and device.type == "cuda":
-        # Process-wide, as Lightning's Trainer(benchmark=True) sets it; never switched back off
-        # here, so a trainer's explicit choice stands when the switch is off.
-        torch.backends.cudnn.benchmark = True
-        applied["cudnn_benchmark"] = True
     # The matmul path for wide heads is measured on CUDA only (bench row attn); CPU keeps SDPA.
     applied["wide_heads"] = wide_head_attention(task) if s["wide_heads_matmul"] and device.type == "cuda" else 0
     # Compile only where Triton/inductor pays (CUDA): on CPU (tests, CI) it costs minutes of
@@ -94,5 +84,4 @@ def _layout_kernels_compile(task: nn.Module, s: Mapping[str, Any], device: torch
     if compile and device.type == "cuda":
         options = inductor_options(s)
         for net, regional in compile_plan(task, s):
-            applied["compiled"] += compile_module(net, s["compile"], regional=regional, dynamic=s["compile_dynamic"],
-                                                  options=options)
+            applied["compiled"] += compile_module(net, s["compile"], regional=regional, options=options)

@@ -1,41 +1,15 @@
 """CUDA graphs icp records itself: :class:`GraphedStep` (a sampling step replayed after warm-up
-calls) and :class:`LaggedScalar` (a device scalar read one step late, without waiting). Inductor's
-own graphs (``compile: reduce-overhead``) are marked per step by the task
+calls). Inductor's own graphs (``compile: reduce-overhead``) are marked per step by the task
 (``DiffusionTask._mark_graph_step``; ``icp.perf.uses_cudagraphs`` says when)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 log = logging.getLogger(__name__)
-
-
-class LaggedScalar:
-    """A device scalar read one step late without waiting for the device.
-
-    ``push(x)`` queues a copy of ``x`` into pinned host memory behind the work already queued and
-    returns the value pushed before it (a CPU tensor), waiting only for that earlier copy, which
-    is normally long done; the first push returns None. Off CUDA it returns ``x`` itself."""
-
-    def __init__(self) -> None:
-        self._pending: tuple[torch.Tensor, Any] | None = None
-
-    def push(self, value: torch.Tensor) -> torch.Tensor | None:
-        value = value.detach()
-        if value.device.type != "cuda":
-            return value
-        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-        host.copy_(value, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        previous, self._pending = self._pending, (host, done)
-        if previous is None:
-            return None
-        previous[1].synchronize()
-        return previous[0]
 
 
 class GraphedStep:

@@ -1,5 +1,5 @@
 """Kernels and storage: bf16 frozen weights, channels-last, the SDPA kernel family, wide attention
-heads as matmul, fused q/k/v projections, fused AdamW. Each is usable on its own; ``configure``
+heads as matmul, fused AdamW. Each is usable on its own; ``configure``
 applies them as the switches say."""
 
 from __future__ import annotations
@@ -169,24 +169,6 @@ def wide_head_attention(module: nn.Module, limit: int = FUSED_HEAD_LIMIT,
     for attn in wide:
         attn.set_processor(WideHeadAttention(max_scores))
     return len(wide)
-
-
-def fuse_qkv(module: nn.Module) -> int:
-    """Self-attention q/k/v and cross-attention k/v projections of ``module`` as one linear layer
-    each (diffusers' ``Attention.fuse_projections`` + ``FusedAttnProcessor2_0``), in place; for
-    modules that only sample. Only blocks on the default processor with the default 1/sqrt(head)
-    scale (the fused processor does not pass a scale). The unfused layers stay (state-dict keys
-    are kept, plus the fused ones). Returns how many blocks were fused."""
-    from diffusers.models.attention_processor import FusedAttnProcessor2_0
-
-    count = 0
-    for attn in _default_attention(module):
-        if _head_dim(attn) > FUSED_HEAD_LIMIT or not math.isclose(attn.scale, _head_dim(attn) ** -0.5):
-            continue
-        attn.fuse_projections()
-        attn.set_processor(FusedAttnProcessor2_0())
-        count += 1
-    return count
 
 
 # ------------------------------------------------------------------------------ optimizer

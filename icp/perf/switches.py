@@ -29,12 +29,24 @@ def _read_defaults() -> dict[str, Any]:
 DEFAULTS: dict[str, Any] = _read_defaults()
 # The plain path: what a task did before the switches existed (the benchmark's "off" rows).
 OFF: dict[str, Any] = {
-    "bf16_frozen": False, "compile": "none", "compile_regional": True, "compile_dynamic": False,
-    "sdpa": "auto", "channels_last": False, "fused_optimizer": False, "batched_cfg": False,
-    "cuda_graph_sampling": False, "sample_bf16": False, "wide_heads_matmul": False, "fuse_qkv": False,
-    "cudnn_benchmark": False, "compile_codec_whole": False, "force_layout_opt": False, "foreach_ema": False,
-    "lagged_progress_loss": False, "train": {},
+    "bf16_frozen": False, "compile": "none", "compile_regional": True, "sdpa": "auto", "channels_last": False,
+    "fused_optimizer": False, "batched_cfg": False, "cuda_graph_sampling": False, "sample_bf16": False,
+    "wide_heads_matmul": False, "force_layout_opt": False, "train": {},
 }
+
+# Switches removed for not paying >= 3% (issue 29; figures in docs/history/performance.md), with the
+# value they had by default. A run's saved config from before still names them: at that value the
+# key is dropped (the run loads as it trained); any other value is a ConfigError.
+REMOVED = {"compile_dynamic": False, "compile_codec_whole": True, "fuse_qkv": False, "cudnn_benchmark": False,
+           "foreach_ema": False, "lagged_progress_loss": False}
+
+
+def _drop_removed(node: dict[str, Any], where: str) -> dict[str, Any]:
+    for key in sorted(set(node) & set(REMOVED)):
+        if node.pop(key) != REMOVED[key]:
+            raise ConfigError(f"{where}.{key} was removed (it did not pay >= 3%: docs/history/performance.md); "
+                              "delete the key")
+    return node
 
 
 def settings(node: Mapping[str, Any] | None = None, where: str = "model.perf") -> dict[str, Any]:
@@ -42,7 +54,7 @@ def settings(node: Mapping[str, Any] | None = None, where: str = "model.perf") -
 
     ``train`` (a mapping of the other switches) overrides them in a training run only
     (:func:`training_settings`); evaluation (``configure_inference``) uses the top level."""
-    node = dict(node or {})
+    node = _drop_removed(dict(node or {}), where)
     unknown = sorted(set(node) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]} is not a performance switch; known: {', '.join(DEFAULTS)}")
@@ -53,6 +65,7 @@ def settings(node: Mapping[str, Any] | None = None, where: str = "model.perf") -
         raise ConfigError(f"{where}.train={train!r} must be a mapping of switches (e.g. {{compile: reduce-overhead}})")
     out = _checked({**DEFAULTS, **node, "train": {}}, where)
     if train:
+        train = _drop_removed(dict(train), f"{where}.train")
         bad = sorted(set(train) - (set(DEFAULTS) - {"train"}))  # a nested "train" too
         if bad:
             raise ConfigError(f"{where}.train.{bad[0]} is not a performance switch; known: "

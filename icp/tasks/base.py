@@ -88,7 +88,6 @@ class DiffusionTask(TrainedWeights, L.LightningModule):
         self.perf_config = perflib.settings(perf)
         self.perf_applied: dict[str, Any] | None = None
         self._sample_graph: tuple[tuple, Any] | None = None  # (key, GraphedStep) kept by evaluation tasks
-        self._shown_loss = perflib.LaggedScalar()  # the progress bar's loss under lagged_progress_loss
         # The codec and text encoder never train here (paper: only the control nets and the
         # generation UNet's adapters learn).
         backbone.codec.requires_grad_(False)
@@ -169,15 +168,8 @@ class DiffusionTask(TrainedWeights, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch)
         bs = batch[K.TARGET].shape[0]
-        lagged = self.perf_active["lagged_progress_loss"] and losses["loss"].device.type == "cuda"
         for name, value in losses.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss" and not lagged, batch_size=bs)
-        if lagged:
-            # Lightning reads progress-bar values as numbers at every batch end, which waits for
-            # the whole step; the previous step's loss is read without waiting (LaggedScalar).
-            shown = self._shown_loss.push(losses["loss"])
-            if shown is not None:
-                self.log("loss", shown, prog_bar=True, logger=False, batch_size=bs)
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

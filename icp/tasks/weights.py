@@ -40,8 +40,7 @@ class TrainedWeights:
     # -- EMA of the trained weights
     def _ensure_ema(self) -> EMAModel | None:
         if self.ema_decay > 0 and self._ema is None:
-            self._ema = EMAModel(self.trainable_parameters(), decay=self.ema_decay,
-                                 foreach=bool(self.perf_active["foreach_ema"]))
+            self._ema = EMAModel(self.trainable_parameters(), decay=self.ema_decay)
             if self._ema_pending is not None:
                 self._ema.load_state_dict(self._ema_pending)
                 self._ema_pending = None
