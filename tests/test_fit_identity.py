@@ -6,30 +6,16 @@ import re
 import time
 
 import pytest
-import torch
 
 from icp.cli import main
-from icp.core import config as cfglib
 from icp.core import rundir
 from icp.core.errors import ConfigError
 from icp.jobs.fit import fit
-
-
-@pytest.fixture
-def toy(repo_root, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
-    def load(*overrides):
-        return cfglib.load(repo_root / "tests/configs/toy.yaml", overrides)
-    return load
+from tests.test_fit import step_of, toy  # noqa: F401  (toy: the fixture)
 
 
 def files_under(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
-
-
-def step_of(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
 # ------------------------------------------------------------------ checks before anything is made
