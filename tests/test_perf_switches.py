@@ -171,7 +171,8 @@ def test_a_removed_switch_at_its_old_default_is_dropped_and_set_otherwise_is_ref
     """Switches removed for not paying >= 3% (issue 29) are gone from the table; a run's saved config
     from before names them at their old defaults and still loads; turning one on is a ConfigError."""
     old = {**perf.DEFAULTS, **perf.REMOVED, "train": {**perf.DEFAULTS["train"], "lagged_progress_loss": False}}
-    assert not set(perf.REMOVED) & set(perf.DEFAULTS)
+    assert not set(perf.REMOVED) & set(perf.DEFAULTS) and not set(perf.REMOVED) & set(perf.OFF)
+    assert not any(hasattr(perf, name) for name in ("fuse_qkv", "LaggedScalar", "CODEC"))  # their code went too
     assert perf.settings(old) == perf.DEFAULTS
     with pytest.raises(ConfigError, match=r"model.perf.fuse_qkv was removed .*docs/history/performance.md"):
         perf.settings({"fuse_qkv": True})
