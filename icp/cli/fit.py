@@ -60,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
         return _sweep(args)
     cfg = cfglib.load(args.config, args.overrides)
     cfglib.check_values(cfg)  # NaN/inf and out-of-range counts: one line, before anything is built
-    from icp.jobs.preflight import preflight
-
-    preflight(cfg)  # data paths and every _target_, before a run directory or W&B run exists
     if args.dry_run:
+        from icp.jobs.preflight import preflight
+
+        preflight(cfg)  # what fit checks before it creates anything (it runs the same checks itself)
         return print_dry_run(cfg)
     from icp.jobs.fit import fit
 

@@ -189,7 +189,8 @@ def fit(cfg: DictConfig) -> Path:
 
 def finished_step(cfg: DictConfig, run_dir: Path) -> int | None:
     """The global step of the run in ``run_dir`` when it already reached ``trainer.max_steps``
-    (its newest intact checkpoint is at or past it), else None. Reads one pickle header."""
+    (its newest intact checkpoint is at or past it), else None. Loads no tensors: the step comes
+    from the pickle header, integrity from the zip's CRCs (checkpointing.resumable_checkpoint)."""
     max_steps = int(OmegaConf.select(cfg, "trainer.max_steps", default=-1))
     if max_steps < 0:
         return None
