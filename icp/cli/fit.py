@@ -60,10 +60,12 @@ def run(args: argparse.Namespace) -> int:
         return _sweep(args)
     cfg = cfglib.load(args.config, args.overrides)
     cfglib.check_values(cfg)  # NaN/inf and out-of-range counts: one line, before anything is built
-    if args.dry_run:
-        from icp.jobs.preflight import preflight
+    from icp.jobs.preflight import preflight
 
-        preflight(cfg)  # what fit checks before it creates anything (it runs the same checks itself)
+    # Data paths and every _target_: fit checks them too, but here a wrong path fails before
+    # Lightning is even imported (seconds), and --dry-run checks what a run would.
+    preflight(cfg)
+    if args.dry_run:
         return print_dry_run(cfg)
     from icp.jobs.fit import fit
 
