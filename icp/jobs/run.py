@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from icp.core import config as cfglib
 from icp.core import rundir
 from icp.core.errors import ConfigError
-from icp.jobs import runner
+from icp.jobs import runner, wandb_log
 from icp.jobs.runner import Job, digest
 
 STAGES = ("data", "embedder", "probe", "pretrain", "correspondence", "stitching", "adaptation", "evaluate",
@@ -67,8 +67,8 @@ def plan(cfg: DictConfig) -> dict[str, Job]:
         overrides = [_fill(o, jobs) for o in raw]
         named = {m for o in raw for m in re.findall(r"\{(\w+)\.\w+\}", o)}  # earlier fits it reads
         deps = [d for d in jobs if d == "data" or d in named]
-        jobs[name] = Job(name, "fit", deps=deps, needs=NEEDS.get(name, ()),
-                         cfg=runner.fit_config(cfg, run_dir / "stages", name, node.config, overrides))
+        fit = runner.fit_config(cfg, run_dir / "stages", name, node.config, overrides)
+        jobs[name] = Job(name, "fit", deps=deps, needs=NEEDS.get(name, ()), cfg=wandb_log.stage_config(fit, cfg, name))
         if name == "pretrain" and "correspondence" in cfg:  # the base's DIFT-style probe, before any adaptation
             jobs["correspondence"] = Job(
                 "correspondence", "step", deps=["pretrain"], result=run_dir / "stages" / "correspondence.json",
@@ -95,10 +95,20 @@ def plan(cfg: DictConfig) -> dict[str, Job]:
 
 def check(cfg: DictConfig) -> None:
     """Validate every training stage's config (targets and keys) without building anything."""
-    for job in plan(cfg).values():
+    jobs = plan(cfg)
+    wandb_settings(cfg, jobs)
+    for job in jobs.values():
         if job.kind == "fit":
             for node in ("data", "model", "trainer"):
                 cfglib.validate(job.cfg[node], job.cfg, node)
+
+
+def wandb_settings(cfg: DictConfig, jobs: dict[str, Job]) -> dict | None:
+    """The evaluate / report W&B settings (None: off); refuses online logging without an API key."""
+    fits = [j.cfg for j in jobs.values() if j.kind == "fit"]
+    opts = wandb_log.settings(cfg, fits)
+    wandb_log.check_online(wandb_log.fit_modes(fits) + ([opts["mode"]] if opts else []))
+    return opts
 
 
 def execute(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], job: Job) -> None:
@@ -120,17 +130,21 @@ def execute(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], job: Job) -> N
         from icp.jobs.evaluate import evaluate
 
         runner.write_result(job, evaluate(cfg, run_dir, jobs, device=device))
+        wandb_log.log_evaluate(wandb_settings(cfg, jobs), run_dir, job.result)
     elif job.name == "report":
-        from icp.jobs.report import write_report
+        from icp.jobs.report import PICTURES, write_report
 
         runner.write_result(job, {k: str(v) for k, v in write_report(run_dir).items()})
+        wandb_log.log_report(wandb_settings(cfg, jobs), run_dir,
+                             [(run_dir / "evaluate" / name, caption) for name, caption in PICTURES])
 
 
 def run(cfg: DictConfig, only: list[str] | None = None, until: str | None = None) -> Path:
     """Run the job; ``only`` forces those stages, ``until`` stops after that stage (the rest wait for a
     later invocation: a GPU call of limited length can end after the base and its probe)."""
-    run_dir = rundir.prepare(cfg)
     jobs = plan(cfg)
+    wandb_settings(cfg, jobs)  # online without an API key: refused before anything is made
+    run_dir = rundir.prepare(cfg)
     if until:
         jobs = {n: j for n, j in jobs.items() if STAGES.index(n) <= STAGES.index(until)}
     state_file = run_dir / "stages.json"
