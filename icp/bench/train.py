@@ -3,7 +3,7 @@
     python eval/bench_train.py --budget 500 --out DIR        # the default plan "peer" (GPU, one call)
     python eval/bench_train.py --plan steps --budget 500 ... # the stitching / adaptation MFU targets
     python eval/bench_train.py --only ROWS --budget 500 ...  # rows the budget skipped, or a question
-    python eval/bench_train.py --tiny --out /tmp/bench_tiny  # every code path, tiny, CPU, ~1 min
+    python eval/bench_train.py --tiny --out /tmp/bench_tiny  # every code path, tiny, CPU, minutes
 
 The plans (icp.bench.plan.PLANS) run the targets' rows under the project defaults, against one
 measured peak, within one GPU call each; the verdicts follow experiments/perf/targets.yaml, every
@@ -84,6 +84,9 @@ class Bench(SamplingRows, PeerRows):
         for key in ("batch", "big_batch", "task_batch"):  # --batch, --big-batch, --task-batch (0: the size's)
             self.size[key] = getattr(args, key) or self.size[key]
         if args.peer_batches:
+            if not all(b.strip().isdigit() and int(b) > 0 for b in args.peer_batches.split(",")):
+                raise SystemExit(f"bench_train: --peer-batches={args.peer_batches!r} must be positive whole numbers, "
+                                 "comma-separated (e.g. 32,64)")
             self.size["peer_batches"] = tuple(int(b) for b in args.peer_batches.split(","))
         self.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
         self.defaults = perf.settings({**project_defaults(), **parse_settings(args.perf)})
