@@ -4,6 +4,7 @@ record has the one metrics.json schema the leaderboard reads from a run director
 
 import json
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -128,3 +129,23 @@ def test_a_sweep_is_evaluated_and_ranked_as_one_table(job, monkeypatch, tmp_path
 
     with pytest.raises(ConfigError, match="a sweep of 2 runs"):
         resolve(manifest)
+
+
+class NoSampler(L.LightningModule):
+    """A run whose model generates nothing (like the embedder or probe stage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_a_run_that_generates_nothing_is_one_line(job, tmp_path, capsys):
+    run = tmp_path / "runs" / "embedder" / "cfg-1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"experiment": "embedder", "security": {"allowed_targets": ["tests"]},
+                                                     "data": {"resolution": 32, "val_shards": str(job / "data_shards/qs/heldout")},
+                                                     "model": {"_target_": "tests.test_eval_runs.NoSampler"}}))
+    torch.save({"state_dict": NoSampler().state_dict(), "global_step": 1}, run / "checkpoints" / "last.ckpt")
+    assert main(["eval", str(run), *QUICK, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("icp: error:") and "NoSampler run, which generates no portraits" in err

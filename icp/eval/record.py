@@ -196,6 +196,9 @@ def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str |
     # Hash the checkpoint before loading it: the record names exactly the bytes that were measured.
     ckpt_sha = sha256_of(ckpt)
     task = load_task(ckpt, device=device, trust_checkpoint=trust_checkpoint)
+    if not callable(getattr(task, "sample", None)):  # the embedder or probe stage: nothing to generate
+        raise ConfigError(f"{info.model_run} is a {type(task).__name__} run, which generates no portraits; pass a "
+                          "stitching or adaptation run, or the main job's root")
     extractors = build_extractors(
         identity=met.get("identity", ["icp", "dlib"]), embedder=met.get("embedder"),
         dlib_models_dir=met.get("dlib_models_dir"), facenet_weights=met.get("facenet_weights"),
