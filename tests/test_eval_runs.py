@@ -99,7 +99,8 @@ def test_leaderboard_says_what_a_run_lacks(job, tmp_path, capsys):
     old.mkdir(parents=True)
     (old / "metrics.json").write_text(json.dumps({"summary": "s", "metrics": [{"name": "psnr", "value": 1.0}]}))
     assert main(["leaderboard", str(old / "metrics.json"), "--out", str(tmp_path / "lb")]) == 2
-    assert SCHEMA in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert SCHEMA in err and "--only evaluate report" in err
 
 
 def test_a_sweep_is_evaluated_and_ranked_as_one_table(job, monkeypatch, tmp_path, capsys):

@@ -61,6 +61,9 @@ def load_record(path: str | Path) -> dict:
     if not isinstance(record, dict):
         raise DataError(f"{path}: a metrics record is a JSON object, not a {type(record).__name__}; make it with `icp eval`")
     # v1 (`icp eval` before one schema, issue 28) holds every field read here: still accepted
+    if isinstance(record.get("metrics"), list) and "schema" not in record:  # the main job's, before one schema
+        raise DataError(f"{path}: the main job's record of an older icp (not schema {SCHEMA}); write it anew with "
+                        "`icp run CONFIG --only evaluate report`, or measure the run with `icp eval RUN`")
     if record.get("schema") != SCHEMA and not (record.get("format") == FORMAT and record.get("version") == 1):
         raise DataError(f"{path}: not an icp metrics record (schema {record.get('schema', record.get('format'))!r}, "
                         f"expected {SCHEMA!r}); make it with `icp eval` or `icp run`")
