@@ -13,6 +13,7 @@ spec ``"dir=x,y,z;color=r,g,b;ambient=a"`` (a directional light on an ellipsoida
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Sequence, Union
@@ -25,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from icp.core import config as cfglib
+from icp.core import runs
 from icp.data import keys as K
 from icp.data.faces import detect_and_align
 from icp.data.masking import random_patch_mask
@@ -39,9 +41,17 @@ RUN_CONFIG = "config.yaml"
 # ------------------------------------------------------------------------------ loading a run
 
 
+def locate(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint, the model's run directory) for any run path a verb may get: a fit run, a .ckpt in
+    one, the main job's root (its adaptation stage), a claims sub-run (``icp.core.runs.resolve``)."""
+    info = runs.resolve(Path(path).expanduser())
+    ckpt = info.need_checkpoint()
+    return ckpt, info.model_run or ckpt.parent.parent
+
+
 def load_adaptation(checkpoint: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False,
               compile: bool = False) -> tuple[AdaptationTask, DictConfig]:
-    """The adaptation task of a run (dir or .ckpt in it), with its weights and EMA; -> (task, run config).
+    """The adaptation task of a run (any path :func:`locate` takes), with its weights and EMA; -> (task, run config).
 
     ``trust_checkpoint``: allow a checkpoint that needs full unpickling (it can run code from the file).
     ``compile``: torch.compile the nets (CUDA; ~2 minutes once, repaid only over many images, so
@@ -49,14 +59,40 @@ def load_adaptation(checkpoint: str | Path, device: str | torch.device = "cpu", 
     """
     from icp.tasks import loading
 
-    run_dir, _ = loading.locate_run(Path(checkpoint).expanduser())
+    ckpt, run_dir = locate(checkpoint)
     cfg = cfglib.load(run_dir / RUN_CONFIG)
     target = str(OmegaConf.select(cfg, "model._target_", default=""))
     if not target.endswith("AdaptationTask"):
         raise WeightsError(f"{run_dir}: is a '{target or 'unknown'}' run; `icp generate` needs an adaptation run "
-                           "(experiments/adaptation/*.yaml)")
-    task = loading.load_task(checkpoint, device, trust_checkpoint=trust_checkpoint, compile=compile)
+                           "(experiments/adaptation/*.yaml, or the main job's root)")
+    task = loading.load_task(ckpt, device, trust_checkpoint=trust_checkpoint, compile=compile)
     return task, cfg
+
+
+# What `icp shards` records as a shard folder's "kind" -> the words a user reads.
+DOMAINS = {"synthetic": "synthetic renders", "import": "real photos"}
+
+
+def training_domain(cfg: DictConfig, run_dir: str | Path) -> str:
+    """What the run trained on, e.g. "synthetic renders at 32 px", from its shards' manifest.
+
+    ``data.shards`` is relative to the folder the job ran in: looked up from the current folder,
+    then from each folder above the run (a run copied elsewhere with its data still finds it)."""
+    res = OmegaConf.select(cfg, "data.resolution", default=None)
+    shards = OmegaConf.select(cfg, "data.shards", default=None)
+    what = "unknown data"
+    if isinstance(shards, str) and shards:
+        what = f"data of {shards} (not found from here)"
+        for base in [Path.cwd(), *Path(run_dir).resolve().parents]:
+            manifest = base / shards / "manifest.json"
+            if manifest.is_file():
+                try:
+                    kind = json.loads(manifest.read_text()).get("kind")
+                except (OSError, ValueError, AttributeError):
+                    kind = None
+                what = DOMAINS.get(kind, f"'{kind}' shards") if kind else "unknown data"
+                break
+    return f"{what} at {res} px" if res else what
 
 
 # --------------------------------------------------------------------------------- images
@@ -88,10 +124,46 @@ def read_image(image: ImageLike, name: str | None = None) -> tuple[Image.Image, 
     return convert_8bit(image, "RGB"), name or "<image>"
 
 
+# A render's background is a linear colour gradient (icp.render.renderer._background): the share
+# of the upper border that a plane fits within RENDER_TOLERANCE. Measured: renders 0.85-1.0 at
+# 32-256 px (also upscaled and JPEG-saved), photos 0.0-0.37 (skimage's samples; a sky is smooth).
+RENDER_BORDER_SHARE = 0.75
+RENDER_TOLERANCE = 4 / 255
+RENDER_SUBJECT_SHARE = 0.1  # measured: the bust covers 36-48% of a render
+
+
+def looks_rendered(image: Image.Image) -> bool:
+    """Whether ``image`` looks like one of icp's renders (smooth gradient background), not a photo."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+    h, w, _ = a.shape
+    if min(h, w) < 4:
+        return False
+    k = max(1, min(h, w) // 32)
+    ring = np.zeros((h, w), bool)  # top rows and the upper 60% of the sides: the bust fills the bottom
+    ring[:k], ring[: int(h * 0.6), :k], ring[: int(h * 0.6), -k:] = True, True, True
+    ys, xs = np.nonzero(ring)
+    x, y = np.c_[xs / w, ys / h, np.ones(len(xs))], a[ring]
+    keep = np.ones(len(x), bool)
+    for _ in range(4):  # refit on the pixels the plane explains: hair may touch the border
+        coef, *_ = np.linalg.lstsq(x[keep], y[keep], rcond=None)
+        keep = np.abs(x @ coef - y).max(1) < RENDER_TOLERANCE
+        if keep.sum() < 8:
+            return False
+    # ... and something that is not background: a head (a flat or gradient-only image is no render)
+    yy, xx = np.mgrid[0:h, 0:w]
+    whole = np.c_[xx.ravel() / w, yy.ravel() / h, np.ones(h * w)] @ coef
+    subject = (np.abs(whole - a.reshape(-1, 3)).max(1) >= RENDER_TOLERANCE).mean()
+    return bool(keep.mean() >= RENDER_BORDER_SHARE and subject >= RENDER_SUBJECT_SHARE)
+
+
 def prepare_face(image: ImageLike, resolution: int, align: bool = True, name: str | None = None) -> Tensor:
-    """(3, R, R) in [-1, 1]: detected + aligned face crop (``align``) or a centre crop resized."""
+    """(3, R, R) in [-1, 1]: the face in the training frame.
+
+    ``align``: a photo is detected and aligned (icp.data.faces); a render of icp's renderer already
+    is in the frame the model trained in (its camera frame), so it is only centre-cropped and
+    resized -- as ``align=False`` treats every input (already aligned crops)."""
     pil, name = read_image(image, name)
-    if align:
+    if align and not looks_rendered(pil):
         if min(pil.size) < MIN_ALIGN_SIDE:
             raise DataError(f"{name}: {pil.size[0]}x{pil.size[1]} pixels is too small to find a face in (at least "
                             f"{MIN_ALIGN_SIDE} px a side; or pass --no-align for an aligned crop)")
@@ -188,15 +260,21 @@ class PortraitPipeline:
         unet = task.backbone.unet
         self.resolution = resolution or int(unet.config.sample_size) * task.backbone.downscale
         self.mask_ratio, self.patch_size, self.align = mask_ratio, patch_size, align
+        self.checkpoint: Path | None = None  # what from_checkpoint resolved, and what the run trained on
+        self.last_batch: dict | None = None
+        self.domain: str | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str | None = None, align: bool = True,
                         trust_checkpoint: bool = False, compile: bool = False) -> "PortraitPipeline":
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        task, cfg = load_adaptation(checkpoint, device, trust_checkpoint=trust_checkpoint, compile=compile)
-        return cls(task, resolution=OmegaConf.select(cfg, "data.resolution", default=None),
+        ckpt, run_dir = locate(checkpoint)
+        task, cfg = load_adaptation(ckpt, device, trust_checkpoint=trust_checkpoint, compile=compile)
+        pipe = cls(task, resolution=OmegaConf.select(cfg, "data.resolution", default=None),
                    mask_ratio=float(OmegaConf.select(cfg, "data.mask_ratio", default=0.8)),
                    patch_size=int(OmegaConf.select(cfg, "data.patch_size", default=8)), align=align)
+        pipe.checkpoint, pipe.domain = ckpt, training_domain(cfg, run_dir)
+        return pipe
 
     def prepare(self, profiles: Sequence[ImageLike], target: ImageLike, light: ImageLike | None = None,
                 prompt: str | None = None, seed: int = 0) -> dict:
@@ -231,4 +309,14 @@ class PortraitPipeline:
         batch = self.prepare(profiles, target, light, prompt, seed)
         generator = torch.Generator(device=self.task.device).manual_seed(seed)
         out = self.task.sample(batch, num_steps=steps, guidance_scale=guidance_scale, generator=generator)
+        self.last_batch = batch  # what the model saw, for strip()
         return out[0].cpu()
+
+    def strip(self, image: Tensor) -> Image.Image:
+        """profile | target | output of the last call, labelled, as uint8 pixels (icp.eval.grids):
+        the aligned crops the model saw, beside what it made of them."""
+        from icp.eval.grids import grid
+
+        batch = self.last_batch
+        return grid([("profile", batch[K.PROFILE][:1].cpu()), ("target", batch[K.TARGET][:1].cpu()),
+                     ("output", image[None].cpu())])
