@@ -91,6 +91,8 @@ def test_the_device_count_does_not_change_the_run_dir(toy):
     one = toy("trainer.devices=1")
     many = toy("trainer.devices=8", "+trainer.num_nodes=2", "+trainer.strategy=ddp", "trainer.accelerator=gpu")
     assert rundir.run_dir_of(one) == rundir.run_dir_of(many)
+    online = toy("+logger.wandb={mode: online, project: p}", "trainer.enable_progress_bar=true")
+    assert rundir.run_dir_of(online) == rundir.run_dir_of(one)  # where metrics go is not what runs
     # With the global batch fixed, the per-device batch and accumulation only split it over processes.
     a = toy("+global_batch_size=32", "data.batch_size=8", "+trainer.accumulate_grad_batches=4")
     b = toy("+global_batch_size=32", "data.batch_size=4", "trainer.devices=8")

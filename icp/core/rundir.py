@@ -7,7 +7,8 @@ same directory and a changed config to a new one. A named run whose saved config
 the new one is refused (naming the differing keys) instead of silently mixing two experiments;
 ``run.allow_config_change=true`` accepts the change on purpose.
 
-A run's identity is what it computes, not how long or on how many devices: ``trainer.max_steps``
+A run's identity is what it computes, not how long, on how many devices or where it logs
+(``run.*``, ``logger.*``): ``trainer.max_steps``
 and the process layout (``trainer.accelerator/devices/num_nodes/strategy``; with
 ``global_batch_size`` set also the per-device batch and accumulation it implies) neither enter the
 hash nor count as a change, so raising max_steps continues the run and 1 vs 8 GPUs share one
@@ -28,11 +29,11 @@ from icp.core import config as cfglib
 from icp.core.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
-# Keys that say where/how a run is stored, not what it computes: they do not enter the hash and
-# may change between invocations of the same run.
-_VOLATILE = ("run",)
+# Keys that say where/how a run is stored or logged, not what it computes: they do not enter the
+# hash and may change between invocations of the same run (W&B offline -> online is the same run).
+_VOLATILE = ("run", "logger")
 # Keys that say how long or on which processes a run computes, not what (docs/decisions/run-identity.md).
-_SCHEDULE = ("trainer.max_steps",)
+_SCHEDULE = ("trainer.max_steps", "trainer.enable_progress_bar")
 # (trainer.strategy: by name only; a configured strategy object stays part of what runs.)
 _LAYOUT = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes")
 # With global_batch_size set, the optimizer's batch is fixed and these only split it over processes.
