@@ -7,12 +7,12 @@ same directory and a changed config to a new one. A named run whose saved config
 the new one is refused (naming the differing keys) instead of silently mixing two experiments;
 ``run.allow_config_change=true`` accepts the change on purpose.
 
-A run's identity is what it computes, not how long, on how many devices or where it logs
-(``run.*``, ``logger.*``): ``trainer.max_steps``
-and the process layout (``trainer.accelerator/devices/num_nodes/strategy``; with
-``global_batch_size`` set also the per-device batch and accumulation it implies) neither enter the
-hash nor count as a change, so raising max_steps continues the run and 1 vs 8 GPUs share one
-directory (docs/decisions/run-identity.md).
+A run's identity is what it computes, not how long, on how many devices or where it logs:
+``run.*``, ``logger.*``, ``trainer.max_steps`` and the process layout
+(``trainer.accelerator/devices/num_nodes/strategy``; with ``global_batch_size`` set also the
+per-device batch and accumulation it implies) neither enter the hash nor count as a change, so
+raising max_steps continues the run and 1 vs 8 GPUs share one directory
+(docs/decisions/run-identity.md).
 """
 
 from __future__ import annotations
