@@ -58,10 +58,23 @@ def complete_records(run_dir: Path, timeout: float = 20.0) -> list:
             return found
 
 
+def _put(out: dict, item) -> None:
+    """One item (``key``, or ``nested_key``: a media value comes as its fields) into ``out``."""
+    path = [item.key] if item.key else list(item.nested_key)
+    for part in path[:-1]:
+        out = out.setdefault(part, {})
+    out[path[-1]] = json.loads(item.value_json)
+
+
 def history(recs: list) -> list[dict]:
-    """Every logged history row as {key: decoded JSON value}."""
-    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-            for r in recs if r.WhichOneof("record_type") == "history"]
+    """Every logged history row as {key: decoded value} (a logged image or table: its file reference)."""
+    rows = []
+    for r in recs:
+        if r.WhichOneof("record_type") == "history":
+            rows.append({})
+            for item in r.history.item:
+                _put(rows[-1], item)
+    return rows
 
 
 def summary(recs: list) -> dict:
@@ -70,7 +83,7 @@ def summary(recs: list) -> dict:
     for r in recs:
         if r.WhichOneof("record_type") == "summary":
             for item in r.summary.update:
-                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+                _put(out, item)
     return out
 
 

@@ -124,9 +124,10 @@ def _open(run_dir: Path, opts: dict, job_type: str):
                       name=f"{opts['group']}/{job_type}", **opts)
 
 
-def _interval(row: dict) -> tuple[float, float] | None:
-    """A metric row's 95 % interval: a {lo, hi} mapping, or the '0.41 [0.38, 0.44] (...)' text."""
-    found = row.get("interval")
+def _interval(row: dict, intervals: dict) -> tuple[float, float] | None:
+    """A metric's 95 % interval: the record's numeric ``intervals`` entry, else the row's
+    '0.41 [0.38, 0.44] (...)' text (records written before icp-metrics/2)."""
+    found = intervals.get(row.get("name")) or row.get("interval")
     if isinstance(found, dict) and "lo" in found:
         return float(found["lo"]), float(found["hi"])
     m = re.search(r"\[(-?[\d.]+(?:e-?\d+)?|nan), (-?[\d.]+(?:e-?\d+)?|nan)\]", str(found or ""))
@@ -141,13 +142,16 @@ def summary_of(evaluation: dict) -> dict:
     """The headline metrics: ``eval/<m>`` with ``/lo`` ``/hi``, ``eval/<m>@<baseline>`` and the
     paired differences ``eval/<m>/vs_<baseline>`` (the in-loop evaluation's names)."""
     out: dict = {"eval/summary": evaluation.get("summary", "")}
-    for row in evaluation.get("metrics", []):
+    # icp-metrics/2 keeps the report's rows under "rows"; earlier main-job records under "metrics"
+    rows = evaluation.get("rows") or [r for r in evaluation.get("metrics") or [] if isinstance(r, dict)]
+    intervals = evaluation.get("intervals") or {}
+    for row in rows:
         name = row.get("name")
         if not name or not _number(row.get("value")):
             continue
         out[f"eval/{name}"] = float(row["value"])
-        interval = _interval(row)
-        if interval:
+        interval = _interval(row, intervals)
+        if interval and all(map(_number, interval)):
             out[f"eval/{name}/lo"], out[f"eval/{name}/hi"] = interval
         for arm, value in (row.get("baselines") or {}).items():
             if _number(value):
