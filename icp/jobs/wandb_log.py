@@ -6,9 +6,9 @@
 - One switch: the run config's top-level ``wandb`` (offline | online | disabled; offline when
   absent) applies to every stage whose ``logger.wandb`` is not null (a stage's
   ``logger.wandb=null`` keeps it off). Online needs an API key, checked before anything trains.
-- The W&B settings say where a stage is logged, not what it computes: a stage's run directory is
-  named by the hash of its config without ``logger``, so switching W&B online or off (or renaming
-  the ``icp run``, which renames the group) reuses every trained stage.
+- The W&B settings say where a stage is logged, not what it computes: ``logger.*`` is not part of
+  a run's identity (icp.core.rundir), so switching W&B online or off (or renaming the ``icp run``,
+  which renames the group) reuses every trained stage.
 
 evaluate logs the headline metrics with their 95 % intervals and baselines to the run summary and
 the per-pair scores as a ``wandb.Table``; report logs the report's pictures as ``wandb.Image``
@@ -57,10 +57,6 @@ def group_of(cfg: DictConfig) -> str:
 
 def stage_config(fit: DictConfig, cfg: DictConfig, stage: str) -> DictConfig:
     """A fit stage's config with the run's W&B group, job type and mode (see the module docstring)."""
-    without_logger = OmegaConf.masked_copy(fit, [k for k in fit if k != "logger"])
-    OmegaConf.update(fit, "run.name", f"cfg-{rundir.config_hash(without_logger)}")
-    # Only logger keys can differ in a directory named so: let them change without a refusal.
-    OmegaConf.update(fit, "run.allow_config_change", True)
     if OmegaConf.select(fit, "logger.wandb", default=None) is None:
         return fit
     mode = run_mode(cfg)
