@@ -202,7 +202,9 @@ class ICPortraitPipeline(DiffusionPipeline):
             raise WeightsError(f"the pipeline lacks its {', '.join(missing)} component(s); re-export the run with "
                                "`icp export RUN OUT`")
         settings = {k: v for k, v in dict(self.config.adaptation or {}).items() if k in TASK_SETTINGS}
-        codec = self.codec if isinstance(self.codec, PixelCodec) else VaeCodec(self.codec)
+        # The pixel codec has no weights: a plain one, without the export format's marker buffer.
+        codec = (PixelCodec(self.codec.factor, self.codec.scaling_factor) if isinstance(self.codec, PixelCodec)
+                 else VaeCodec(self.codec))
         backbone = Backbone(self.unet, codec, self.text_encoder, self.tokenizer, self.scheduler)
         # Build on the components' device (the UNet is already there; no LoRA: it was merged on export).
         task = AdaptationTask(backbone, matching_init="random", **settings)
