@@ -75,3 +75,12 @@ def render_png(path: Path, identity: int, view: int, resolution: int = RESOLUTIO
     out = R.render(R.sample_identity(identity, 0)[None], pose[None], light[None], background[None], resolution)
     Image.fromarray((out["rgb"][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
     return path
+
+
+def make_job(root: Path) -> dict:
+    """The main job under ``root`` plus two renders of other identities to generate from."""
+    main, task = make_main_job(root)
+    faces = root / "faces"
+    faces.mkdir()
+    return {"root": root, "main": main, "task": task, "faces": faces,
+            "profile": render_png(faces / "profile.png", 3, 1), "target": render_png(faces / "target.png", 5, 2)}

@@ -11,17 +11,12 @@ import torch
 from PIL import Image
 
 from icp import cli
-from tests.adaptation_run import make_main_job, render_png
+from tests.adaptation_run import make_job
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("job")
-    main, task = make_main_job(root)
-    faces = root / "faces"
-    faces.mkdir()
-    return {"root": root, "main": main, "task": task, "profile": render_png(faces / "profile.png", 3, 1),
-            "target": render_png(faces / "target.png", 5, 2)}
+    return make_job(tmp_path_factory.mktemp("job"))
 
 
 @pytest.fixture(scope="module")

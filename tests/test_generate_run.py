@@ -8,17 +8,12 @@ from PIL import Image
 
 from icp import cli
 from icp.eval.grids import LABEL_H, PAD
-from tests.adaptation_run import make_main_job, render_png
+from tests.adaptation_run import make_job, render_png
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("job")
-    main, _ = make_main_job(root)
-    faces = root / "faces"
-    faces.mkdir()
-    return {"main": main, "profile": render_png(faces / "profile.png", 3, 1),
-            "target": render_png(faces / "target.png", 5, 2), "faces": faces}
+    return make_job(tmp_path_factory.mktemp("job"))
 
 
 def _generate(job, profile, out, capsys):
