@@ -63,8 +63,8 @@ def load_adaptation(checkpoint: str | Path, device: str | torch.device = "cpu", 
     cfg = cfglib.load(run_dir / RUN_CONFIG)
     target = str(OmegaConf.select(cfg, "model._target_", default=""))
     if not target.endswith("AdaptationTask"):
-        raise WeightsError(f"{run_dir}: is a '{target or 'unknown'}' run; `icp generate` needs an adaptation run "
-                           "(experiments/adaptation/*.yaml, or the main job's root)")
+        raise WeightsError(f"{run_dir}: is a '{target or 'unknown'}' run; `icp generate` and `icp export` need an "
+                           "adaptation run (experiments/adaptation/*.yaml, or the main job's root)")
     task = loading.load_task(ckpt, device, trust_checkpoint=trust_checkpoint, compile=compile)
     return task, cfg
 
