@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from diffusers import ConfigMixin, ControlNetModel, DiffusionPipeline, ModelMixin  # noqa: F401 (ModelMixin: see below)
+from diffusers import ConfigMixin, ControlNetModel, DiffusionPipeline, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import nn
@@ -40,14 +40,14 @@ from icp.models.backbone import Backbone
 from icp.models.codec import PixelCodec, VaeCodec
 from icp.models.fusion import ReferenceFusion
 
-# diffusers looks up a custom component's load method by the base classes it finds *in the
-# component's own module* (ModelMixin above): keep that import even though it looks unused.
+# diffusers finds a custom component's load method by the base classes it looks up *in the
+# component's module* (model_index.json names "icp.pipeline"): ModelMixin must be a name here.
 COMPONENTS = ("unet", "appearance", "matching", "fusion", "codec", "text_encoder", "tokenizer", "scheduler")
 # The AdaptationTask settings generation depends on (an allow-list: training-only settings such
 # as optimizers, the stitching run's path or the auxiliary loss stay behind).
 TASK_SETTINGS = ("prompt", "guidance_scale", "sampler", "matching_mode", "temperature", "chunk_rows",
                  "match_levels", "warp_identity", "cond_embedding_channels", "perf")
-# A three-line module that lets plain diffusers load the folder:
+# A two-line module that lets plain diffusers load the folder:
 # DiffusionPipeline.from_pretrained(OUT, custom_pipeline="icp_pipeline", trust_remote_code=True).
 SHIM_NAME = "icp_pipeline.py"
 SHIM = ('"""Loads the installed icp package\'s pipeline class (pip install icp); the weights are in this folder."""\n'
