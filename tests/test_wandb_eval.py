@@ -97,8 +97,8 @@ def test_evaluate_and_report_land_in_the_runs_group(evaluation, tmp_path, monkey
     assert got["eval/id_cos_icp/lo"] < got["eval/id_cos_icp"] < got["eval/id_cos_icp/hi"]
     assert got["eval/psnr@other_identity"] == pytest.approx(found["baselines"]["other_identity"]["psnr"])
     versus = found["comparisons"]["other_identity"]["id_cos_icp"]
-    assert got["eval/id_cos_icp/vs_other_identity"] == pytest.approx(versus["mean"])
-    assert got["eval/id_cos_icp/vs_other_identity/verdict"] == versus["verdict"]
+    assert got["eval/id_cos_icp-other_identity"] == pytest.approx(versus["mean"])
+    assert got["eval/id_cos_icp-other_identity/verdict"] == versus["verdict"]
     assert got["eval/summary"] == found["summary"]
 
     # ... and one table row per pair: identity, pair index, every per-pair metric and baseline

@@ -136,7 +136,8 @@ def _number(value) -> bool:
 
 def summary_of(evaluation: dict) -> dict:
     """The headline metrics: ``eval/<m>`` with ``/lo`` ``/hi``, ``eval/<m>@<baseline>`` and the
-    paired differences ``eval/<m>/vs_<baseline>`` (the in-loop evaluation's names)."""
+    paired differences ``eval/<m>-<baseline>`` with ``/lo`` ``/hi`` ``/verdict`` (the names the
+    in-loop evaluation logs, icp.eval.callbacks)."""
     out: dict = {"eval/summary": evaluation.get("summary", "")}
     # icp-metrics/2 keeps the report's rows under "rows"; earlier main-job records under "metrics"
     rows = evaluation.get("rows") or [r for r in evaluation.get("metrics") or [] if isinstance(r, dict)]
@@ -155,9 +156,9 @@ def summary_of(evaluation: dict) -> dict:
         for arm, versus in (row.get("versus") or {}).items():
             for k in ("mean", "lo", "hi"):
                 if _number(versus.get(k)):
-                    out[f"eval/{name}/vs_{arm}" + ("" if k == "mean" else f"/{k}")] = float(versus[k])
+                    out[f"eval/{name}-{arm}" + ("" if k == "mean" else f"/{k}")] = float(versus[k])
             if versus.get("verdict"):
-                out[f"eval/{name}/vs_{arm}/verdict"] = versus["verdict"]
+                out[f"eval/{name}-{arm}/verdict"] = versus["verdict"]
     return out
 
 
