@@ -1,7 +1,8 @@
 # Issue 29, one GPU call (<= 9 min on one H100, compilation included): icp's training step and its
 # evaluation sampling against plain diffusers + torch.compile (the compiled peer) in the same run,
-# the plan "peer" of icp/bench/plan.py, read by experiments/perf/targets.yaml. `bash ... steps` runs
-# the plan "steps" instead (the stitching / adaptation MFU targets), in a second call.
+# the plan "peer" of icp/bench/plan.py, read by experiments/perf/targets.yaml. `bash ... PLAN` runs
+# another plan in another call: peer_ro (the reduce-overhead peers, where "peer" had no time left for
+# them), steps (the stitching / adaptation MFU targets), switches (the training override).
 # Run from the root of a clean copy of the tree with the wheels beside it (the device image lacks
 # diffusers, omegaconf, webdataset): mkdir .gpu && git archive HEAD | tar -x -C .gpu; then
 # `cd .gpu && bash eval/gpu/bench_peer.sh` with .whl and .gpu carried (or from the tree's root with

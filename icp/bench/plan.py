@@ -19,14 +19,15 @@ SIZES = {
 # Estimated seconds per row on an H100/H200 with 16 cores (build + warm-up + timing; compile rows
 # include torch.compile of their block shapes: 2-4 min for the UNet's fwd+bwd, measured on the
 # H200: c_stitching_defaults 185-225 s of warm-up, b_task_defaults_bs48 120-138 s, d 86-114 s;
-# H100: b_task_defaults_bs72 111 s of warm-up). c_adaptation_defaults after c_stitching_defaults
-# reuses the frozen-UNet, VAE and trainable control-net graphs (same shapes): 35 s of warm-up.
-# The compiled peers (whole UNet fwd+bwd; UNet + control net + VAE decoder for sampling) are
-# costed like icp's own compiled rows of the same nets, not yet measured by this bench.
+# H100: b_task_defaults_bs72 111-114 s of warm-up, its whole row ~135 s). c_adaptation_defaults
+# after c_stitching_defaults reuses the frozen-UNet, VAE and trainable control-net graphs (same
+# shapes): 35 s of warm-up. The compiled peers (the whole UNet fwd+bwd; UNet + control net + VAE
+# decoder for sampling, no backward) are costed a little under icp's rows of the same nets, whose
+# compile covers more (CUDA graphs, the codec, more nets); not yet measured by this bench.
 ROW_COST_S = {
     "peak": 10, "a_plain": 25, "a_plain_canvas": 25, "a_variants": 110,
-    "a_peer": 150, "a_peer_default": 150, "a_peer_ro": 170, "d_peer_default": 100, "d_peer_ro": 110,
-    "b_task_off": 30, "b_task_defaults": 200, "b_task_defaults_big": 180,
+    "a_peer": 120, "a_peer_default": 120, "a_peer_ro": 130, "d_peer_default": 90, "d_peer_ro": 100,
+    "b_task_off": 30, "b_task_defaults": 200, "b_task_defaults_big": 150,
     "c_stitching_off": 35, "c_stitching_defaults": 270, "c_adaptation_off": 45, "c_adaptation_defaults": 120,
     "d_plain_unet": 20, "d_plain_controlnet": 25, "d_task_off": 40, "d_task_defaults": 150,
     "d_task_defaults_nograph": 25, "d_task_defaults_nocompile": 30, "vae": 45, "e": 100, "attn": 60,
@@ -66,6 +67,9 @@ SECTIONS["all"] = ALL_ROWS
 PLANS = {
     "peer": ["peak", "a_peer_default_bs64", "b_task_defaults_big", "d_peer_default", "d_task_defaults",
              "a_peer_ro_bs48", "d_peer_ro", "a_plain", "d_plain_controlnet"],
+    # The same against the reduce-overhead peers, for a call where the budget left them out.
+    "peer_ro": ["peak", "a_peer_ro_bs48", "b_task_defaults_big", "d_peer_ro", "d_task_defaults", "a_plain",
+                "d_plain_controlnet"],
     "steps": ["peak", "c_stitching_defaults", "c_adaptation_defaults", "b_task_off", "a_plain", "e"],
     # The one switch left under 3% by its record (the training override: +1.7% at batch 64, round
     # 7), against itself off and the compiled peer in one run.
