@@ -1,0 +1,41 @@
+# Issue 30, GPU call 2 (<= 10 min on one H100/H200): the 64-px base again, fed from memory.
+# Call 1 (portrait64_first_call.sh) showed the streaming loader holding a batch-128 step to ~0.34 s
+# (~380 samples/s with 12 workers) and torch.compile hanging the time-boxed fit at its end; here the
+# base reads icp.data.resident.ResidentImages (every view decoded once, held as uint8) with compile
+# off, for a fixed wall-time box, then the correspondence probe (every block), 256 samples, the base back.
+#   mkdir .gpu && git archive HEAD | tar -x -C .gpu; cp eval/gpu/portrait64_base_call.sh .gpu/
+#   cd .gpu && bash portrait64_base_call.sh        (.whl and .gpu carried)
+set -u
+export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl || exit 3
+export PYTHONPATH=/tmp/site:$PWD
+L=$OUT/res; mkdir -p $L; T0=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $L/machine.txt; nproc >> $L/machine.txt
+D=/tmp/p64; R=/tmp/r
+python3 -m icp.cli shards synth $D/train --identities 1024 --views 8 --resolution 64 --workers 15 --shard-size 64 > $L/data.log 2>&1 &
+python3 -m icp.cli shards synth $D/heldout --identities 32 --views 8 --resolution 64 --first-identity 1024 --shard-size 64 --workers 1 >> $L/data.log 2>&1
+wait; echo "data_s $(( $(date +%s)-T0 ))" >> $L/times.txt
+BOX=${BOX:-00:00:05:00}
+T1=$(date +%s)
+timeout 420 python3 -m icp.cli fit experiments/base_pretrain.yaml run.root=$R run.name=base64 \
+  data._target_=icp.data.resident.ResidentImages data.shards=$D/train data.val_shards=$D/heldout +data.workers=15 \
+  data.resolution=64 data.batch_size=128 model.backbone.width=64 +model.backbone.levels=3 +model.backbone.layers_per_block=2 \
+  +model.backbone.codec_factor=2 "+model.perf={compile: none}" trainer.precision=bf16-mixed trainer.max_steps=100000 \
+  trainer.val_check_interval=2000 checkpoint.every_n_train_steps=2000 model.ema_decay=0.999 model.optimizer.lr=5.0e-4 \
+  callbacks.samples=null logger.wandb=null +trainer.max_time=$BOX > $L/pretrain.log 2>&1
+echo "pretrain_rc $? pretrain_s $(( $(date +%s)-T1 ))" >> $L/times.txt
+B=$R/base_pretrain/base64
+cp $B/fit_metrics.json $B/backbone/icp_pretrain.json $L/ 2>/dev/null; cp $B/logs/csv/version_0/metrics.csv $L/metrics.csv 2>/dev/null
+P="--resolution 64 --pairs 128 --ensemble 4 --batch-size 32 --first-identity 1024 --identities 32 --views 8"
+python3 -m icp.eval.correspondence --backbone $B/backbone $P --out $L/probe_base > $L/probe.log 2>&1
+python3 -m icp.eval.base_samples sample $B --count 256 --steps 25 --out $L/samples.npz > $L/samples.log 2>&1
+echo "total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
+tar czf $OUT/results.tgz -C $OUT res
+python3 - "$B/backbone" <<'PY'
+import sys, pathlib, safetensors.torch as st, torch
+for f in pathlib.Path(sys.argv[1]).rglob("*.safetensors"):
+    sd = st.load_file(str(f)); st.save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, str(f))
+PY
+tar czf - -C $B backbone fit_metrics.json config.yaml | split -b 15M - $OUT/base64.tgz.
+rm -rf $L
+ls -la $OUT
