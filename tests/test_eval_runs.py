@@ -150,3 +150,13 @@ def test_a_run_that_generates_nothing_is_one_line(job, tmp_path, capsys):
     assert main(["eval", str(run), *QUICK, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("icp: error:") and "NoSampler run, which generates no portraits" in err
+
+
+def test_leaderboard_directions_follow_the_evaluator():
+    """Errors (yaw, landmarks, flow EPE) rank lower-is-better, like in every report."""
+    from icp.eval.evaluator import LOWER_IS_BETTER
+    from icp.eval.leaderboard import higher_is_better
+
+    assert not any(higher_is_better(m) for m in ("yaw_err", "landmark_err", "flow_epe", "fid", "face_fail_dlib"))
+    assert all(higher_is_better(m) for m in ("id_cos_icp", "psnr", "ssim", "silhouette_iou", "flow_pck"))
+    assert all(not higher_is_better(m) for m in LOWER_IS_BETTER)

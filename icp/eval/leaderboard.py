@@ -16,13 +16,13 @@ import math
 from pathlib import Path
 
 from icp.core.errors import DataError, IcpError
+from icp.eval.evaluator import LOWER_IS_BETTER
 from icp.eval.record import DIGEST_FIELDS, FORMAT, SCHEMA, protocol_id, record_digest, sha256_of
 
-# Direction of each metric (True = higher is better); unknown metrics are shown, not ranked.
-HIGHER_IS_BETTER = {"id_cos_icp": True, "id_cos_dlib": True, "id_cos_facenet": True, "clip_i": True,
-                    "clip_t": True, "psnr": True, "psnr_fg": True, "ssim": True, "face_fail_dlib": False,
-                    "face_fail_facenet": False, "fid": False, "kid": False, "light_colour_err": False,
-                    "shading_err": False}
+
+def higher_is_better(metric: str) -> bool:
+    """A metric's direction: the one list every report uses (icp.eval.evaluator.LOWER_IS_BETTER)."""
+    return metric not in LOWER_IS_BETTER
 
 
 class LeaderboardError(IcpError):
@@ -251,7 +251,7 @@ def build(paths: list[str], out_dir: str | Path, sort_by: str | None = None, che
     sort_by = sort_by or next((m for m in ("id_cos_icp", "id_cos_dlib", "fid") if m in names), names[0] if names else None)
     if sort_by is not None and sort_by not in names:
         raise LeaderboardError(f"--sort {sort_by}: no entry has that metric; metrics: {', '.join(names)}")
-    higher = HIGHER_IS_BETTER.get(sort_by, True)
+    higher = higher_is_better(sort_by)
 
     def key(r):
         v = r["metrics"].get(sort_by)
@@ -262,7 +262,7 @@ def build(paths: list[str], out_dir: str | Path, sort_by: str | None = None, che
     out.mkdir(parents=True, exist_ok=True)
     rows = [[str(i + 1), r["_label"], r["task"], str(r["samples"]), *[_fmt(r["metrics"].get(m)) for m in names]]
             for i, r in enumerate(records)]
-    header = ["rank", "run", "task", "samples", *[f"{m} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}" for m in names]]
+    header = ["rank", "run", "task", "samples", *[f"{m} {'↑' if higher_is_better(m) else '↓'}" for m in names]]
     proto = records[0]["protocol"]
     extractors = "; ".join(f"{k}: {v.get('label') or v['name']} ({v['sha256'][:12]})"
                            for k, v in records[0]["extractors"].items())
@@ -297,7 +297,7 @@ def _plot(records: list[dict], names: list[str], path: Path) -> Path:
         values = [r["metrics"].get(metric, float("nan")) for r in records]
         ax.bar(range(len(values)), values, color="tab:blue")
         ax.set_xticks(range(len(values)), labels, rotation=45, ha="right", fontsize=7)
-        ax.set_title(f"{metric} {'↑' if HIGHER_IS_BETTER.get(metric, True) else '↓'}", fontsize=9)
+        ax.set_title(f"{metric} {'↑' if higher_is_better(metric) else '↓'}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
