@@ -121,21 +121,3 @@ class PlainSampler:
                 mark_step(self.mark_steps)
                 return self.codec.decode(latents)
         return latents
-
-
-class PlainVaeEncode:
-    """VAE encode of 512-px images (the codec half of every training step)."""
-
-    def __init__(self, backbone, batch: int, resolution: int, device: torch.device,
-                 weights_dtype: torch.dtype = torch.float32, channels_last: bool = False):
-        self.codec = backbone.codec.to(device, weights_dtype).eval()
-        self.images = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
-        if channels_last:
-            self.codec.to(memory_format=torch.channels_last)
-            self.images = self.images.contiguous(memory_format=torch.channels_last)
-        self.device = device
-
-    @torch.no_grad()
-    def __call__(self) -> torch.Tensor:
-        with autocast(self.device):
-            return self.codec.encode(self.images)

@@ -11,9 +11,9 @@ from icp.core.paths import EXPERIMENTS
 
 SIZES = {
     "full": dict(res=512, batch=32, big_batch=72, canvas_batch=16, task_batch=32, sample_batch=8, steps=30,
-                 vae_batch=32, warmup=3, iters=10, sample_iters=2, loader_ids=16, loader_views=4, loader_batch=16,
+                 warmup=3, iters=10, sample_iters=2, loader_ids=16, loader_views=4, loader_batch=16,
                  peer_batches=(32, 64)),
-    "tiny": dict(res=32, batch=2, big_batch=3, canvas_batch=2, task_batch=2, sample_batch=2, steps=3, vae_batch=2,
+    "tiny": dict(res=32, batch=2, big_batch=3, canvas_batch=2, task_batch=2, sample_batch=2, steps=3,
                  warmup=1, iters=2, sample_iters=1, loader_ids=2, loader_views=3, loader_batch=2, peer_batches=(2,)),
 }
 # Estimated seconds per row on an H100/H200 with 16 cores (build + warm-up + timing; compile rows
@@ -30,7 +30,7 @@ ROW_COST_S = {
     "b_task_off": 30, "b_task_defaults": 200, "b_task_defaults_big": 150,
     "c_stitching_off": 35, "c_stitching_defaults": 270, "c_adaptation_off": 45, "c_adaptation_defaults": 120,
     "d_plain_unet": 20, "d_plain_controlnet": 25, "d_task_off": 40, "d_task_defaults": 150,
-    "d_task_defaults_nograph": 25, "d_task_defaults_nocompile": 30, "vae": 45, "e": 100, "attn": 60,
+    "d_task_defaults_nograph": 25, "d_task_defaults_nocompile": 30, "e": 100,
 }
 # Switches that leave the compiled graphs as they are: a variant of only these reuses the graphs of
 # its base row (inductor's cache), so it costs a fraction of the base row.
@@ -51,11 +51,10 @@ SECTIONS = {
     "c": ["c_stitching_off", "c_stitching_defaults", "c_adaptation_off", "c_adaptation_defaults"],
     "d": ["d_plain_unet", "d_plain_controlnet", "d_task_off", "d_task_defaults_nocompile", "d_task_defaults_nograph",
           "d_task_defaults"],
-    "vae": ["vae"], "e": ["e"], "attn": ["attn"],
+    "e": ["e"],
 }
 # Every row, in section order: what --tiny runs (each code path on CPU) and ``--only all``.
-ALL_ROWS = ["peak", *SECTIONS["a"], *SECTIONS["peer"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "vae", "e",
-            "attn"]
+ALL_ROWS = ["peak", *SECTIONS["a"], *SECTIONS["peer"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "e"]
 SECTIONS["all"] = ALL_ROWS
 # The plans (``--plan``), each one GPU call of at most ~9 minutes on an H100, compilation included,
 # ordered by what the call must not miss: ``--budget`` skips a row that no longer fits and the

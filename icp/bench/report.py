@@ -9,27 +9,17 @@ from pathlib import Path
 
 import torch
 
-from .attn import KERNELS
 from .plan import load_targets
 
 # The compiled peers (icp.bench.peer) and the rows read against the best of them (issue 29):
 # icp's training rows under its defaults against the best a_peer_* row, its sampling rows against
 # d_peer_*. The "off" rows stay against the eager loops (the framework's own cost).
 PEERS = {"b_task_defaults": "a_peer_", "d_task_defaults": "d_peer_"}
-# Each peer against the eager loop it compiles: what torch.compile alone gives.
-EAGER_OF_PEER = {"a_peer_": "a_plain", "d_peer_": "d_plain_controlnet"}
 
 
 # Which row each row is compared with ("vs" column): same work, plainest implementation.
 def baseline_of(name: str) -> str | None:
     name = name.partition("+")[0]  # a variant row (``row+key=value``) compares like its row
-    if name.startswith("attn_vae_"):
-        return "attn_vae_sdpa" if name != "attn_vae_sdpa" else None
-    if name.startswith("attn_"):  # attn_<case>_<kernel>[_padN] vs attn_<case>_auto
-        parts = name.split("_")
-        at = next((i for i, p in enumerate(parts) if p in KERNELS), len(parts))
-        base = "_".join(parts[:at] + ["auto"])
-        return base if base != name else None
     if name == "a_plain_canvas":
         return None
     if name.startswith(("a_", "b_")):
@@ -37,12 +27,10 @@ def baseline_of(name: str) -> str | None:
     if name.startswith("c_"):
         stem = name.rsplit("_", 1)[0]
         return f"{stem}_off" if not name.endswith("_off") else None
-    if name.startswith("d_task"):
+    if name.startswith(("d_task", "d_peer")):  # a peer against the eager loop it compiles
         return "d_plain_controlnet"
     if name == "d_plain_controlnet":
         return "d_plain_unet"
-    if name.startswith("vae_") and name != "vae_fp32_autocast":
-        return "vae_fp32_autocast"
     return None
 
 
@@ -60,16 +48,13 @@ def vs_of(name: str, peers: dict[str, dict | None]) -> str | None:
     for prefix, peer in PEERS.items():
         if base.startswith(prefix) and peers.get(peer) is not None:
             return peers[peer]["name"]
-    for peer, eager in EAGER_OF_PEER.items():
-        if base.startswith(peer):
-            return eager
     return baseline_of(name)
 
 
 def rows(bench) -> list[dict]:
     table = [r.row(bench.peak, None) for r in bench.results]
     limit = load_targets()["training"]["max_peak_gib"]
-    peers = {p: best_row(table, p, limit) for p in EAGER_OF_PEER}
+    peers = {p: best_row(table, p, limit) for p in PEERS.values()}
     by_name = {r["name"]: r for r in table}
     for r in table:
         r["vs"] = vs_of(r["name"], peers)

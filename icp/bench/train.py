@@ -25,10 +25,8 @@ Rows (``--only``: row names or section letters, in order; ``ROW@key=value`` chan
 - d: sampling (30 DDIM steps, CFG): plain diffusers loops (``d_plain_unet``, ``d_plain_controlnet``
   = the same models as StitchingTask.sample) vs ``task.sample`` as evaluation calls it (no
   trainer) with perf off / defaults / defaults without the CUDA graph;
-- vae: VAE encode at 512 px; e: the shard loader's samples/s with this machine's cores
-  (``icp.bench.data.loader_rates``, the loader benchmark of eval/bench_data.py);
-- attn: the attention kernels alone at the steps' shapes (SDPA kernels, heads zero-padded to 64,
-  the VAE's 512-wide head as matmul + softmax): seconds per candidate instead of a compiled step.
+- e: the shard loader's samples/s with this machine's cores (``icp.bench.data.loader_rates``, the
+  loader benchmark of eval/bench_data.py).
 
 ``b_task_defaults_bsN``: the (b) defaults row at batch N (``_big`` = ``--big-batch``). Task rows are
 built as a config builds them (``perf=<model.perf>``, an AdamW ``_partial_``; "off" rows fuse it as
@@ -327,26 +325,7 @@ class Bench(SamplingRows, PeerRows):
     def row_c_adaptation_defaults(self) -> None:
         self.task_row("adaptation", "defaults")
 
-    # -------------------------------------------------------------------------------- attention, vae, (e)
-    def row_attn(self) -> None:
-        from icp.bench import attn
-
-        attn.run(self)
-
-    def row_vae(self) -> None:
-        r, b = self.size["res"], self.size["vae_batch"]
-        for name, dtype, cl in (("vae_fp32_autocast", torch.float32, False), ("vae_bf16", torch.bfloat16, False),
-                                ("vae_bf16_cl", torch.bfloat16, True)):
-            def run(name=name, dtype=dtype, cl=cl):
-                enc = plain.PlainVaeEncode(self.backbone(), b, r, self.device, weights_dtype=dtype, channels_last=cl)
-                common.reset_memory(self.device)
-                flops = common.count_flops(enc)
-                timing = common.time_steps(enc, self.device, self.size["warmup"], self.size["iters"])
-                self.record(name, "vae", b, timing, flops, {"weights": str(dtype), "channels_last": cl})
-                self.maybe_profile(name, enc)
-
-            self.guarded(name, run)
-
+    # -------------------------------------------------------------------------------- (e)
     def row_e(self) -> None:
         from icp.bench import data
 
@@ -390,7 +369,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="run on CPU even where a GPU exists")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--plan", default="peer", choices=sorted(PLANS), help="the rows to run (icp.bench.plan.PLANS)")
-    p.add_argument("--only", default="", help="comma list of rows or sections (a,peer,b,c,d,vae,e,attn,all), "
+    p.add_argument("--only", default="", help="comma list of rows or sections (a,peer,b,c,d,e,all), "
                    "in order, instead of the plan; ROW@key=value[;key=value] runs a 'defaults' row with "
                    "switches changed (named ROW+key=value)")
     p.add_argument("--budget", type=float, default=0, help="seconds: skip rows whose estimate no longer fits")

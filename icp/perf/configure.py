@@ -77,7 +77,7 @@ def _layout_kernels_compile(task: nn.Module, s: Mapping[str, Any], device: torch
         channels_last(task)
         applied["channels_last"] = True
     set_sdpa_backend(s["sdpa"])
-    # The matmul path for wide heads is measured on CUDA only (bench row attn); CPU keeps SDPA.
+    # The matmul path for wide heads was measured on CUDA only (docs/history/performance.md); CPU keeps SDPA.
     applied["wide_heads"] = wide_head_attention(task) if s["wide_heads_matmul"] and device.type == "cuda" else 0
     # Compile only where Triton/inductor pays (CUDA): on CPU (tests, CI) it costs minutes of
     # C++ compilation for nothing measured.
