@@ -75,7 +75,7 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path)
     from icp.bench import common
     from icp.bench import train as bench_train
 
-    args = bench_train.parse_args(["--cpu", "--out", str(tmp_path), "--budget", "100", "--plain-variants=",
+    args = bench_train.parse_args(["--cpu", "--out", str(tmp_path), "--budget", "100",
                                    "--tag", "t", "--profile="])
     bench = bench_train.Bench(args)
     bench.defaults = perf.settings({"train": {}})  # no training override: variants say what trains

@@ -25,12 +25,12 @@ SIZES = {
 # decoder for sampling, no backward) are costed a little under icp's rows of the same nets, whose
 # compile covers more (CUDA graphs, the codec, more nets); not yet measured by this bench.
 ROW_COST_S = {
-    "peak": 10, "a_plain": 25, "a_plain_canvas": 25, "a_variants": 110,
+    "peak": 10, "a_plain": 25, "a_plain_canvas": 25,
     "a_peer": 120, "a_peer_default": 120, "a_peer_ro": 130, "d_peer_default": 90, "d_peer_ro": 100,
     "b_task_off": 30, "b_task_defaults": 200, "b_task_defaults_big": 150,
     "c_stitching_off": 35, "c_stitching_defaults": 270, "c_adaptation_off": 45, "c_adaptation_defaults": 120,
     "d_plain_unet": 20, "d_plain_controlnet": 25, "d_task_off": 40, "d_task_defaults": 150,
-    "d_task_defaults_nograph": 25, "d_task_defaults_nocompile": 30, "e": 100,
+    "e": 100,
 }
 # Switches that leave the compiled graphs as they are: a variant of only these reuses the graphs of
 # its base row (inductor's cache), so it costs a fraction of the base row.
@@ -45,12 +45,12 @@ PEER_TRAIN = re.compile(r"a_peer_(default|ro)_bs(\d+)")
 PEER_SAMPLE = re.compile(r"d_peer_(default|ro)")
 PEER_MODES = {"default": "default", "ro": "reduce-overhead"}
 SECTIONS = {
-    "peak": ["peak"], "a": ["a_plain", "a_plain_canvas", "a_variants"],
+    "peak": ["peak"], "a": ["a_plain", "a_plain_canvas"],
     "peer": ["a_peer", "d_peer_default", "d_peer_ro"],
     "b": ["b_task_off", "b_task_defaults", "b_task_defaults_big"],
     "c": ["c_stitching_off", "c_stitching_defaults", "c_adaptation_off", "c_adaptation_defaults"],
-    "d": ["d_plain_unet", "d_plain_controlnet", "d_task_off", "d_task_defaults_nocompile", "d_task_defaults_nograph",
-          "d_task_defaults"],
+    "d": ["d_plain_unet", "d_plain_controlnet", "d_task_off", "d_task_defaults@compile=none",
+          "d_task_defaults@cuda_graph_sampling=0", "d_task_defaults"],
     "e": ["e"],
 }
 # Every row, in section order: what --tiny runs (each code path on CPU) and ``--only all``.

@@ -46,11 +46,7 @@ class SamplingRows:
         from icp.tasks.stitching import StitchingTask
 
         b, steps = self.size["sample_batch"], self.size["steps"]
-        node = self.perf_node("off" if mode == "off" else "defaults")
-        if mode == "defaults_nograph":
-            node["cuda_graph_sampling"] = False
-        if mode == "defaults_nocompile":
-            node["compile"] = "none"
+        node = self.perf_node(mode)  # a row's ``@key=value`` (e.g. cuda_graph_sampling=0) is in it
         task = StitchingTask(self.backbone(), perf=node).to(self.device).eval()
         batch = tasks.image_batch(b, 3, (self.size["res"],) * 2, self.device)
         # Fixed noise: every mode's images can be compared with the first task row's.
@@ -116,9 +112,3 @@ class SamplingRows:
 
     def row_d_task_defaults(self) -> None:
         self.task_sample_row("defaults")
-
-    def row_d_task_defaults_nograph(self) -> None:
-        self.task_sample_row("defaults_nograph")
-
-    def row_d_task_defaults_nocompile(self) -> None:
-        self.task_sample_row("defaults_nocompile")

@@ -12,8 +12,7 @@ ratio against the best compiled-peer row of the same run (eval/gpu/bench_peer.sh
 Rows (``--only``: row names or section letters, in order; ``ROW@key=value`` changes switches):
 
 - peak: bf16 matmul rate, the MFU denominator;
-- a: the plain diffusers train step (eager: ``a_plain``), its 64x128 canvas version, and
-  the same loop with single switches (``a_variants``: channels_last, SDPA kernels);
+- a: the plain diffusers train step (eager: ``a_plain``) and its 64x128 canvas version;
 - peer: the compiled peer (icp.bench.peer): ``a_peer_<default|ro>_bsN``, the plain step with
   ``torch.compile(unet)`` (default / reduce-overhead) at batch N (``a_peer``: each of ``--peer-batches``
   in both modes); ``d_peer_<default|ro>``, the plain ControlNet loop compiled as diffusers' docs do;
@@ -215,7 +214,7 @@ class Bench(SamplingRows, PeerRows):
         self.peak = common.matmul_peak_tflops(self.device, size=1024 if self.tiny else 8192)
         print(f"bf16 matmul peak: {self.peak:.1f} TFLOP/s", flush=True)
 
-    def plain_train(self, name, batch, hw, switches: dict, compile_mode: str | None = None) -> None:
+    def plain_train(self, name, batch, hw, settings: dict, compile_mode: str | None = None) -> None:
         """The plain train step, eager or (``compile_mode``) as the compiled peer (icp.bench.peer)."""
         parts = self.backbone()
         # Count FLOPs before compiling: dynamo refuses to trace under the counter's dispatch mode
@@ -224,19 +223,14 @@ class Bench(SamplingRows, PeerRows):
         # of memory on the H100.
         flops = common.count_flops_fitted(lambda n: plain.PlainTrainStep(parts, n, hw, self.device), batch)
         step = plain.PlainTrainStep(parts, batch, hw, self.device, mark_steps=compile_mode == "reduce-overhead")
-        if switches.get("channels_last"):
-            perf.channels_last(parts.unet)
-            step.latents = step.latents.contiguous(memory_format=torch.channels_last)
-        perf.set_sdpa_backend(switches.get("sdpa", "auto"))
         if compile_mode:
             from icp.bench.peer import compile_peer
 
             step.unet = compile_peer(step.unet, compile_mode, self.device)
         common.reset_memory(self.device)
         timing = common.time_steps(step, self.device, self.size["warmup"], self.size["iters"])
-        self.record(name, "a", batch, timing, flops, switches, first_steps_s=timing["warmup_s"])
+        self.record(name, "a", batch, timing, flops, settings, first_steps_s=timing["warmup_s"])
         self.maybe_profile(name, step)
-        perf.set_sdpa_backend("auto")
 
     def row_a_plain(self) -> None:
         n, b = self.latent, self.size["batch"]
@@ -245,12 +239,6 @@ class Bench(SamplingRows, PeerRows):
     def row_a_plain_canvas(self) -> None:
         n = self.latent
         self.plain_train("a_plain_canvas", self.size["canvas_batch"], (n, 2 * n), {})
-
-    def row_a_variants(self) -> None:
-        n, b = self.latent, self.size["batch"]
-        for spec in filter(None, self.args.plain_variants.split(";")):
-            name = "a_" + spec.replace("=", "").replace(",", "_")
-            self.guarded(name, lambda spec=spec, name=name: self.plain_train(name, b, (n, n), parse_settings(spec)))
 
     # -------------------------------------------------------------------------------- (b), (c)
     def fit_task(self, name, section, task, batch, n_samples) -> None:
@@ -378,8 +366,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task-batch", type=int, default=0, help="override the batch of the (c) rows (32)")
     p.add_argument("--peer-batches", default="", help="comma list of batches of the row a_peer (default: 32,64)")
     p.add_argument("--perf", default="", help="key=value list over the config's model.perf for 'defaults' rows")
-    p.add_argument("--plain-variants", default="channels_last=1;sdpa=flash;sdpa=cudnn;sdpa=efficient",
-                   help="';'-separated switch sets timed on the plain loop (row a_variants)")
     p.add_argument("--tag", default="", help="suffix of the result file names (bench_train_TAG.md)")
     p.add_argument("--profile", default=None, help="comma list of rows to profile (torch.profiler table); "
                                                    f"default: the default plan's {PLAN_PROFILE}, none with --only")
