@@ -59,6 +59,7 @@ def test_eval_main_root_takes_its_protocol_defaults_from_the_run(job, repo_root,
     out, err = capsys.readouterr()
     assert "held-out shards" in out and "identity embedder" in out and "from the run" in out
     assert "icp eval" in err and "batch" in err and "<" in err  # tqdm's bar: elapsed<remaining
+    assert "8 images generated" in err  # method and other-identity arm of 4 pairs: life within a batch too
     record = json.loads((job / REL / "eval" / "metrics.json").read_text())
     assert record["schema"] == SCHEMA and record["source"] == "icp eval" and record["run"] == REL
     assert (job / record["dataset"]["shards"]).resolve() == (job / "data_shards/qs/heldout").resolve()

@@ -211,7 +211,16 @@ def run_eval(target: str | Path, protocol: dict, device: str = "cpu", out: str |
     num_samples = int(pairs["num_samples"])
     # Generation of every arm takes minutes on a CPU: a bar with an ETA, batch by batch.
     with tqdm(total=-(-num_samples // batch_size), desc="icp eval", unit="batch", dynamic_ncols=True) as bar:
-        result = evaluate_pairs(task.sample, interleaved(loader, num_samples, batch_size), extractors, device,
+        generated = 0
+
+        def sample(batch, *args, **kwargs):  # the bar moves per batch; this shows life within one (each arm)
+            nonlocal generated
+            images = task.sample(batch, *args, **kwargs)
+            generated += len(images)
+            bar.set_postfix_str(f"{generated} images generated", refresh=True)
+            return images
+
+        result = evaluate_pairs(sample, interleaved(loader, num_samples, batch_size), extractors, device,
                                 baselines=B.resolve(list(protocol.get("baselines", ["other_identity"]))),
                                 num_steps=int(gen["num_steps"]), guidance_scale=gen.get("guidance_scale"),
                                 seed=int(gen.get("seed", 0)), kid_subset_size=int(met.get("kid_subset_size", 50)),
