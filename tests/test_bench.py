@@ -125,9 +125,10 @@ def test_the_default_plan_names_rows_switches_and_profiles_the_bench_knows(tmp_p
         ran |= {row, big if row == "b_task_defaults_big" else row}
     profiled = set(filter(None, bench_train.PLAN_PROFILE.split(",")))
     assert profiled <= ran, profiled - ran
-    for needed in ("peak", "a_peer_default_bs64", "a_peer_ro_bs48", "b_task_defaults_big", "d_peer_default",
-                   "d_peer_ro", "d_task_defaults"):
+    for needed in ("peak", "a_peer_default_bs64", "a_peer_ro_bs48", "b_task_defaults_big"):
         assert needed in bench_train.PLAN, needed
+    for needed in ("peak", "d_peer_default", "d_peer_ro", "d_task_defaults"):
+        assert needed in bench_train.PLANS["peer_sample"], needed
     for needed in ("peak", "c_stitching_defaults", "c_adaptation_defaults"):
         assert needed in bench_train.PLANS["steps"], needed
     assert not [r for r in bench_train.ALL_ROWS if r.startswith("a_compile")]  # superseded by the peers

@@ -56,26 +56,25 @@ SECTIONS = {
 # Every row, in section order: what --tiny runs (each code path on CPU) and ``--only all``.
 ALL_ROWS = ["peak", *SECTIONS["a"], *SECTIONS["peer"], *SECTIONS["b"], *SECTIONS["c"], *SECTIONS["d"], "e"]
 SECTIONS["all"] = ALL_ROWS
-# The plans (``--plan``), each one GPU call of at most ~9 minutes on an H100, compilation included,
+# The plans (``--plan``), each one GPU call of at most 9 minutes on an H100, compilation included
+# (three or four compiled rows of ~2 minutes each fit one call, so issue 29's ratios take two),
 # ordered by what the call must not miss: ``--budget`` skips a row that no longer fits and the
-# report lists it. "peer" (the default): issue 29's ratios, icp's training step at its best batch
-# against the compiled peer at its best (batch 64 in default mode; 48 under reduce-overhead, where
-# 64 did not fit), and evaluation sampling against the compiled ControlNet loop; the eager loops
-# last (cheap; their ratios only for context). "steps": the stitching / adaptation MFU targets;
-# c_adaptation_defaults after c_stitching_defaults reuses its graphs (ROW_COST_S).
+# report lists it. Each reads its verdict against the best peer of its own run. "peer_train" (the
+# default): icp's training step at its best batch against the compiled peer at its best (batch 64
+# in default mode; 48 under reduce-overhead, where 64 did not fit). "peer_sample": evaluation
+# sampling against the compiled ControlNet loop in both modes. The eager loops last (cheap; their
+# ratios only for context). "steps": the stitching / adaptation MFU targets; c_adaptation_defaults
+# after c_stitching_defaults reuses its graphs (ROW_COST_S).
 PLANS = {
-    "peer": ["peak", "a_peer_default_bs64", "b_task_defaults_big", "d_peer_default", "d_task_defaults",
-             "a_peer_ro_bs48", "d_peer_ro", "a_plain", "d_plain_controlnet"],
-    # The same against the reduce-overhead peers, for a call where the budget left them out.
-    "peer_ro": ["peak", "a_peer_ro_bs48", "b_task_defaults_big", "d_peer_ro", "d_task_defaults", "a_plain",
-                "d_plain_controlnet"],
+    "peer_train": ["peak", "a_peer_default_bs64", "b_task_defaults_big", "a_peer_ro_bs48", "a_plain"],
+    "peer_sample": ["peak", "d_peer_default", "d_task_defaults", "d_peer_ro", "d_plain_controlnet"],
     "steps": ["peak", "c_stitching_defaults", "c_adaptation_defaults", "b_task_off", "a_plain", "e"],
     # The one switch left under 3% by its record (the training override: +1.7% at batch 64, round
     # 7), against itself off and the compiled peer in one run.
     "switches": ["peak", "b_task_defaults_big", "b_task_defaults_big@compile_regional=1;compile=default",
                  "a_peer_default_bs64"],
 }
-PLAN = PLANS["peer"]
+PLAN = PLANS["peer_train"]
 PLAN_PROFILE = "b_task_defaults_big,c_adaptation_defaults,d_task_defaults"  # torch.profiler tables of these
 TARGETS_FILE = EXPERIMENTS / "perf" / "targets.yaml"
 

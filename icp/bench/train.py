@@ -1,7 +1,7 @@
 """GPU training / sampling / loader benchmark (issues 9, 29): one run, one table.
 
-    python eval/bench_train.py --budget 500 --out DIR        # the default plan "peer" (GPU, one call)
-    python eval/bench_train.py --plan steps --budget 500 ... # the stitching / adaptation MFU targets
+    python eval/bench_train.py --budget 460 --out DIR        # the default plan "peer_train" (GPU, one call)
+    python eval/bench_train.py --plan peer_sample ...        # another plan (peer_sample, steps, switches)
     python eval/bench_train.py --only ROWS --budget 500 ...  # rows the budget skipped, or a question
     python eval/bench_train.py --tiny --out /tmp/bench_tiny  # every code path, tiny, CPU, minutes
 
@@ -356,7 +356,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke run of every row)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even where a GPU exists")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--plan", default="peer", choices=sorted(PLANS), help="the rows to run (icp.bench.plan.PLANS)")
+    p.add_argument("--plan", default="peer_train", choices=sorted(PLANS), help="the rows to run (icp.bench.plan.PLANS)")
     p.add_argument("--only", default="", help="comma list of rows or sections (a,peer,b,c,d,e,all), "
                    "in order, instead of the plan; ROW@key=value[;key=value] runs a 'defaults' row with "
                    "switches changed (named ROW+key=value)")
