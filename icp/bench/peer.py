@@ -8,8 +8,9 @@
   the VAE decoder compiled too, in the same mode.
 
 Every target is read against the best of these rows in the same run (icp.bench.report). On CPU
-(``--tiny``, tests) the same code compiles with the ``aot_eager`` backend: dynamo traces the nets
-as on the GPU (a graph break under fullgraph fails there too) without inductor's C++ build.
+(``--tiny``, tests) the same code compiles with dynamo's ``eager`` backend: the nets are traced as
+on the GPU (a graph break under fullgraph fails there too), without AOT autograd or inductor's C++
+build, which would cost minutes of a 2-core CI for nothing measured.
 A mixin of :class:`icp.bench.train.Bench` (its device, sizes, guard, recording and profiling).
 """
 
@@ -23,7 +24,7 @@ from icp.bench.plan import PEER_MODES
 
 
 def compile_peer(module: nn.Module, mode: str, device: torch.device, fullgraph: bool = False) -> nn.Module:
-    """``torch.compile(module, mode=mode, fullgraph=fullgraph)`` on CUDA; ``aot_eager`` elsewhere."""
+    """``torch.compile(module, mode=mode, fullgraph=fullgraph)`` on CUDA; the eager backend elsewhere."""
     if device.type == "cuda":
         return torch.compile(module, mode=mode, fullgraph=fullgraph)
     return torch.compile(module, backend="eager", fullgraph=fullgraph)
