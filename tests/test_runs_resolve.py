@@ -112,6 +112,14 @@ def test_claims_sub_run_gets_the_study_embedder(tmp_path):
         resolve(root)
 
 
+def test_a_folder_of_runs_names_them(tmp_path):
+    run = fit_run(tmp_path / "runs", "stitching", "cfg-1")
+    with pytest.raises(ConfigError, match=f"holds runs: {run}"):
+        resolve(tmp_path / "runs" / "stitching")
+    with pytest.raises(ConfigError, match=f"holds runs: {run}"):
+        resolve(tmp_path / "runs")
+
+
 def test_no_checkpoint_is_reported_when_needed(tmp_path):
     run = fit_run(tmp_path / "runs", "x", "cfg", steps=())
     info = resolve(run)  # metrics of a fetched root may be read without its checkpoints

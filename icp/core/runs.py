@@ -233,7 +233,9 @@ def resolve(path: str | Path) -> RunInfo:
                 runs = sorted(str(p.parent.relative_to(path)) for p in path.glob(f"fits/*/*/{CONFIG}"))[:3]
                 raise ConfigError(f"{path} is the root of a claims study, which holds many runs; pass one of them "
                                   f"(e.g. {', '.join(runs) or 'fits/<experiment>/<run>'})")
-            raise ConfigError(f"{path} is not a run directory (no config.yaml or stages.json); pass {EXPECTED}")
+            inside = sorted({str(p.parent) for pattern in (f"*/{CONFIG}", f"*/*/{CONFIG}") for p in path.glob(pattern)})
+            hint = f" (it holds runs: {', '.join(inside[:3])}{' ...' if len(inside) > 3 else ''})" if inside else ""
+            raise ConfigError(f"{path} is not a run directory (no config.yaml or stages.json){hint}; pass {EXPECTED}")
         if path.suffix == ".ckpt":
             run_dir = path.parent.parent
             if path.parent.name != "checkpoints" or not (run_dir / CONFIG).is_file():
