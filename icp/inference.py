@@ -1,7 +1,9 @@
 """Inference: profile photo(s) + target portrait -> the target re-rendered with the profile's identity.
 
-Real photos are detected and aligned to the canonical face frame first (``icp.data.faces``, MTCNN),
-so inference sees what training saw. The target is patch-masked as in training (paper §3.2: the
+Every input is put in the frame the run trained in, so inference sees what training saw: real
+photos are detected (MTCNN, ``icp.data.faces``) and aligned onto where the renderer puts a face
+(a run trained on renders) or onto the importer's template (a run trained on imported photos);
+icp's own renders, recognised by their gradient background, already are in the render frame. The target is patch-masked as in training (paper §3.2: the
 surviving ~20% of patches carry pose and lighting, not identity); the trained
 :class:`~icp.tasks.adaptation.AdaptationTask` matches, warps and injects, and ``sample()`` denoises.
 
@@ -28,7 +30,7 @@ from torch import Tensor
 from icp.core import config as cfglib
 from icp.core import runs
 from icp.data import keys as K
-from icp.data.faces import detect_and_align
+from icp.data.faces import detect, detect_and_align, similarity_transform, warp_to_crop
 from icp.data.masking import random_patch_mask
 from icp.core.errors import DataError, WeightsError
 from icp.data.shards.format import convert_8bit
@@ -156,18 +158,38 @@ def looks_rendered(image: Image.Image) -> bool:
     return bool(keep.mean() >= RENDER_BORDER_SHARE and subject >= RENDER_SUBJECT_SHARE)
 
 
-def prepare_face(image: ImageLike, resolution: int, align: bool = True, name: str | None = None) -> Tensor:
+# The five points MTCNN finds (eyes, nose tip, mouth corners) in the renderer's camera frame, in
+# unit crop coordinates: the mean of 16 frontal renders (tests/test_generate_run.py re-measures it).
+# icp.data.faces.TEMPLATE, which `icp shards import` aligns real photos to, puts the eyes 10% of the
+# image lower and 15% closer together; a photo given to a model trained on renders is aligned here.
+RENDER_TEMPLATE = np.array([[0.398, 0.418], [0.602, 0.418], [0.500, 0.565], [0.423, 0.651], [0.577, 0.651]])
+
+
+def align_photo(pil: Image.Image, resolution: int, name: str, template: np.ndarray | None = None) -> Tensor:
+    """Detect the face and map its five points onto ``template`` (unit coordinates; None: the
+    importer's, icp.data.faces.TEMPLATE) by a similarity transform; (3, R, R) in [-1, 1]."""
+    if min(pil.size) < MIN_ALIGN_SIDE:
+        raise DataError(f"{name}: {pil.size[0]}x{pil.size[1]} pixels is too small to find a face in (at least "
+                        f"{MIN_ALIGN_SIDE} px a side; or pass --no-align for an aligned crop)")
+    if template is None:
+        return detect_and_align(pil, resolution, source=name).image
+    found = detect(pil, name)
+    if found is None:
+        raise DataError(f"no face found in {name} (use a photo with one clearly visible, roughly frontal face)")
+    image = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    return warp_to_crop(image, similarity_transform(found[1], template * resolution), resolution).clamp(-1, 1)
+
+
+def prepare_face(image: ImageLike, resolution: int, align: bool = True, name: str | None = None,
+                 template: np.ndarray | None = None) -> Tensor:
     """(3, R, R) in [-1, 1]: the face in the training frame.
 
-    ``align``: a photo is detected and aligned (icp.data.faces); a render of icp's renderer already
-    is in the frame the model trained in (its camera frame), so it is only centre-cropped and
-    resized -- as ``align=False`` treats every input (already aligned crops)."""
+    ``align``: a photo is detected and aligned onto ``template`` (:func:`align_photo`); a render of
+    icp's renderer already is in the frame the model trained in (its camera frame), so it is only
+    centre-cropped and resized -- as ``align=False`` treats every input (already aligned crops)."""
     pil, name = read_image(image, name)
     if align and not looks_rendered(pil):
-        if min(pil.size) < MIN_ALIGN_SIDE:
-            raise DataError(f"{name}: {pil.size[0]}x{pil.size[1]} pixels is too small to find a face in (at least "
-                            f"{MIN_ALIGN_SIDE} px a side; or pass --no-align for an aligned crop)")
-        return detect_and_align(pil, resolution, source=name).image
+        return align_photo(pil, resolution, name, template)
     w, h = pil.size
     s = min(w, h)
     pil = pil.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -282,13 +304,15 @@ class PortraitPipeline:
         if not profiles:
             raise DataError("give at least one profile photo (--profile P.png)")
         res = self.resolution
-        faces = [prepare_face(p, res, self.align) for p in profiles]
-        tgt = prepare_face(target, res, self.align)
+        # The frame the run trained in: renders' camera frame, or the importer's for real photos.
+        frame = RENDER_TEMPLATE if (self.domain or "").startswith(DOMAINS["synthetic"]) else None
+        faces = [prepare_face(p, res, self.align, template=frame) for p in profiles]
+        tgt = prepare_face(target, res, self.align, template=frame)
         if light is not None:
             if isinstance(light, str) and "=" in light and not Path(light).exists():
                 tgt = synthetic_lighting(tgt, light)
             else:
-                tgt = transfer_lighting(tgt, prepare_face(light, res, self.align))
+                tgt = transfer_lighting(tgt, prepare_face(light, res, self.align, template=frame))
         keep = random_patch_mask((1, res, res), self.mask_ratio, self.patch_size,
                                  generator=torch.Generator().manual_seed(seed))
         device = self.task.device

@@ -216,6 +216,7 @@ class ICPortraitPipeline(DiffusionPipeline):
         self._portrait = PortraitPipeline(task.eval(), resolution=self.config.resolution,
                                           mask_ratio=float(self.config.mask_ratio),
                                           patch_size=int(self.config.patch_size))
+        self._portrait.domain = self.config.training_domain  # photos are aligned to the frame it trained in
         return task
 
     # ---------------------------------------------------------------------------- generating

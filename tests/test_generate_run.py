@@ -84,3 +84,39 @@ def test_renders_and_photos_are_told_apart(job):
     photos = [Image.fromarray(getattr(data, name)()) for name in ("astronaut", "coffee", "chelsea", "rocket")]
     assert not any(looks_rendered(p) for p in photos)
     assert not looks_rendered(Image.new("RGB", (32, 32), (90, 120, 200)))  # a backdrop with no one on it
+
+
+def test_the_render_frame_is_the_renderers():
+    """RENDER_TEMPLATE is where the renderer puts the five points of a frontal face."""
+    import torch
+
+    from icp.inference import RENDER_TEMPLATE
+    from icp.render import renderer as R
+
+    points = []
+    for i in range(16):
+        _, light, background = R.sample_view(i, 0, 0)
+        out = R.render(R.sample_identity(i, 0)[None], torch.zeros(1, 3), light[None], background[None], 64)
+        points.append(((out["landmarks"][0, :5] + 0.5) / 64).numpy())
+    assert np.abs(np.mean(points, 0) - RENDER_TEMPLATE).max() < 0.01
+
+
+@pytest.mark.parametrize("identity,pose", [(2, (0.0, 0.0, 0.0)), (7, (10.0, 5.0, 3.0))])
+def test_a_render_aligned_as_a_photo_lands_where_it_was(identity, pose):
+    """Photos and renders meet in one frame: a near-frontal render put through photo alignment (face
+    detection + similarity onto the render frame) comes out close to the render itself; the
+    importer's template would shrink the face and move it down (measured: about twice the error)."""
+    import torch
+
+    from icp.data.faces import detect_and_align
+    from icp.inference import RENDER_TEMPLATE, align_photo, prepare_face
+    from icp.render import renderer as R
+
+    _, light, background = R.sample_view(identity, 1, 0)
+    out = R.render(R.sample_identity(identity, 0)[None], torch.tensor([pose]), light[None], background[None], 128)
+    pil = Image.fromarray((out["rgb"][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    as_rendered = prepare_face(pil, 64)
+    ours = float((align_photo(pil, 64, "render", RENDER_TEMPLATE) - as_rendered).abs().mean())
+    importer = float((detect_and_align(pil, 64).image - as_rendered).abs().mean())
+    assert ours < 0.09 and ours < 0.7 * importer, (ours, importer)
+    assert torch.equal(prepare_face(pil, 64, template=RENDER_TEMPLATE), as_rendered)  # a render is kept as is
