@@ -85,6 +85,8 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_half_written(job, 
     assert cli.main(["export", str(job["main"]), str(taken)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not empty" in err and (taken / "keep.txt").read_text() == "mine"
+    assert cli.main(["export", str(job["main"]), str(taken / "keep.txt")]) == 2
+    assert "is a file" in capsys.readouterr().err and (taken / "keep.txt").read_text() == "mine"
 
     from icp.pipeline import ICPortraitPipeline
 

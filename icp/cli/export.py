@@ -36,7 +36,9 @@ def export(run: str | Path, out: str | Path, trust_checkpoint: bool = False) -> 
     from icp.pipeline import ICPortraitPipeline, write_shim
 
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; pass the path of a new folder to export into")
+    if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"{out} already exists and is not empty; pass a new folder (or delete it) to export into")
     pipe = ICPortraitPipeline.from_checkpoint(run, trust_checkpoint=trust_checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
