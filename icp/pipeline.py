@@ -121,20 +121,6 @@ def _plain_unet(unet: nn.Module) -> nn.Module:
     return unet
 
 
-def _unfuse_qkv(module: nn.Module) -> None:
-    """Undo ``perf.fuse_qkv`` (evaluation's fused q/k/v layers sit beside the unfused ones, whose
-    weights are the same): the exported nets keep diffusers' plain layout."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-
-    for attn in module.modules():
-        if isinstance(attn, Attention) and getattr(attn, "fused_projections", False):
-            for name in ("to_qkv", "to_kv"):
-                if hasattr(attn, name):
-                    delattr(attn, name)
-            attn.fused_projections = False
-            attn.set_processor(AttnProcessor2_0())
-
-
 class ICPortraitPipeline(DiffusionPipeline):
     """IC-Portrait: profile photo(s) + target portrait -> the target with the profile's identity.
 
@@ -165,7 +151,6 @@ class ICPortraitPipeline(DiffusionPipeline):
         if task.flow_source != "matched":
             raise ConfigError(f"{checkpoint}: model.flow_source={task.flow_source} warps with the renderer's true "
                               "flow, which no photo has; export a run with flow_source=matched")
-        _unfuse_qkv(task)
         from omegaconf import OmegaConf
 
         backbone = task.backbone

@@ -54,6 +54,16 @@ def test_a_target_outside_the_allow_list_is_refused_before_the_run_dir(toy, tmp_
     assert not (tmp_path / "runs").exists()
 
 
+def test_wandb_online_without_a_key_is_refused_before_the_run_dir(toy, tmp_path, capsys, repo_root, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc login either
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    rc = main(["fit", str(repo_root / "tests/configs/toy.yaml"), "logger.wandb={mode: online, project: icp}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "WANDB_API_KEY" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 # ------------------------------------------------------------------------ a no-op adds nothing
 
 

@@ -69,3 +69,6 @@ def preflight(cfg: DictConfig) -> None:
     for key, folder in _shard_keys(cfg):
         check_shard_folder(key, folder)
     cfglib.validate(cfg, cfg)
+    from icp.jobs import wandb_log
+
+    wandb_log.check_online(wandb_log.fit_modes([cfg]))  # online without a key: refused before anything is made
