@@ -39,6 +39,14 @@ def test_quickstart_shortened_runs_end_to_end_and_caches(repo_root, tmp_path, mo
     assert record["checkpoint_sha256"] == result["checkpoint_sha256"]
     assert cli.main(["leaderboard", str(run_dir), "--out", str(tmp_path / "lb")]) == 0
     assert cli.main(["leaderboard", str(run_dir / "evaluate/metrics.json"), "--out", str(tmp_path / "lb2")]) == 0
+    # The README's next steps on the root: generate on the example inputs the job writes, export.
+    ex = run_dir / "evaluate/examples"
+    assert cli.main(["generate", "--profile", str(ex / "profile.png"), "--target", str(ex / "target.png"),
+                     "--checkpoint", str(run_dir), "--out", str(tmp_path / "out.png"), "--steps", "2",
+                     "--device", "cpu"]) == 0
+    assert (tmp_path / "out.png").is_file() and (tmp_path / "out.strip.png").is_file()
+    assert cli.main(["export", str(run_dir), str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported/model_index.json").is_file()
     # Re-running the same command skips every stage; changing one stage re-runs it and those after it.
     capsys.readouterr()
     assert cli.main(args) == 0

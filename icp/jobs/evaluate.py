@@ -67,6 +67,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], device: str =
                             kid_subset_size=KID_SUBSET_SIZE)
     bar.close()
     save_grid(out_dir / "grid.png", result.grid_columns, row_labels=[f"id {i}" for i in result.grid_identities])
+    save_examples(result.grid_columns, out_dir / "examples")
     flows = flow_scores(task, cfg, out_dir, device)
     relight = relighting(task, cfg, out_dir, device)
     trust = reliability(extractors, cfg)
@@ -78,6 +79,20 @@ def evaluate(cfg: DictConfig, run_dir: Path, jobs: dict[str, Job], device: str =
                         resolution=int(cfg.data.resolution), config_hash=config_hash(cfg), flows=flows,
                         extra={"summary": summary(result, flows, relight), "relighting": relight, "flows": flows,
                                "notes": notes(relight), "reliability": trust})
+
+
+def save_examples(columns, out: Path) -> None:
+    """The first held-out pair's profile and unmasked target as PNGs, inputs to try ``icp generate``
+    and ``icp export`` on (README: after the quickstart)."""
+    from PIL import Image
+
+    from icp.eval.grids import to_uint8
+
+    found = dict(columns)
+    for name, label in (("profile", "profile"), ("target", "true render")):
+        if label in found:
+            out.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_uint8(found[label][:1])[0]).save(out / f"{name}.png")
 
 
 def probe_floor(probe, cfg: DictConfig, heldout: str) -> str:
