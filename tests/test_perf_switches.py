@@ -178,3 +178,18 @@ def test_a_removed_switch_at_its_old_default_is_dropped_and_set_otherwise_is_ref
         perf.settings({"fuse_qkv": True})
     with pytest.raises(ConfigError, match=r"model.perf.train.cudnn_benchmark was removed"):
         perf.settings({"train": {"cudnn_benchmark": True}})
+
+
+@pytest.mark.parametrize("config,override", [("experiments/stitching/tiny.yaml", "model.perf.compile=none"),
+                                             ("experiments/base_pretrain.yaml", "+model.perf={compile: none}")])
+def test_compile_none_is_off_in_training_too(repo_root, config, override):
+    """The default training override (compile: reduce-overhead) must not compile again a run whose
+    config switched compile off, as the claims and 64-px configs do."""
+    from icp.core import config as cfglib
+
+    cfg = cfglib.load(repo_root / config, [override])
+    from omegaconf import OmegaConf
+
+    s = perf.settings(OmegaConf.to_container(cfg.model.perf, resolve=True))
+    assert s["compile"] == "none" and perf.training_settings(s)["compile"] == "none"
+    assert perf.training_settings(perf.settings({"compile": "default"}))["compile"] == "reduce-overhead"

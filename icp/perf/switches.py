@@ -70,6 +70,10 @@ def settings(node: Mapping[str, Any] | None = None, where: str = "model.perf") -
         if bad:
             raise ConfigError(f"{where}.train.{bad[0]} is not a performance switch; known: "
                               f"{', '.join(k for k in DEFAULTS if k != 'train')}")
+        if out["compile"] == "none":
+            # An off switch means off: `model.perf.compile=none` must not compile again in training
+            # through the default training override (a 64-px GPU base hung in inductor that way).
+            train = {k: v for k, v in train.items() if k not in ("compile", "compile_regional")}
         merged = _checked({**out, **dict(train)}, f"{where}.train")
         out["train"] = {key: merged[key] for key in train}
     return out
