@@ -1,8 +1,10 @@
 # Issue 30, GPU call 2 (<= 10 min on one H100/H200): the 64-px base again, fed from memory.
-# Call 1 (portrait64_first_call.sh) showed the streaming loader holding a batch-128 step to ~0.34 s
-# (~380 samples/s with 12 workers) and torch.compile hanging the time-boxed fit at its end; here the
-# base reads icp.data.resident.ResidentImages (every view decoded once, held as uint8) with compile
-# off, for a fixed wall-time box, then the correspondence probe (every block), 256 samples, the base back.
+# Call 1 (portrait64_first_call.sh) trained at 2.96 steps/s (batch 128: ~380 samples/s from 12 loader
+# workers, likely loader-bound) and torch.compile hung the time-boxed fit at its end; here the base
+# reads icp.data.resident.ResidentImages (every view decoded once, held as uint8) with compile off
+# (off in training too since 05946b0: before it, the training override compiled again and the fit hung
+# in inductor before its first step), for a wall-time box, then the probe (every block), 256 samples,
+# the base back.
 #   mkdir .gpu && git archive HEAD | tar -x -C .gpu; cp eval/gpu/portrait64_base_call.sh .gpu/
 #   cd .gpu && bash portrait64_base_call.sh        (.whl and .gpu carried)
 set -u

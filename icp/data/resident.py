@@ -1,10 +1,11 @@
 """Every view of a shard folder decoded once and held in memory: a loader that costs nothing.
 
 For a task that reads only whole target images (``K.TARGET``, ``K.IDENTITY``): the base pretrain
-(icp/tasks/pretrain.py). On one H100 the streaming :class:`~icp.data.datamodule.ShardDataModule`
-served the 64-px base ~380 samples/s with 12 workers (each sample decodes an identity's PNGs and
-ground-truth arrays and makes a masked pair), so a batch-128 step waited ~0.34 s for data; 8,192
-views of 64 px are 100 MB as uint8, which any host (and GPU) holds whole.
+(icp/tasks/pretrain.py). The streaming :class:`~icp.data.datamodule.ShardDataModule` decodes an
+identity's PNGs and ground-truth arrays and makes a masked pair per sample: one loader process
+served ~31 samples/s on this project's (loaded) CPU, and the 64-px base on one H100 consumed ~380
+samples/s from 12 workers (2.96 steps/s at batch 128), so the loader was likely what held it
+(not measured on that machine). 8,192 views of 64 px are 100 MB as uint8, which any host holds.
 
 Batches are a pure function of (seed, batch number, rank): batch ``g`` of rank ``r`` is a slice of
 the permutation of epoch ``g // batches_per_epoch``. The loader starts at the batch number that
