@@ -157,3 +157,29 @@ def test_unreadable_config_is_one_line(tmp_path):
         (run / "config.yaml").chmod(0)
         with pytest.raises(ConfigError, match="cannot read"):
             resolve(run)
+
+
+def test_paths_a_run_stores_relative_to_its_job_folder_are_found_from_elsewhere(tmp_path, monkeypatch):
+    """A stage run's config names the stitching run relative to the folder the job ran in; loading
+    the run from another folder finds it there (and leaves paths that exist from here alone)."""
+    from icp.core import config as cfglib
+    from icp.core.runs import anchor_stored_paths
+
+    job = tmp_path / "proj"
+    stitching = job / "runs/q/main/stages/stitching/cfg-1"
+    stitching.mkdir(parents=True)
+    run = job / "runs/q/main/stages/adaptation/cfg-2"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("experiment: adaptation\nrun: {root: runs/q/main/stages}\n"
+                                     "model: {appearance_from: runs/q/main/stages/stitching/cfg-1, backbone: {path: gone}}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = cfglib.load(run / "config.yaml")
+    anchor_stored_paths(run, cfg)
+    assert cfg.model.appearance_from == str(stitching)
+    assert cfg.model.backbone.path == "gone"  # not found from the job folder either: left as it was
+    monkeypatch.chdir(job)
+    cfg = cfglib.load("runs/q/main/stages/adaptation/cfg-2/config.yaml")
+    anchor_stored_paths(Path("runs/q/main/stages/adaptation/cfg-2"), cfg)
+    assert cfg.model.appearance_from == "runs/q/main/stages/stitching/cfg-1"  # exists from here: unchanged

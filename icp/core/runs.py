@@ -111,6 +111,22 @@ def _path(value, anchor: Path | None) -> Path | None:
     return (anchor or Path.cwd()) / path
 
 
+def anchor_stored_paths(run_dir: Path, cfg, keys=("model.appearance_from", "model.backbone.path")) -> None:
+    """Rewrite, in a run's loaded config (a DictConfig), the relative paths under ``keys`` that do
+    not exist from here but do from the folder the job ran in (a run loaded from another folder:
+    ``icp generate --checkpoint ../proj/runs/quickstart/main``)."""
+    from omegaconf import OmegaConf
+
+    anchor = _anchor(Path(run_dir), OmegaConf.to_container(cfg, resolve=False))
+    if anchor is None:
+        return
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists() \
+                and (anchor / value).exists():
+            OmegaConf.update(cfg, key, str(anchor / value), merge=False)
+
+
 def _checkpoint(run_dir: Path) -> tuple[Path | None, str | None]:
     try:
         ckpt = resumable_checkpoint(run_dir / "checkpoints")

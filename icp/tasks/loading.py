@@ -89,6 +89,9 @@ def load_task(path: str | Path, device: str | torch.device = "cpu", trust_checkp
     """
     run_dir, ckpt = locate_run(path)
     cfg = cfglib.load(run_dir / "config.yaml")
+    from icp.core.runs import anchor_stored_paths
+
+    anchor_stored_paths(run_dir, cfg)  # the stitching run / base it names, also from another folder
     # Read (and refuse) the checkpoint before building the task: refusal should be quick.
     checkpoint = read_checkpoint(ckpt, trust_checkpoint)
     if not isinstance(checkpoint.get("state_dict"), dict):
