@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from icp.core.argtypes import int_in
 from icp.data import keys as K
 
 
@@ -81,13 +82,31 @@ def heldout_renders(shards: str, count: int) -> np.ndarray:
     return np.concatenate([to_uint8(b[K.TARGET]) for b in take(loader, count)])
 
 
+MAX_SAMPLES = 50_000
+
+
+def read_samples(path: str, parser: argparse.ArgumentParser) -> np.ndarray:
+    """``images`` of a samples file written by ``sample``: (N, H, W, 3) uint8; anything else is one line."""
+    where = Path(path)
+    if not where.is_file():  # also refuses a FIFO or a device, which np.load would block on
+        parser.error(f"{path}: no such samples file (write one with `python -m icp.eval.base_samples sample`)")
+    try:
+        with np.load(where, allow_pickle=False) as data:
+            images = data["images"]
+    except Exception as err:  # not a zip, truncated, no 'images', an object array...
+        parser.error(f"{path}: not a samples file ({type(err).__name__}: {str(err)[:80]}); write it with `sample`")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not 1 <= len(images) <= MAX_SAMPLES:
+        parser.error(f"{path}: images must be (N <= {MAX_SAMPLES}, H, W, 3) uint8, not {images.dtype} {images.shape}")
+    return images
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m icp.eval.base_samples", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="verb", required=True)
     s = sub.add_parser("sample")
     s.add_argument("run_dir")
-    s.add_argument("--count", type=int, default=256)
-    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--count", type=int_in(1, 50_000), default=256)
+    s.add_argument("--steps", type=int_in(1, 1000), default=50)
     s.add_argument("--out", required=True)
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     c = sub.add_parser("score")
@@ -96,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default=None, help="JSON file for the figures")
     args = p.parse_args(argv)
     if args.verb == "sample":
+        if not Path(args.run_dir).is_dir():
+            p.error(f"{args.run_dir}: no such run directory (a base pretrain run: runs/base_pretrain/<name>)")
         images = draw(args.run_dir, args.count, args.steps, device=args.device)
         np.savez_compressed(args.out, images=images)
         print(f"base_samples: {len(images)} samples -> {args.out}")
         return 0
-    fake = np.load(args.samples)["images"]
+    fake = read_samples(args.samples, p)
+    if not Path(args.heldout).is_dir():
+        p.error(f"--heldout {args.heldout}: no such shard folder (render it with `icp shards synth`)")
     real = heldout_renders(args.heldout, len(fake))
     noise = np.random.default_rng(0).integers(0, 256, size=fake.shape, dtype=np.uint8)
     found = {"base": {**face_rate(fake), **fid(fake, real)},

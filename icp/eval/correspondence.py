@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from icp.core.argtypes import int_in
 from icp.data import keys as K
 from icp.models import matching as M
 from icp.tasks.flows import flow_metrics
@@ -371,22 +372,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", required=True, help="diffusers folder (<run>/backbone) or 'tiny' (random weights)")
     p.add_argument("--tiny", default="{}", help="JSON kwargs of icp.models.backbone.tiny when --backbone tiny")
     p.add_argument("--out", required=True, help="folder for correspondence.md/json")
-    p.add_argument("--pairs", type=int, default=64)
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--first-identity", type=int, default=1024,
+    p.add_argument("--pairs", type=int_in(1, 4096), default=64)
+    p.add_argument("--resolution", type=int_in(8, 512), default=64)
+    p.add_argument("--first-identity", type=int_in(0, 10**9), default=1024,
                    help="first held-out identity index (= the number of training identities)")
-    p.add_argument("--identities", type=int, default=32)
-    p.add_argument("--views", type=int, default=8)
-    p.add_argument("--timesteps", type=int, nargs="+", default=list(TIMESTEPS))
+    p.add_argument("--identities", type=int_in(1, 4096), default=32)
+    p.add_argument("--views", type=int_in(2, 64), default=8)
+    p.add_argument("--timesteps", type=int_in(0, 999), nargs="+", default=list(TIMESTEPS))
     p.add_argument("--profile", nargs="+", default=list(PROFILE_MODES), choices=PROFILE_MODES)
-    p.add_argument("--ensemble", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ensemble", type=int_in(1, 32), default=1)
+    p.add_argument("--batch-size", type=int_in(1, 1024), default=16)
+    p.add_argument("--seed", type=int_in(0, 2**31 - 1), default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--blocks", nargs="+", default=list(BLOCKS), choices=BLOCKS,
                    help="block outputs probed: down (encoder: the Matching Net's features), mid, up (decoder: DIFT's)")
     a = p.parse_args(argv)
+    if a.backbone != "tiny" and not (Path(a.backbone) / "unet").is_dir():
+        p.error(f"--backbone {a.backbone}: not a base folder (unet/ inside; a pretrain run writes <run>/backbone) "
+                "and not 'tiny'")
+    try:
+        tiny = json.loads(a.tiny)
+    except ValueError:
+        tiny = None
+    if not isinstance(tiny, dict):
+        p.error(f"--tiny {a.tiny[:60]!r}: give a JSON object of icp.models.backbone.tiny's keyword arguments")
+    a.tiny = json.dumps(tiny)
     result = run(a.backbone, a.out, a.pairs, a.resolution, a.first_identity, a.identities, a.views, a.seed,
                  a.timesteps, a.profile, a.ensemble, a.batch_size, a.device, dtype=a.dtype,
                  tiny_kwargs=json.loads(a.tiny), blocks=a.blocks)
