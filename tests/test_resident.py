@@ -84,3 +84,17 @@ def test_the_base_pretrain_fits_from_resident_images(shards, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert list(tmp_path.glob("base_pretrain/*/backbone/unet/config.json"))
+
+
+def test_a_folder_too_large_to_hold_is_refused_before_decoding(shards, monkeypatch):
+    """The memory bound reads the manifest's view count and resolution (15 views of 32 px here)."""
+    from icp.core.errors import ConfigError
+    from icp.data import resident
+
+    monkeypatch.setattr(resident, "MAX_BYTES", 15 * 3 * 32 * 32 - 1)
+    monkeypatch.setattr(resident, "_load_shard", lambda *a: pytest.fail("decoded before the bound was checked"))
+    with pytest.raises(ConfigError, match="ShardDataModule"):
+        load_views(shards / "train", workers=1)
+    monkeypatch.setattr(resident, "MAX_BYTES", 15 * 3 * 32 * 32)
+    monkeypatch.undo()
+    assert len(load_views(shards / "train", workers=1)[0]) == 15

@@ -1,10 +1,9 @@
 """argparse types with bounds, for the module entry points (``python -m icp.eval.…``): a value out
-of range, NaN or not a number is one argparse error line (exit 2), not a traceback or an hour-long run."""
+of range or not a whole number is one argparse error line (exit 2), not a traceback or an hour-long run."""
 
 from __future__ import annotations
 
 import argparse
-import math
 
 
 def int_in(low: int, high: int):
@@ -17,17 +16,4 @@ def int_in(low: int, high: int):
             raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
         return value
     parse.__name__ = f"int {low}..{high}"
-    return parse
-
-
-def float_in(low: float, high: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text} is outside {low}..{high}")
-        return value
-    parse.__name__ = f"number {low}..{high}"
     return parse

@@ -56,8 +56,8 @@ def load_views(folder: str | Path, resolution: int | None = None, workers: int =
     folder = Path(folder)
     manifest = read_manifest(folder)  # one-line DataError for a missing/broken folder
     paths = [str(folder / s.get("name", shard_name(i))) for i, s in enumerate(manifest["shards"])]
-    side = int(resolution or manifest.get("resolution") or 0)
-    views = int(manifest.get("views") or 0)
+    side = int(resolution or (manifest.get("generator") or {}).get("resolution") or 0)
+    views = int((manifest.get("counts") or {}).get("views") or 0)
     if side and views and views * 3 * side * side > MAX_BYTES:
         raise ConfigError(f"{folder}: {views} views of {side} px are over {MAX_BYTES >> 30} GiB in memory; "
                           "use icp.data.datamodule.ShardDataModule (streams them)")
