@@ -122,9 +122,9 @@ def anchor_stored_paths(run_dir: Path, cfg, keys=("model.appearance_from", "mode
         return
     for key in keys:
         value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists() \
-                and (anchor / value).exists():
-            OmegaConf.update(cfg, key, str(anchor / value), merge=False)
+        found = _path(value, anchor)
+        if found is not None and found.exists() and not Path(value).exists():
+            OmegaConf.update(cfg, key, str(found), merge=False)
 
 
 def _checkpoint(run_dir: Path) -> tuple[Path | None, str | None]:
