@@ -76,3 +76,20 @@ def save_grid(path: str | Path, columns: Sequence[tuple[str, torch.Tensor]],
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(columns, row_labels, tile, max_rows).save(path)
     return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, imported on first use (it costs ~1 s)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` and close it (a report draws many: open figures hold memory)."""
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return Path(path)

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from icp.core.errors import DataError, IcpError
+from icp.eval.grids import pyplot, save_figure
 from icp.eval.evaluator import LOWER_IS_BETTER
 from icp.eval.record import DIGEST_FIELDS, FORMAT, SCHEMA, protocol_id, record_digest, sha256_of
 
@@ -285,10 +286,7 @@ def build(paths: list[str], out_dir: str | Path, sort_by: str | None = None, che
 
 
 def _plot(records: list[dict], names: list[str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     shown = [m for m in names if any(isinstance(r["metrics"].get(m), (int, float)) for r in records)][:8]
     fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(3 * max(1, len(shown)), 3), squeeze=False)
@@ -299,6 +297,5 @@ def _plot(records: list[dict], names: list[str], path: Path) -> Path:
         ax.set_xticks(range(len(values)), labels, rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{metric} {'↑' if higher_is_better(metric) else '↓'}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path

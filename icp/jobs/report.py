@@ -12,6 +12,8 @@ import html
 import json
 from pathlib import Path
 
+from icp.eval.grids import pyplot, save_figure
+
 PICTURES = (
     ("grid.png", "Held-out identities (one per row): profile | masked target | generated | each baseline | true render"),
     ("flows.png", "Matching flow target→profile, rows: profile, target, true flow, predicted flow (colour wheel), profile warped by it"),
@@ -44,10 +46,7 @@ def read_columns(stage_dir: Path, wanted) -> dict[str, list[tuple[int, float]]]:
 
 def plot_eval_curves(stages: dict, out: Path) -> Path | None:
     """Identity and view consistency on held-out pairs vs training step (the in-loop EvalCallback)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = {name: read_columns(Path(entry["result"]["run_dir"]), lambda k: k in CURVE_METRICS)
               for name, entry in stages.items() if "run_dir" in entry.get("result", {})}
@@ -66,17 +65,12 @@ def plot_eval_curves(stages: dict, out: Path) -> Path | None:
         ax.set_xlabel("training step")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_pairs(evaluation: dict, out: Path) -> Path | None:
     """Per-pair scatter: the method against its baseline, pair by pair (same pair, same noise)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pairs = evaluation.get("per_pair", {})
     panels = [(k, b) for k, b in (("id_cos_icp", "other_identity"), ("id_cos_icp", "inpaint"), ("yaw_err", "copy_profile"),
@@ -97,16 +91,11 @@ def plot_pairs(evaluation: dict, out: Path) -> Path | None:
         ax.set_ylabel("icp", fontsize=8)
         ax.set_title(f"{key} per pair (n={len(xy)})", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_losses(stages: dict, out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = {name: read_losses(Path(entry["result"]["run_dir"]))
               for name, entry in stages.items() if "run_dir" in entry.get("result", {})}
@@ -123,9 +112,7 @@ def plot_losses(stages: dict, out: Path) -> Path | None:
         ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def _table(rows: list[dict], arms: list[str]) -> tuple[list[str], list[list[str]]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from icp.eval.grids import pyplot, save_figure
 from icp.jobs.claims import verdicts as V
 from icp.jobs.claims.results import CURVES, collect, masking_rows, merge, warp_table
 from icp.jobs.claims.plan import Job, ratio_tag
@@ -62,10 +63,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _plots(out_dir: Path, found: dict, cfg: DictConfig) -> tuple[dict, str | None]:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return {}, "plots skipped: matplotlib is not installed here (tables and sample grids are complete)"
     plots = {}
@@ -84,8 +82,7 @@ def _plots(out_dir: Path, found: dict, cfg: DictConfig) -> tuple[dict, str | Non
         axes[0].legend(fontsize=7), axes[1].legend(fontsize=7)
         fig.tight_layout()
         plots["fast_learner"] = "fast_learner.png"
-        fig.savefig(out_dir / plots["fast_learner"], dpi=110)
-        plt.close(fig)
+        save_figure(fig, out_dir / plots["fast_learner"])
     masks = masking_rows(cfg, found)
     if masks:
         ratios = [r for r, _ in masks]
@@ -98,8 +95,7 @@ def _plots(out_dir: Path, found: dict, cfg: DictConfig) -> tuple[dict, str | Non
         axes[0].axhline(0, color="grey", lw=0.8)
         fig.tight_layout()
         plots["masking"] = "masking.png"
-        fig.savefig(out_dir / plots["masking"], dpi=110)
-        plt.close(fig)
+        save_figure(fig, out_dir / plots["masking"])
     warp = warp_table(found)
     if warp:
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -116,8 +112,7 @@ def _plots(out_dir: Path, found: dict, cfg: DictConfig) -> tuple[dict, str | Non
         ax.set(xlabel="|yaw(profile) - yaw(target)|", ylabel="id_cos(warp) - id_cos(no warp)")
         fig.tight_layout()
         plots["warping"] = "warping.png"
-        fig.savefig(out_dir / plots["warping"], dpi=110)
-        plt.close(fig)
+        save_figure(fig, out_dir / plots["warping"])
     return plots, None
 
 
