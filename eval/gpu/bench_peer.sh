@@ -10,13 +10,8 @@
 # (the file names its machine and the peer rows) and quote the ratios in README.
 set -u
 PLAN=${1:-peer_train}; shift 2>/dev/null  # further arguments go to the bench (--tiny: the CPU smoke run of every row)
-export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-W=$(ls -d .whl ../.whl 2>/dev/null | head -1)
-[ -n "$W" ] || { echo "bench_peer.sh: no .whl folder here or one level up (carry the wheels)"; exit 3; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $W/*.whl || exit 3
-export PYTHONPATH=/tmp/site:$PWD
-L=${OUT:-/tmp/out}/res; mkdir -p $L
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $L/machine.txt; nproc >> $L/machine.txt
+. eval/gpu/common.sh
+gpu_setup || exit 3
 # The bench starts its clock after its imports (~15 s): rows are started while they fit 460 s by
 # their estimates (icp/bench/plan.py ROW_COST_S, compile warm-ups included); a row that did not fit is
 # listed as skipped in the report (run it in another call: --only ROWS). The table is rewritten after

@@ -8,15 +8,10 @@
 #   mkdir .gpu && git archive HEAD | tar -x -C .gpu; cp eval/gpu/portrait64_base_call.sh .gpu/
 #   cd .gpu && bash portrait64_base_call.sh        (.whl and .gpu carried)
 set -u
-export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site:$PWD
-L=$OUT/res; mkdir -p $L; T0=$(date +%s)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $L/machine.txt; nproc >> $L/machine.txt
-D=/tmp/p64; R=/tmp/r
-python3 -m icp.cli shards synth $D/train --identities 1024 --views 8 --resolution 64 --workers 15 --shard-size 64 > $L/data.log 2>&1 &
-python3 -m icp.cli shards synth $D/heldout --identities 32 --views 8 --resolution 64 --first-identity 1024 --shard-size 64 --workers 1 >> $L/data.log 2>&1
-wait; echo "data_s $(( $(date +%s)-T0 ))" >> $L/times.txt
+. eval/gpu/common.sh
+gpu_setup || exit 3
+T0=$(date +%s); D=/tmp/p64; R=/tmp/r
+render_portrait64 $D
 BOX=${BOX:-00:00:05:00}
 T1=$(date +%s)
 timeout 420 python3 -m icp.cli fit experiments/base_pretrain.yaml run.root=$R run.name=base64 \
@@ -32,12 +27,4 @@ P="--resolution 64 --pairs 128 --ensemble 4 --batch-size 32 --first-identity 102
 python3 -m icp.eval.correspondence --backbone $B/backbone $P --out $L/probe_base > $L/probe.log 2>&1
 python3 -m icp.eval.base_samples sample $B --count 256 --steps 25 --out $L/samples.npz > $L/samples.log 2>&1
 echo "total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
-tar czf $OUT/results.tgz -C $OUT res
-python3 - "$B/backbone" <<'PY'
-import sys, pathlib, safetensors.torch as st, torch
-for f in pathlib.Path(sys.argv[1]).rglob("*.safetensors"):
-    sd = st.load_file(str(f)); st.save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, str(f))
-PY
-tar czf - -C $B backbone fit_metrics.json config.yaml | split -b 15M - $OUT/base64.tgz.
-rm -rf $L
-ls -la $OUT
+bring_back $B

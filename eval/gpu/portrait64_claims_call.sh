@@ -5,16 +5,12 @@
 # with .whl and .gpu carried. SEEDS defaults to [0,1,2]. Everything comes back as claims.tgz in $OUT.
 set -u
 SEEDS=${1:-[0,1,2]}
-export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site:$PWD
-L=$OUT/res; mkdir -p $L /tmp/base; T0=$(date +%s)
+. eval/gpu/common.sh
+gpu_setup || exit 3
+mkdir -p /tmp/base; T0=$(date +%s)
 cat base64.tgz.* | tar xzf - -C /tmp/base || exit 4
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $L/machine.txt; nproc >> $L/machine.txt
 D=/tmp/p64
-python3 -m icp.cli shards synth $D/train --identities 1024 --views 8 --resolution 64 --workers 14 --shard-size 64 > $L/data.log 2>&1 &
-python3 -m icp.cli shards synth $D/heldout --identities 32 --views 8 --resolution 64 --first-identity 1024 --shard-size 64 --workers 2 >> $L/data.log 2>&1
-wait; echo "data_s $(( $(date +%s)-T0 ))" >> $L/times.txt
+render_portrait64 $D
 LEFT=$(( 560 - ($(date +%s)-T0) ))
 timeout $LEFT python3 eval/paper_claims.py --config eval/claims/portrait64.yaml "seeds=$SEEDS" data.out=$D \
   fits.pretrain.backbone=/tmp/base/backbone report=$L/claims/portrait64 > $L/claims.log 2>&1

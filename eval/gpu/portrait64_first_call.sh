@@ -5,16 +5,10 @@
 # then `cd .gpu && bash portrait64_first_call.sh` with .whl and .gpu carried. Score the samples here afterwards:
 #   python -m icp.eval.base_samples score samples.npz --heldout <held-out shards at 64 px>
 set -u
-export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ../.whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site:$PWD
-L=$OUT/res; mkdir -p $L
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $L/machine.txt; nproc >> $L/machine.txt
-python3 -c "import torch,diffusers;print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name())" >> $L/machine.txt
+. eval/gpu/common.sh
+gpu_setup || exit 3
 D=/tmp/p64; R=/tmp/r; T0=$(date +%s)
-python3 -m icp.cli shards synth $D/train --identities 1024 --views 8 --resolution 64 --workers 14 --shard-size 64 > $L/data.log 2>&1 &
-python3 -m icp.cli shards synth $D/heldout --identities 32 --views 8 --resolution 64 --first-identity 1024 --shard-size 64 --workers 2 >> $L/data.log 2>&1
-wait; echo "data_s $(( $(date +%s)-T0 ))" >> $L/times.txt
+render_portrait64 $D
 T1=$(date +%s)
 timeout 230 python3 -m icp.cli fit experiments/base_pretrain.yaml run.root=$R run.name=base64 data.shards=$D/train data.val_shards=$D/heldout data.resolution=64 model.backbone.width=64 +model.backbone.levels=3 +model.backbone.layers_per_block=2 +model.backbone.codec_factor=2 data.batch_size=128 data.num_workers=12 trainer.precision=bf16-mixed trainer.max_steps=10000 trainer.val_check_interval=2500 checkpoint.every_n_train_steps=2500 model.ema_decay=0.999 model.optimizer.lr=5.0e-4 callbacks.samples.every_n_steps=5000 logger.wandb=null +trainer.max_time=00:00:02:40 > $L/pretrain.log 2>&1
 echo "pretrain_rc $? pretrain_s $(( $(date +%s)-T1 ))" >> $L/times.txt
@@ -33,12 +27,4 @@ python3 -m icp.eval.base_samples sample $B --count 256 --steps 25 --out $L/sampl
 wait $CLAIMS; echo "claims_rc $?" >> $L/times.txt
 cp -r runs/portrait64_claims/logs $L/claims_logs 2>/dev/null
 echo "total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
-tar czf $OUT/results.tgz -C $OUT res
-python3 - "$B/backbone" <<'PY'
-import sys, pathlib, safetensors.torch as st, torch
-for f in pathlib.Path(sys.argv[1]).rglob("*.safetensors"):
-    sd = st.load_file(str(f)); st.save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, str(f))
-PY
-tar czf - -C $B backbone fit_metrics.json config.yaml | split -b 15M - $OUT/base64.tgz.
-rm -rf $L
-ls -la $OUT
+bring_back $B
