@@ -398,14 +398,11 @@ def evaluated(tmp_path_factory):
     import torch
 
     from icp.cli import main
-    from icp.data.shards.write import synth
-    from icp.models.embedder import IdentityEmbedderNet, export
     from tests.test_leaderboard import _run
+    from tests.tiny_eval import heldout_and_embedder
 
     root = tmp_path_factory.mktemp("records")
-    synth(root / "heldout", 2, 2, 32, seed=5, shard_size=2, first_identity=900, progress=False)
-    torch.manual_seed(0)
-    export(IdentityEmbedderNet(dim=8, width=4, depth=2, input_size=16).eval(), root / "embedder.pt")
+    heldout_and_embedder(root, 2, seed=5, first_identity=900)
     run = _run(root, "entry", 0.1)
     ckpt = run / "checkpoints" / "last.ckpt"
     torch.save({**torch.load(ckpt, weights_only=True), "global_step": 1}, ckpt)  # a Lightning-like checkpoint

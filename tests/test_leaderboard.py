@@ -38,12 +38,10 @@ def _run(root, name, sigma):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from icp.data.shards.write import synth
+    from tests.tiny_eval import heldout_and_embedder
 
     root = tmp_path_factory.mktemp("lb")
-    synth(root / "heldout", 4, 2, 32, seed=5, shard_size=2, first_identity=900, progress=False)
-    torch.manual_seed(0)
-    export(IdentityEmbedderNet(dim=8, width=4, depth=2, input_size=16).eval(), root / "embedder.pt")
+    heldout_and_embedder(root, 4, seed=5, first_identity=900)
     runs = [_run(root, "good", 0.05), _run(root, "bad", 0.4)]
     return root, runs
 

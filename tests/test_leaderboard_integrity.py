@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from icp.cli import main
-from icp.models.embedder import IdentityEmbedderNet, export
 from icp.eval.leaderboard import LeaderboardError, build
 from icp.eval.record import sha256_of
 from tests.test_leaderboard import NoisyTask, _run
@@ -20,12 +19,10 @@ class Pickled:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    from icp.data.shards.write import synth
+    from tests.tiny_eval import heldout_and_embedder
 
     root = tmp_path_factory.mktemp("lbi")
-    synth(root / "heldout", 2, 2, 32, seed=5, shard_size=2, first_identity=900, progress=False)
-    torch.manual_seed(0)
-    export(IdentityEmbedderNet(dim=8, width=4, depth=2, input_size=16).eval(), root / "embedder.pt")
+    heldout_and_embedder(root, 2, seed=5, first_identity=900)
     run = _run(root, "entry", 0.1)
     return root, run
 

@@ -37,13 +37,10 @@ def noisy(batch, num_steps=20, guidance_scale=None, generator=None):
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory):
     """What icp.jobs.evaluate returns (its record of a real paired evaluation) and grid.png."""
-    from icp.data.shards.write import synth
-    from icp.models.embedder import IdentityEmbedderNet, export
+    from tests.tiny_eval import heldout_and_embedder
 
     root = tmp_path_factory.mktemp("heldout")
-    synth(root / "shards", 4, 2, 32, seed=3, shard_size=2, first_identity=50, progress=False)
-    torch.manual_seed(0)
-    export(IdentityEmbedderNet(dim=8, width=4, depth=2, input_size=16).eval(), root / "embedder.pt")
+    heldout_and_embedder(root, 4, seed=3, first_identity=50, folder="shards")
     extractors = build_extractors(identity=["icp"], embedder=str(root / "embedder.pt"), fid=False)
     loader = heldout_loader(str(root / "shards"), mask_ratio=0.5, patch_size=8, pairs_per_identity=2, batch_size=4)
     result = evaluate_pairs(noisy, take(loader, PAIRS), extractors, "cpu", num_steps=1, grid_samples=2,
