@@ -2,7 +2,7 @@
 # first call (eval/gpu/portrait64_first_call.sh) trained and brought back as base64.tgz.* pieces.
 # Run from a clean copy of the tree with the pieces in it: mkdir .gpu && git archive HEAD | tar -x -C .gpu;
 # cp eval/gpu/portrait64_claims_call.sh <pieces> .gpu/; then `cd .gpu && bash portrait64_claims_call.sh [SEEDS]`
-# with .whl and .gpu carried. SEEDS defaults to [0,1,2]. Everything comes back as claims.tgz in $OUT.
+# with .whl and .gpu carried (and astronaut.png: scikit-image's astronaut, for the real-photo check). SEEDS defaults to [0,1,2]. Everything comes back as claims.tgz in $OUT.
 set -u
 SEEDS=${1:-[0,1,2]}
 . eval/gpu/common.sh
@@ -11,7 +11,7 @@ mkdir -p /tmp/base; T0=$(date +%s)
 cat base64.tgz.* | tar xzf - -C /tmp/base || exit 4
 D=/tmp/p64
 render_portrait64 $D
-LEFT=$(( 560 - ($(date +%s)-T0) ))
+LEFT=$(( 480 - ($(date +%s)-T0) ))
 timeout $LEFT python3 eval/paper_claims.py --config eval/claims/portrait64.yaml "seeds=$SEEDS" data.out=$D \
   fits.pretrain.backbone=/tmp/base/backbone report=$L/claims/portrait64 > $L/claims.log 2>&1
 echo "claims_rc $? total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
@@ -19,6 +19,25 @@ echo "claims_rc $? total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
 timeout 25 python3 eval/paper_claims.py --config eval/claims/portrait64.yaml "seeds=$SEEDS" data.out=$D \
   fits.pretrain.backbone=/tmp/base/backbone report=$L/claims/portrait64 --report-only >> $L/claims.log 2>&1
 cp -r runs/portrait64_claims/logs $L/claims_logs 2>/dev/null
+# Issue 30's real-photo check: the seed-0 adaptation fit with warping (matching from the base) on
+# scikit-image's astronaut (carried as astronaut.png) and a held-out render as the target.
+A=$(python3 - <<'PY'
+import pathlib, yaml
+for c in sorted(pathlib.Path("runs/portrait64_claims").glob("seed0/fits/claims_adaptation/cfg-*/config.yaml")):
+    m = yaml.safe_load(c.read_text()); mo = m["model"]
+    if m.get("seed") == 0 and mo.get("matching_init") == "base" and mo.get("warp_identity", True) \
+            and not mo.get("flow_source") and not mo.get("aux_flow_weight") and (c.parent / "checkpoints/last.ckpt").is_file():
+        print(c.parent); break
+PY
+)
+if [ -n "$A" ] && [ -f astronaut.png ]; then
+  mkdir -p $L/astronaut; tar xf $D/heldout/shard-000000.tar -C $L/astronaut id00001024.v03.rgb.png id00001024.v00.rgb.png
+  for V in v00 v03; do
+    timeout 30 python3 -m icp.cli generate --profile astronaut.png --target $L/astronaut/id00001024.$V.rgb.png \
+      --checkpoint $A --out $L/astronaut/gen_$V.png >> $L/astronaut/generate.log 2>&1
+  done
+  echo "$A" >> $L/astronaut/generate.log
+fi
 tar czf $OUT/claims.tgz -C $OUT res
 rm -rf $L
 ls -la $OUT
