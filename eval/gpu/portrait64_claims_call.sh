@@ -2,7 +2,7 @@
 # first call (eval/gpu/portrait64_first_call.sh) trained and brought back as base64.tgz.* pieces.
 # Run from a clean copy of the tree with the pieces in it: mkdir .gpu && git archive HEAD | tar -x -C .gpu;
 # cp eval/gpu/portrait64_claims_call.sh <pieces> .gpu/; then `cd .gpu && bash portrait64_claims_call.sh [SEEDS]`
-# with .whl and .gpu carried (and astronaut.png: scikit-image's astronaut, for the real-photo check). SEEDS defaults to [0,1,2]. Everything comes back as claims.tgz in $OUT.
+# (CLAIMS_S=N: the study stops N s after the start instead of 480) with .whl and .gpu carried (and astronaut.png: scikit-image's astronaut, for the real-photo check). SEEDS defaults to [0,1,2]. Everything comes back as claims.tgz in $OUT.
 set -u
 SEEDS=${1:-[0,1,2]}
 . eval/gpu/common.sh
@@ -11,7 +11,7 @@ mkdir -p /tmp/base; T0=$(date +%s)
 cat base64.tgz.* | tar xzf - -C /tmp/base || exit 4
 D=/tmp/p64
 render_portrait64 $D
-LEFT=$(( 480 - ($(date +%s)-T0) ))
+LEFT=$(( ${CLAIMS_S:-480} - ($(date +%s)-T0) ))
 timeout $LEFT python3 eval/paper_claims.py --config eval/claims/portrait64.yaml "seeds=$SEEDS" data.out=$D \
   fits.pretrain.backbone=/tmp/base/backbone report=$L/claims/portrait64 > $L/claims.log 2>&1
 echo "claims_rc $? total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
