@@ -18,7 +18,7 @@ echo "claims_rc $? total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
 # The report is rewritten after every job; once more from what finished, in case the time ran out.
 timeout 25 python3 eval/paper_claims.py --config eval/claims/portrait64.yaml "seeds=$SEEDS" data.out=$D \
   fits.pretrain.backbone=/tmp/base/backbone report=$L/claims/portrait64 --report-only >> $L/claims.log 2>&1
-cp -r runs/portrait64_claims/logs $L/claims_logs 2>/dev/null
+for S in runs/portrait64_claims/seed*; do mkdir -p $L/claims_logs; cp -r $S/logs $L/claims_logs/${S##*/} 2>/dev/null; done
 # Issue 30's real-photo check: the seed-0 adaptation fit with warping (matching from the base) on
 # scikit-image's astronaut (carried as astronaut.png) and a held-out render as the target.
 A=$(python3 - <<'PY'
