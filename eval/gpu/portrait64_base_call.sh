@@ -7,14 +7,18 @@
 # the base back.
 #   mkdir .gpu && git archive HEAD | tar -x -C .gpu; cp eval/gpu/portrait64_base_call.sh .gpu/
 #   cd .gpu && bash portrait64_base_call.sh        (.whl and .gpu carried)
+# Smaller calls: BOX (the fit's wall time), PAIRS (probe, 128), SAMPLES (256), DEADLINE (590 s).
 set -u
 . eval/gpu/common.sh
 gpu_setup || exit 3
 T0=$(date +%s); D=/tmp/p64; R=/tmp/r
+# DEADLINE (s after this point, default 590): whatever res/ holds then is packed, in case the call is cut.
+left() { echo $(( ${DEADLINE:-590} - ($(date +%s)-T0) - $1 )); }  # seconds to the deadline, less $1
+( sleep $(( ${DEADLINE:-590} - 15 )); tar czf $OUT/results.tgz -C $OUT res ) & WATCH=$!
 render_portrait64 $D
 BOX=${BOX:-00:00:05:00}
 T1=$(date +%s)
-timeout 420 python3 -m icp.cli fit experiments/base_pretrain.yaml run.root=$R run.name=base64 \
+timeout $(( $(echo $BOX | awk -F: '{print $2*3600+$3*60+$4}') + 60 )) python3 -m icp.cli fit experiments/base_pretrain.yaml run.root=$R run.name=base64 \
   data._target_=icp.data.resident.ResidentImages data.shards=$D/train data.val_shards=$D/heldout +data.workers=15 \
   data.resolution=64 data.batch_size=128 model.backbone.width=64 +model.backbone.levels=3 +model.backbone.layers_per_block=2 \
   +model.backbone.codec_factor=2 "+model.perf={compile: none}" trainer.precision=bf16-mixed trainer.max_steps=100000 \
@@ -23,8 +27,9 @@ timeout 420 python3 -m icp.cli fit experiments/base_pretrain.yaml run.root=$R ru
 echo "pretrain_rc $? pretrain_s $(( $(date +%s)-T1 ))" >> $L/times.txt
 B=$R/base_pretrain/base64
 cp $B/fit_metrics.json $B/backbone/icp_pretrain.json $L/ 2>/dev/null; cp $B/logs/csv/version_0/metrics.csv $L/metrics.csv 2>/dev/null
-P="--resolution 64 --pairs 128 --ensemble 4 --batch-size 32 --first-identity 1024 --identities 32 --views 8"
-python3 -m icp.eval.correspondence --backbone $B/backbone $P --out $L/probe_base > $L/probe.log 2>&1
-python3 -m icp.eval.base_samples sample $B --count 256 --steps 25 --out $L/samples.npz > $L/samples.log 2>&1
+P="--resolution 64 --pairs ${PAIRS:-128} --ensemble 4 --batch-size 32 --first-identity 1024 --identities 32 --views 8"
+timeout $(left 70) python3 -m icp.eval.correspondence --backbone $B/backbone $P --out $L/probe_base > $L/probe.log 2>&1
+timeout $(left 25) python3 -m icp.eval.base_samples sample $B --count ${SAMPLES:-256} --steps 25 --out $L/samples.npz > $L/samples.log 2>&1
 echo "total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
+kill $WATCH 2>/dev/null
 bring_back $B
