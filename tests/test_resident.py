@@ -98,3 +98,10 @@ def test_a_folder_too_large_to_hold_is_refused_before_decoding(shards, monkeypat
     monkeypatch.setattr(resident, "MAX_BYTES", 15 * 3 * 32 * 32)
     monkeypatch.undo()
     assert len(load_views(shards / "train", workers=1)[0]) == 15
+
+
+def test_the_serving_rate_bench_reads_the_real_module(shards):
+    from icp.bench.data import resident_rate
+
+    out = resident_rate(shards / "train", batch_size=4, batches=10)  # 15 views: crosses epochs
+    assert out["views"] == 15 and out["batch"] == 4 and out["samples_per_s"] > 0

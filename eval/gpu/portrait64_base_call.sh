@@ -17,6 +17,7 @@ left() { echo $(( ${DEADLINE:-590} - ($(date +%s)-T0) - $1 )); }  # seconds to t
 ( sleep $(( ${DEADLINE:-590} - 15 )); tar czf $OUT/results.tgz -C $OUT res ) & WATCH=$!
 render_portrait64 $D
 BOX=${BOX:-00:00:05:00}
+timeout 40 python3 eval/bench_data.py --resident $D/train > $L/served.json 2>$L/served.log  # samples/s served, to the GPU
 T1=$(date +%s)
 timeout $(( $(echo $BOX | awk -F: '{print $2*3600+$3*60+$4}') + 60 )) python3 -m icp.cli fit experiments/base_pretrain.yaml run.root=$R run.name=base64 \
   data._target_=icp.data.resident.ResidentImages data.shards=$D/train data.val_shards=$D/heldout +data.workers=15 \

@@ -73,6 +73,33 @@ def loader_rate(folder: Path, workers: int, batch_size: int, pairs: int, epochs:
         torch.set_num_threads(threads)
 
 
+def resident_rate(folder: Path, batch_size: int = 128, batches: int = 200, resolution: int | None = None,
+                  device: str = "cpu") -> dict:
+    """Samples/s that :class:`icp.data.resident.ResidentImages` serves (its training loader, moved to
+    ``device`` and scaled to [-1, 1] as in training), to set beside what a training step consumes."""
+    from icp.data.resident import ResidentImages
+
+    module = ResidentImages(str(folder), batch_size=batch_size, resolution=resolution, workers=os.cpu_count() or 1)
+    module.setup("fit")
+    data = module.train_dataloader().dataset  # item g = training batch g, across epochs (what the loader asks)
+
+    def one(g: int) -> None:
+        batch = {k: v.to(device, non_blocking=True) for k, v in data[g].items()}
+        module.on_after_batch_transfer(batch, 0)
+
+    one(0)  # the first batch builds the epoch's permutation
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for g in range(1, batches + 1):
+        one(g)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    took = time.perf_counter() - start
+    return {"views": len(module.train_images), "load_s": module.load_seconds, "batch": batch_size,
+            "device": device, "samples_per_s": batches * batch_size / took}
+
+
 def loader_rates(identities: int, views: int, resolution: int, batch_size: int, worker_counts: list[int],
                  render_workers: int, pairs: int = 4) -> dict:
     """Row (e) of eval/bench_train.py: shards rendered at ``resolution`` (one per identity, so that
@@ -97,7 +124,15 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64, help="shard resolution for the loader bench")
     parser.add_argument("--render-groups", type=int, default=2)
     parser.add_argument("--out", default="eval/results/bench_data.md")
+    parser.add_argument("--resident", metavar="SHARDS", help="only the in-memory loader's serving rate on SHARDS "
+                        "(batch 128, to the GPU when there is one), printed as JSON")
     args = parser.parse_args()
+    if args.resident:
+        import json
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(json.dumps(resident_rate(Path(args.resident), device=device)))
+        return
     warnings.filterwarnings("ignore", message=".*worker processes in total.*")
 
     rows = []
