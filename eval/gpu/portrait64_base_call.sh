@@ -7,13 +7,13 @@
 # the base back.
 #   mkdir .gpu && git archive HEAD | tar -x -C .gpu; cp eval/gpu/portrait64_base_call.sh .gpu/
 #   cd .gpu && bash portrait64_base_call.sh        (.whl and .gpu carried)
-# Smaller calls: BOX (the fit's wall time), PAIRS (probe, 128), SAMPLES (256), DEADLINE (590 s).
+# Smaller calls: BOX (the fit's wall time), PAIRS (probe, 128), SAMPLES (256), DEADLINE (590 s), NOBASE=1 (results only).
 set -u
 . eval/gpu/common.sh
 gpu_setup || exit 3
 T0=$(date +%s); D=/tmp/p64; R=/tmp/r
 # DEADLINE (s after this point, default 590): whatever res/ holds then is packed, in case the call is cut.
-left() { echo $(( ${DEADLINE:-590} - ($(date +%s)-T0) - $1 )); }  # seconds to the deadline, less $1
+left() { local v=$(( ${DEADLINE:-590} - ($(date +%s)-T0) - $1 )); echo $(( v < 1 ? 1 : v )); }  # s to the deadline less $1 (>= 1: timeout 0 means none)
 ( sleep $(( ${DEADLINE:-590} - 15 )); tar czf $OUT/results.tgz -C $OUT res ) & WATCH=$!
 render_portrait64 $D
 BOX=${BOX:-00:00:05:00}
@@ -33,4 +33,4 @@ timeout $(left 70) python3 -m icp.eval.correspondence --backbone $B/backbone $P 
 timeout $(left 25) python3 -m icp.eval.base_samples sample $B --count ${SAMPLES:-256} --steps 25 --out $L/samples.npz > $L/samples.log 2>&1
 echo "total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
 kill $WATCH 2>/dev/null
-bring_back $B
+if [ -n "${NOBASE:-}" ]; then tar czf $OUT/results.tgz -C $OUT res; else bring_back $B; fi
