@@ -14,10 +14,11 @@ gpu_setup() {
   return 0  # a machine without a GPU (bench_peer.sh --tiny) only lacks those lines
 }
 
-# Issue 30's shards at $1: training identities 0..1023 and held-out 1024..1055, 8 views, 64 px.
+# Issue 30's shards at $1: training identities 0..1023 and held-out 1024..1055, 8 views, 64 px
+# (TRAIN_IDS, RENDER_WORKERS: fewer, for a CPU smoke run of a call script).
 render_portrait64() {
   local T0; T0=$(date +%s)
-  python3 -m icp.cli shards synth $1/train --identities 1024 --views 8 --resolution 64 --workers 15 --shard-size 64 > $L/data.log 2>&1 &
+  python3 -m icp.cli shards synth $1/train --identities ${TRAIN_IDS:-1024} --views 8 --resolution 64 --workers ${RENDER_WORKERS:-15} --shard-size 64 > $L/data.log 2>&1 &
   python3 -m icp.cli shards synth $1/heldout --identities 32 --views 8 --resolution 64 --first-identity 1024 --shard-size 64 --workers 1 >> $L/data.log 2>&1
   wait; echo "data_s $(( $(date +%s)-T0 ))" >> $L/times.txt
 }
