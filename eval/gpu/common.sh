@@ -18,9 +18,10 @@ gpu_setup() {
 # (TRAIN_IDS, RENDER_WORKERS: fewer, for a CPU smoke run of a call script).
 render_portrait64() {
   local T0; T0=$(date +%s)
-  python3 -m icp.cli shards synth $1/train --identities ${TRAIN_IDS:-1024} --views 8 --resolution 64 --workers ${RENDER_WORKERS:-15} --shard-size 64 > $L/data.log 2>&1 &
+  python3 -m icp.cli shards synth $1/train --identities ${TRAIN_IDS:-1024} --views 8 --resolution 64 --workers ${RENDER_WORKERS:-15} --shard-size 64 > $L/data.log 2>&1 & local P=$!
   python3 -m icp.cli shards synth $1/heldout --identities 32 --views 8 --resolution 64 --first-identity 1024 --shard-size 64 --workers 1 >> $L/data.log 2>&1
-  wait; echo "data_s $(( $(date +%s)-T0 ))" >> $L/times.txt
+  # wait for the one renderer, not a bare wait: that also waits for a caller's background watchdog
+  wait $P; echo "data_s $(( $(date +%s)-T0 ))" >> $L/times.txt
 }
 
 # The results in $L as $OUT/results.tgz, then the base of pretrain run $1 (weights cast to bf16) as
