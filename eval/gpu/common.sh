@@ -15,11 +15,12 @@ gpu_setup() {
 }
 
 # Issue 30's shards at $1: training identities 0..1023 and held-out 1024..1055, 8 views, 64 px
-# (TRAIN_IDS, RENDER_WORKERS: fewer, for a CPU smoke run of a call script).
+# (TRAIN_IDS, RENDER_WORKERS: fewer, for a CPU smoke run; the held-out identities follow the training
+# ones, as in the claims study's own shards, so that the study finds them its own).
 render_portrait64() {
   local T0; T0=$(date +%s)
   python3 -m icp.cli shards synth $1/train --identities ${TRAIN_IDS:-1024} --views 8 --resolution 64 --workers ${RENDER_WORKERS:-15} --shard-size 64 > $L/data.log 2>&1 & local P=$!
-  python3 -m icp.cli shards synth $1/heldout --identities 32 --views 8 --resolution 64 --first-identity 1024 --shard-size 64 --workers 1 >> $L/data.log 2>&1
+  python3 -m icp.cli shards synth $1/heldout --identities 32 --views 8 --resolution 64 --first-identity ${TRAIN_IDS:-1024} --shard-size 64 --workers 1 >> $L/data.log 2>&1
   # wait for the one renderer, not a bare wait: that also waits for a caller's background watchdog
   wait $P; echo "data_s $(( $(date +%s)-T0 ))" >> $L/times.txt
 }

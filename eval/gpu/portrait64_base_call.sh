@@ -28,7 +28,7 @@ timeout $(( $(echo $BOX | awk -F: '{print $2*3600+$3*60+$4}') + 60 )) python3 -m
 echo "pretrain_rc $? pretrain_s $(( $(date +%s)-T1 ))" >> $L/times.txt
 B=$R/base_pretrain/base64
 cp $B/fit_metrics.json $B/backbone/icp_pretrain.json $L/ 2>/dev/null; cp $B/logs/csv/version_0/metrics.csv $L/metrics.csv 2>/dev/null
-P="--resolution 64 --pairs ${PAIRS:-128} --ensemble 4 --batch-size 32 --first-identity 1024 --identities 32 --views 8"
+P="--resolution 64 --pairs ${PAIRS:-128} --ensemble 4 --batch-size 32 --first-identity ${TRAIN_IDS:-1024} --identities 32 --views 8"
 timeout $(left 70) python3 -m icp.eval.correspondence --backbone $B/backbone $P --out $L/probe_base > $L/probe.log 2>&1
 timeout $(left 25) python3 -m icp.eval.base_samples sample $B --count ${SAMPLES:-256} --steps 25 --out $L/samples.npz > $L/samples.log 2>&1
 echo "total_s $(( $(date +%s)-T0 ))" >> $L/times.txt

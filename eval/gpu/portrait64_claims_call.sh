@@ -18,11 +18,11 @@ echo "base $BASE" >> $L/times.txt
 if [ -f $D/train/manifest.json ] && [ -f $D/heldout/manifest.json ]; then echo "data cached" >> $L/times.txt
 else render_portrait64 $D; fi
 LEFT=$(( ${CLAIMS_S:-480} - ($(date +%s)-T0) ))
-timeout $LEFT python3 eval/paper_claims.py --config eval/claims/portrait64.yaml "seeds=$SEEDS" data.out=$D \
+timeout $LEFT python3 eval/paper_claims.py --config eval/claims/portrait64.yaml "seeds=$SEEDS" data.out=$D data.identities=${TRAIN_IDS:-1024} device=${DEVICE:-cuda} \
   fits.pretrain.backbone=$BASE report=$L/claims/portrait64 > $L/claims.log 2>&1
 echo "claims_rc $? total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
 # The report is rewritten after every job; once more from what finished, in case the time ran out.
-timeout 25 python3 eval/paper_claims.py --config eval/claims/portrait64.yaml "seeds=$SEEDS" data.out=$D \
+timeout 25 python3 eval/paper_claims.py --config eval/claims/portrait64.yaml "seeds=$SEEDS" data.out=$D data.identities=${TRAIN_IDS:-1024} device=${DEVICE:-cuda} \
   fits.pretrain.backbone=$BASE report=$L/claims/portrait64 --report-only >> $L/claims.log 2>&1
 for S in runs/portrait64_claims/seed*; do mkdir -p $L/claims_logs; cp -r $S/logs $L/claims_logs/${S##*/} 2>/dev/null; done
 # Issue 30's real-photo check: the seed-0 adaptation fit with warping (matching from the base) on
@@ -37,9 +37,9 @@ for c in sorted(pathlib.Path("runs/portrait64_claims").glob("seed0/fits/claims_a
 PY
 )
 if [ -n "$A" ] && [ -f astronaut.png ]; then
-  mkdir -p $L/astronaut; tar xf $D/heldout/shard-000000.tar -C $L/astronaut id00001024.v03.rgb.png id00001024.v00.rgb.png
+  I=$(printf id%08d ${TRAIN_IDS:-1024}); mkdir -p $L/astronaut; tar xf $D/heldout/shard-000000.tar -C $L/astronaut $I.v03.rgb.png $I.v00.rgb.png
   for V in v00 v03; do
-    timeout 30 python3 -m icp.cli generate --profile astronaut.png --target $L/astronaut/id00001024.$V.rgb.png \
+    timeout 30 python3 -m icp.cli generate --profile astronaut.png --target $L/astronaut/$I.$V.rgb.png \
       --checkpoint $A --out $L/astronaut/gen_$V.png >> $L/astronaut/generate.log 2>&1
   done
   echo "$A" >> $L/astronaut/generate.log
