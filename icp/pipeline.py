@@ -163,7 +163,7 @@ class ICPortraitPipeline(DiffusionPipeline):
                     "chunk_rows": task.chunk_rows, "match_levels": list(task.match_levels),
                     "warp_identity": bool(task.fusion.warp_identity),
                     "cond_embedding_channels": int(task.appearance.net.config.conditioning_embedding_out_channels[0]),
-                    "perf": {k: v for k, v in task.perf_config.items() if k != "train"}}
+                    "perf": dict(task.perf_config)}
         resolution = OmegaConf.select(cfg, "data.resolution", default=None)
         return cls(unet=_plain_unet(backbone.unet), appearance=task.appearance.to_controlnet(),
                    matching=task.matching.to_controlnet(),

@@ -78,7 +78,7 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path)
     args = bench_train.parse_args(["--cpu", "--out", str(tmp_path), "--budget", "100",
                                    "--tag", "t", "--profile="])
     bench = bench_train.Bench(args)
-    bench.defaults = perf.settings({"train": {}})  # no training override: variants say what trains
+    bench.defaults = perf.settings()
     whole = "compile_regional=0;compile=reduce-overhead"
     for base in ("compile_regional=0", whole):
         bench.results.append(common.Result(f"b_task_defaults_bs128+{base}", "b", 128, 1.0, 1.0, 0.0))
@@ -97,12 +97,6 @@ def test_bench_costs_a_graph_neutral_variant_at_a_third_after_its_base(tmp_path)
     assert "ema_decay" not in seen["perf"] and seen["variant"]["ema_decay"] == "0.9999"
     assert seen["perf"]["compile"] == "default" and seen["perf"]["compile_regional"] is False
     assert bench.uses_cudagraphs(bench_train.parse_settings(whole.replace(";", ","))) and not bench.uses_cudagraphs()
-    # With a train override in the defaults, a row's variant still decides what trains.
-    bench.defaults = perf.settings({"train": {"compile": "reduce-overhead", "compile_regional": False}})
-    bench.variant = {"compile_regional": True}
-    row_perf = perf.training_settings(bench.perf_node("defaults"))
-    assert row_perf["compile_regional"] is True and row_perf["compile"] == "reduce-overhead"
-    bench.variant = {}
 
 
 def test_the_default_plan_names_rows_switches_and_profiles_the_bench_knows(tmp_path):

@@ -99,7 +99,7 @@ def test_a_new_net_is_compiled_by_its_own_declaration(monkeypatch):
     seen = []
     monkeypatch.setattr(perf.configure, "compile_module",
                         lambda net, mode, regional=True, **_: seen.append((id(net), regional)) or 1)
-    applied = perf.configure_task(task, {"train": {}}, device="cuda")  # the compile path, recorded
+    applied = perf.configure_task(task, {}, device="cuda")  # the compile path, recorded
     assert applied["compiled"] == 5
     assert sorted(seen) == sorted([(id(task.backbone.unet), True), (id(task.appearance), True),
                                    (id(task.lighting), True), (id(task.gate), False), (id(task.extra.net), True)])
@@ -177,14 +177,14 @@ def test_adaptation_glue_modules_are_compile_targets_and_trace_whole():
 
 
 def test_stitching_step_traces_whole_for_the_train_override():
-    """What model.perf.train = {compile_regional: false} hands inductor for the stitching step:
+    """What model.perf.compile_regional=false hands inductor for the stitching step:
     the generation UNet and the Appearance Net as one graph each (aot_eager on CPU), no graph
     break, the same loss and Appearance Net gradients as eager."""
     import torch._dynamo as dynamo
 
     task = _stitching(train_unet="frozen")
     ref, ref_grads = _traced_loss_and_grads(task, task.appearance)
-    plan = perf.compile_plan(task, perf.training_settings(perf.settings({"train": {"compile_regional": False}})))
+    plan = perf.compile_plan(task, perf.settings({"compile_regional": False}))
     nets = [net for net, regional in plan if not regional]
     assert task.backbone.unet in nets and task.appearance in nets and len(nets) == len(plan)
     dynamo.reset()

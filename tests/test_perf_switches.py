@@ -1,5 +1,5 @@
 """icp.perf.switches: the defaults (one file, experiments/perf/defaults.yaml, that the configs
-include), checks, the training override and its accumulation guard; each switch alone keeps
+include), checks, the accumulation guard, the removed switches; each switch alone keeps
 the loss and gradients of the plain path within bf16 tolerance."""
 
 from __future__ import annotations
@@ -67,98 +67,48 @@ def test_channels_last_auto_means_where_compiled_on_cuda():
     assert task.backbone.unet.conv_in.weight.is_contiguous()
 
 
-def test_train_overrides_apply_to_training_runs_only(monkeypatch):
-    """model.perf.train: switches over the top level for a training run (its compile, its
-    validation samples); evaluation (prepare_inference) keeps the top level."""
-    node = {"train": {"compile": "reduce-overhead", "compile_regional": False}}
-    s = perf.settings(node)
-    assert s["train"] == node["train"] and s["compile"] == "default"
-    assert perf.training_settings(s)["compile"] == "reduce-overhead"
-    assert perf.training_settings(perf.settings({"train": {}}))["compile"] == "default"  # no override
-    assert perf.training_settings(perf.settings())["compile"] == "reduce-overhead"  # the default one
-    with pytest.raises(ConfigError, match="model.perf.train.turbo is not a performance switch"):
-        perf.settings({"train": {"turbo": True}})
-    with pytest.raises(ConfigError, match="model.perf.train.compile='fastest'"):
-        perf.settings({"train": {"compile": "fastest"}})
-    with pytest.raises(ConfigError, match="model.perf.train.train"):
-        perf.settings({"train": {"train": {}}})
-    with pytest.raises(ConfigError, match="model.perf.train=.* must be a mapping"):
-        perf.settings({"train": "reduce-overhead"})
-
+def test_training_and_evaluation_compile_with_the_same_switches(monkeypatch):
+    """One set of switches: the training override (model.perf.train) was removed for paying +1.7%,
+    so a training run and evaluation hand inductor the same mode and blocks."""
+    assert "train" not in perf.DEFAULTS and not hasattr(perf, "training_settings")
     seen = []
     monkeypatch.setattr(perf.configure, "compile_module",
                         lambda net, mode, regional=True, **_: seen.append((net, mode, regional)) or 1)
-    trained = _stitching(node)
+    trained = _stitching()
     perf.configure_task(trained, trained.perf_config, device="cuda")  # the compile path, recorded
-    unet = trained.backbone.unet
-    assert (unet, "reduce-overhead", False) in seen
-    assert all(mode == "reduce-overhead" for _, mode, _ in seen)
+    assert (trained.backbone.unet, "default", True) in seen and all(m == "default" for _, m, _ in seen)
     seen.clear()
-    evaluated = _stitching(node)
+    evaluated = _stitching()
     perf.configure_inference(evaluated, evaluated.perf_config, device="cuda", bf16=False)
-    assert (evaluated.backbone.unet, "default", True) in seen
-    assert all(mode == "default" for _, mode, _ in seen)
-    # What the task reads while it runs (step marks, sampling graphs) follows the same split.
-    marks = []
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    fresh = _stitching(node)
-    assert fresh.perf_active["compile"] == "reduce-overhead"  # a training run, before and after setup
-    fresh.on_train_batch_start(_batch(), 0)
-    assert marks == [1]
-    fresh.prepare_inference(device="cpu", compile=False)
-    assert fresh.perf_active["compile"] == "default" and fresh.perf_active is fresh.perf_config
+    assert (evaluated.backbone.unet, "default", True) in seen and all(m == "default" for _, m, _ in seen)
+    assert trained.perf_active == evaluated.perf_active == perf.DEFAULTS
 
 
 def test_training_steps_are_marked_for_inductor_cuda_graphs(monkeypatch):
-    """compile: reduce-overhead (inductor's CUDA graphs; the training default) marks each training
+    """compile: reduce-overhead (inductor's CUDA graphs) marks each training
     step's start; the compile mode "default" records no graphs and is left alone."""
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     assert perf.uses_cudagraphs(perf.settings({"compile": "reduce-overhead"}))
     assert not perf.uses_cudagraphs(perf.settings()) and not perf.uses_cudagraphs(perf.OFF)
-    assert perf.uses_cudagraphs(perf.training_settings(perf.settings()))
-    _stitching({"train": {}}).on_train_batch_start(_batch(), 0)
-    assert marks == []
     _stitching().on_train_batch_start(_batch(), 0)
+    assert marks == []
+    _stitching({"compile": "reduce-overhead"}).on_train_batch_start(_batch(), 0)
     assert marks == [1]
 
 
 def test_accumulation_drops_inductors_cuda_graphs_from_the_training_compile():
     """CUDA graphs reuse output memory between replays, so gradients kept across micro-batches
-    would be overwritten (pytorch/pytorch#169545): with accumulation, the training compile keeps
-    its kernels without graphs; evaluation's top level and non-graph modes are left alone."""
-    override = perf.settings({"train": {"compile": "reduce-overhead", "compile_regional": False}})
-    guarded = perf.guard_accumulation(override, 2)
-    assert perf.training_settings(guarded)["compile"] == "default"
-    assert guarded["train"]["compile_regional"] is False and guarded["compile"] == override["compile"]
-    assert not perf.uses_cudagraphs(perf.training_settings(guarded))
-    top = perf.settings({"compile": "max-autotune", "train": {}})
-    assert perf.training_settings(perf.guard_accumulation(top, 4))["compile"] == "max-autotune-no-cudagraphs"
-    assert perf.guard_accumulation(top, 4)["compile"] == "max-autotune"  # evaluation keeps its graphs
-    for s, steps in ((override, 1), (perf.settings({"train": {}}), 8)):
+    would be overwritten (pytorch/pytorch#169545): with accumulation, the compile keeps its kernels
+    without graphs; modes without graphs are left alone."""
+    graphs = perf.settings({"compile": "reduce-overhead", "compile_regional": False})
+    guarded = perf.guard_accumulation(graphs, 2)
+    assert guarded["compile"] == "default" and guarded["compile_regional"] is False
+    assert not perf.uses_cudagraphs(guarded)
+    top = perf.settings({"compile": "max-autotune"})
+    assert perf.guard_accumulation(top, 4)["compile"] == "max-autotune-no-cudagraphs"
+    for s, steps in ((graphs, 1), (perf.settings(), 8)):
         assert perf.guard_accumulation(s, steps) is s
-
-
-# One row per switch: the plain path with only that switch at its project default.
-SWITCHES = [k for k in perf.DEFAULTS if perf.DEFAULTS[k] != perf.OFF[k]] + ["sdpa=math", "channels_last=on"]
-
-
-@pytest.mark.parametrize("switch", SWITCHES)
-def test_each_switch_keeps_the_loss_within_bf16_tolerance(switch):
-    key, _, value = switch.partition("=")
-    node = {**perf.OFF, key: {"on": True, "": perf.DEFAULTS[key]}.get(value, value)}
-    plain, fast = _stitching(perf.OFF), _stitching(node)
-    plain.configure_perf(precision="bf16-mixed", device="cpu")
-    applied = fast.configure_perf(precision="bf16-mixed", device="cpu")
-    assert applied["compiled"] == 0  # compilation is for CUDA only
-    if key == "bf16_frozen":
-        assert applied["bf16_frozen"] > 0 and fast.backbone.unet.conv_in.weight.dtype == torch.bfloat16
-        assert fast.appearance.net.conv_in.weight.dtype == torch.float32  # trained: stays fp32
-    (a, ga), (b, gb) = _loss_and_grads(plain), _loss_and_grads(fast)
-    assert abs(a - b) / a < 1e-2, (a, b)
-    assert _norm_rel(gb, ga) < 5e-2
-    # Not vacuous: another batch moves the gradient far more than the switch does.
-    assert _norm_rel(_loss_and_grads(fast, seed=1)[1], gb) > 0.3
 
 
 def test_bf16_frozen_only_under_a_bf16_precision():
@@ -169,8 +119,9 @@ def test_bf16_frozen_only_under_a_bf16_precision():
 
 def test_a_removed_switch_at_its_old_default_is_dropped_and_set_otherwise_is_refused():
     """Switches removed for not paying >= 3% (issue 29) are gone from the table; a run's saved config
-    from before names them at their old defaults and still loads; turning one on is a ConfigError."""
-    old = {**perf.DEFAULTS, **perf.REMOVED, "train": {**perf.DEFAULTS["train"], "lagged_progress_loss": False}}
+    from before names them at their old defaults (the training override too) and still loads;
+    turning one on is a ConfigError."""
+    old = {**perf.DEFAULTS, **perf.REMOVED, "train": {**perf.REMOVED_TRAIN, "lagged_progress_loss": False}}
     assert not set(perf.REMOVED) & set(perf.DEFAULTS) and not set(perf.REMOVED) & set(perf.OFF)
     assert not any(hasattr(perf, name) for name in ("fuse_qkv", "LaggedScalar", "CODEC"))  # their code went too
     assert perf.settings(old) == perf.DEFAULTS
@@ -178,18 +129,21 @@ def test_a_removed_switch_at_its_old_default_is_dropped_and_set_otherwise_is_ref
         perf.settings({"fuse_qkv": True})
     with pytest.raises(ConfigError, match=r"model.perf.train.cudnn_benchmark was removed"):
         perf.settings({"train": {"cudnn_benchmark": True}})
+    assert perf.settings({"train": {}}) == perf.settings({"train": None}) == perf.DEFAULTS
+    for train in ({"compile": "max-autotune"}, "reduce-overhead"):
+        with pytest.raises(ConfigError, match=r"model.perf.train was removed .*set those switches at the top level"):
+            perf.settings({"train": train})
 
 
 @pytest.mark.parametrize("config,override", [("experiments/stitching/tiny.yaml", "model.perf.compile=none"),
                                              ("experiments/base_pretrain.yaml", "+model.perf={compile: none}")])
 def test_compile_none_is_off_in_training_too(repo_root, config, override):
-    """The default training override (compile: reduce-overhead) must not compile again a run whose
-    config switched compile off, as the claims and 64-px configs do."""
+    """A run whose config switches compile off (the claims and 64-px configs) trains uncompiled:
+    a 64-px GPU base once hung in inductor when the training override compiled it again."""
     from icp.core import config as cfglib
 
     cfg = cfglib.load(repo_root / config, [override])
     from omegaconf import OmegaConf
 
     s = perf.settings(OmegaConf.to_container(cfg.model.perf, resolve=True))
-    assert s["compile"] == "none" and perf.training_settings(s)["compile"] == "none"
-    assert perf.training_settings(perf.settings({"compile": "default"}))["compile"] == "reduce-overhead"
+    assert s["compile"] == "none" and not perf.uses_cudagraphs(s)

@@ -207,7 +207,7 @@ def test_trainer_applies_perf_once_in_setup(tmp_path, precision):
 
 
 def test_trainer_with_accumulation_trains_without_cuda_graphs(tmp_path, caplog):
-    task = _stitching({"train": {"compile": "reduce-overhead", "compile_regional": False}}, train_unet="frozen")
+    task = _stitching({"compile": "reduce-overhead", "compile_regional": False}, train_unet="frozen")
     assert perf.uses_cudagraphs(task.perf_active)
     trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, accelerator="cpu", devices=1, logger=False,
                         default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
@@ -219,12 +219,13 @@ def test_trainer_with_accumulation_trains_without_cuda_graphs(tmp_path, caplog):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA graphs exist on CUDA only")
-def test_default_training_override_trains_validates_samples_and_accumulates_on_cuda(tmp_path):
-    """The default training override (whole nets under inductor's CUDA graphs) through a real
-    Trainer, on both tasks: a sanity validation before the first step and validation after an
-    epoch (no-grad chains of compiled nets: control nets -> UNet), steps with a finite, changing
-    loss, samples and flows while attached to the trainer; and accumulation, which must train
-    without the graphs and sum the same gradient as an eager run."""
+def test_whole_nets_under_cuda_graphs_train_validate_sample_and_accumulate_on_cuda(tmp_path):
+    """Whole nets under inductor's CUDA graphs (compile: reduce-overhead, compile_regional: false:
+    the removed training override's setting, still a valid choice) through a real Trainer, on both
+    tasks: a sanity validation before the first step and validation after an epoch (no-grad chains
+    of compiled nets: control nets -> UNet), steps with a finite, changing loss, samples and flows
+    while attached to the trainer; and accumulation, which must train without the graphs and sum
+    the same gradient as an eager run."""
     from icp.tasks.adaptation import AdaptationTask
 
     losses, grads, seen = [], [], {}
@@ -255,7 +256,9 @@ def test_default_training_override_trains_validates_samples_and_accumulates_on_c
         return task, trainer
 
     torch.manual_seed(0)
-    for task in (_stitching(train_unet="frozen"), AdaptationTask(tiny(resolution=RES, width=32, seed=6))):
+    whole = {"compile": "reduce-overhead", "compile_regional": False}
+    adaptation = AdaptationTask(tiny(resolution=RES, width=32, seed=6), perf=whole)
+    for task in (_stitching(whole, train_unet="frozen"), adaptation):
         losses.clear()
         seen.clear()
         task, trainer = fit(task)
@@ -268,10 +271,10 @@ def test_default_training_override_trains_validates_samples_and_accumulates_on_c
             flows = seen["flows"]
             assert all(torch.isfinite(f).all() for f in flows) and all(map(torch.equal, flows, seen["kept"]))
         torch._dynamo.reset()
-    guarded, _ = fit(_stitching(train_unet="frozen"), accumulate=2, steps=1, validate=False)
+    guarded, _ = fit(_stitching(whole, train_unet="frozen"), accumulate=2, steps=1, validate=False)
     assert not perf.uses_cudagraphs(guarded.perf_active)
     torch._dynamo.reset()
-    fit(_stitching({"compile": "none", "train": {}}, train_unet="frozen"), accumulate=2, steps=1, validate=False)
+    fit(_stitching({"compile": "none"}, train_unet="frozen"), accumulate=2, steps=1, validate=False)
     # The summed gradient of both micro-batches (a kept-and-overwritten first one would be off by
     # far more than bf16 rounding: pytorch#169545 saw a quarter of it).
     assert len(grads) == 2 and (grads[0] - grads[1]).norm() < 0.05 * grads[1].norm()

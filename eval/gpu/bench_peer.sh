@@ -2,7 +2,7 @@
 # plain diffusers + torch.compile (the compiled peer, both modes) in the same run, the plan
 # "peer_train" of icp/bench/plan.py, judged by experiments/perf/targets.yaml. `bash ... PLAN` runs
 # another plan in another call: peer_sample (evaluation sampling against the compiled ControlNet
-# loop, both modes), steps (the stitching / adaptation MFU targets), switches (the training override).
+# loop, both modes), steps (the stitching / adaptation MFU targets).
 # Run from the root of a clean copy of the tree with the wheels beside it (the device image lacks
 # diffusers, omegaconf, webdataset): mkdir .gpu && git archive HEAD | tar -x -C .gpu; then
 # `cd .gpu && bash eval/gpu/bench_peer.sh` with .whl and .gpu carried (or from the tree's root with

@@ -69,10 +69,6 @@ PLANS = {
     "peer_train": ["peak", "a_peer_default_bs64", "b_task_defaults_big", "a_peer_ro_bs48", "a_plain"],
     "peer_sample": ["peak", "d_peer_default", "d_task_defaults", "d_peer_ro", "d_plain_controlnet"],
     "steps": ["peak", "c_stitching_defaults", "c_adaptation_defaults", "b_task_off", "a_plain", "e"],
-    # The one switch left under 3% by its record (the training override: +1.7% at batch 64, round
-    # 7), against itself off and the compiled peer in one run.
-    "switches": ["peak", "b_task_defaults_big", "b_task_defaults_big@compile_regional=1;compile=default",
-                 "a_peer_default_bs64"],
 }
 PLAN = PLANS["peer_train"]
 PLAN_PROFILE = "b_task_defaults_big,c_adaptation_defaults,d_task_defaults"  # torch.profiler tables of these

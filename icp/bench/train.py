@@ -124,20 +124,17 @@ class Bench(SamplingRows, PeerRows):
 
     def perf_node(self, mode: str, variant: dict | None = None) -> dict:
         """``model.perf`` of a row: OFF, or the defaults with ``variant`` (default: the current
-        ``row@key=value`` one). A variant's switches hold in training too: they replace the same
-        keys of ``train``."""
+        ``row@key=value`` one)."""
         if mode == "off":
             return dict(perf.OFF)
         variant = self.variant if variant is None else variant
         switches = {k: v for k, v in variant.items() if k not in TASK_KEYS}
-        train = {k: v for k, v in self.defaults.get("train", {}).items() if k not in switches}
-        return perf.settings({**self.defaults, **switches, "train": train})
+        return perf.settings({**self.defaults, **switches})
 
     def uses_cudagraphs(self, variant: dict | None = None) -> bool:
         """Whether a row's defaults (``variant``: the current one) record inductor's CUDA graphs,
         in training or sampling."""
-        node = self.perf_node("defaults", variant)
-        return perf.uses_cudagraphs(node) or perf.uses_cudagraphs(perf.training_settings(node))
+        return perf.uses_cudagraphs(self.perf_node("defaults", variant))
 
     def optimizer(self, mode: str):
         """The config's ``optimizer: {_target_: torch.optim.AdamW, _partial_: true, ...}``."""

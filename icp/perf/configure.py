@@ -12,7 +12,7 @@ from torch import nn
 
 from icp.perf.compile import compile_module, compile_plan, inductor_options
 from icp.perf.kernels import bf16_frozen, channels_last, frozen_children, set_sdpa_backend, store_in, wide_head_attention
-from icp.perf.switches import settings, training_settings, use_channels_last
+from icp.perf.switches import settings, use_channels_last
 
 
 def configure_task(task: nn.Module, perf: Mapping[str, Any] | None = None, precision: str | None = None,
@@ -26,7 +26,7 @@ def configure_task(task: nn.Module, perf: Mapping[str, Any] | None = None, preci
     task will run (default: where its parameters are); compilation happens only for CUDA.
     Returns what was applied.
     """
-    s = training_settings(settings(perf))
+    s = settings(perf)
     applied: dict[str, Any] = {"bf16_frozen": 0, "channels_last": False, "compiled": 0, "sdpa": s["sdpa"]}
     if s["bf16_frozen"] and precision is not None and str(precision).startswith("bf16"):
         for part in frozen_children(task):

@@ -1,8 +1,7 @@
 """The switches: defaults (read from experiments/perf/defaults.yaml), the plain path, checks.
 
 A task takes ``perf`` as a plain mapping (YAML ``model.perf``); :func:`settings` merges it over
-:data:`DEFAULTS` and checks it. ``train`` holds switches over the top level for training runs
-only (:func:`training_settings`); evaluation uses the top level.
+:data:`DEFAULTS` and checks it. Training and evaluation use the same switches.
 """
 
 from __future__ import annotations
@@ -21,9 +20,7 @@ DEFAULTS_FILE = EXPERIMENTS / "perf" / "defaults.yaml"
 
 
 def _read_defaults() -> dict[str, Any]:
-    node = yaml.safe_load(DEFAULTS_FILE.read_text())["model"]["perf"]
-    node["train"] = dict(node.get("train") or {})
-    return node
+    return dict(yaml.safe_load(DEFAULTS_FILE.read_text())["model"]["perf"])
 
 
 DEFAULTS: dict[str, Any] = _read_defaults()
@@ -31,7 +28,7 @@ DEFAULTS: dict[str, Any] = _read_defaults()
 OFF: dict[str, Any] = {
     "bf16_frozen": False, "compile": "none", "compile_regional": True, "sdpa": "auto", "channels_last": False,
     "fused_optimizer": False, "batched_cfg": False, "cuda_graph_sampling": False, "sample_bf16": False,
-    "wide_heads_matmul": False, "force_layout_opt": False, "train": {},
+    "wide_heads_matmul": False, "force_layout_opt": False,
 }
 
 # Switches removed for not paying >= 3% (issue 29; figures in docs/history/performance.md), with the
@@ -39,6 +36,10 @@ OFF: dict[str, Any] = {
 # key is dropped (the run loads as it trained); any other value is a ConfigError.
 REMOVED = {"compile_dynamic": False, "compile_codec_whole": True, "fuse_qkv": False, "cudnn_benchmark": False,
            "foreach_ema": False, "lagged_progress_loss": False}
+# The training override (``train``: switches over the top level for training only) paid +1.7% by
+# default (round 7, under 3%) and was removed with its mechanism: training and evaluation now share
+# the switches. A saved config may still hold it empty or at its old default (then it is dropped).
+REMOVED_TRAIN = {"compile": "reduce-overhead", "compile_regional": False}
 
 
 def _drop_removed(node: dict[str, Any], where: str) -> dict[str, Any]:
@@ -46,37 +47,22 @@ def _drop_removed(node: dict[str, Any], where: str) -> dict[str, Any]:
         if node.pop(key) != REMOVED[key]:
             raise ConfigError(f"{where}.{key} was removed (it did not pay >= 3%: docs/history/performance.md); "
                               "delete the key")
+    if "train" in node:
+        train = node.pop("train")
+        train = _drop_removed(dict(train), f"{where}.train") if isinstance(train, Mapping) else train
+        if train not in (None, {}, REMOVED_TRAIN):
+            raise ConfigError(f"{where}.train was removed (the training override paid +1.7%, under 3%: "
+                              f"docs/history/performance.md); set those switches at the top level of {where}")
     return node
 
 
 def settings(node: Mapping[str, Any] | None = None, where: str = "model.perf") -> dict[str, Any]:
-    """``node`` merged over :data:`DEFAULTS`, checked: unknown keys and bad values are ConfigErrors.
-
-    ``train`` (a mapping of the other switches) overrides them in a training run only
-    (:func:`training_settings`); evaluation (``configure_inference``) uses the top level."""
+    """``node`` merged over :data:`DEFAULTS`, checked: unknown keys and bad values are ConfigErrors."""
     node = _drop_removed(dict(node or {}), where)
     unknown = sorted(set(node) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]} is not a performance switch; known: {', '.join(DEFAULTS)}")
-    # A given ``train`` replaces the default one (``train: {}``: no training override).
-    train = node.pop("train") if "train" in node else DEFAULTS["train"]
-    train = {} if train is None else train
-    if not isinstance(train, Mapping):
-        raise ConfigError(f"{where}.train={train!r} must be a mapping of switches (e.g. {{compile: reduce-overhead}})")
-    out = _checked({**DEFAULTS, **node, "train": {}}, where)
-    if train:
-        train = _drop_removed(dict(train), f"{where}.train")
-        bad = sorted(set(train) - (set(DEFAULTS) - {"train"}))  # a nested "train" too
-        if bad:
-            raise ConfigError(f"{where}.train.{bad[0]} is not a performance switch; known: "
-                              f"{', '.join(k for k in DEFAULTS if k != 'train')}")
-        if out["compile"] == "none":
-            # An off switch means off: `model.perf.compile=none` must not compile again in training
-            # through the default training override (a 64-px GPU base hung in inductor that way).
-            train = {k: v for k, v in train.items() if k not in ("compile", "compile_regional")}
-        merged = _checked({**out, **dict(train)}, f"{where}.train")
-        out["train"] = {key: merged[key] for key in train}
-    return out
+    return _checked({**DEFAULTS, **node}, where)
 
 
 def _checked(out: dict[str, Any], where: str) -> dict[str, Any]:
@@ -88,19 +74,12 @@ def _checked(out: dict[str, Any], where: str) -> dict[str, Any]:
     if out["sdpa"] not in SDPA_BACKENDS:
         raise ConfigError(f"{where}.sdpa='{out['sdpa']}' is not one of {', '.join(SDPA_BACKENDS)}")
     for key, value in out.items():
-        if key == "train" or (key == "channels_last" and value == "auto"):
+        if key == "channels_last" and value == "auto":
             continue
         if key not in ("compile", "sdpa") and not isinstance(value, bool):
             extra = ", or auto" if key == "channels_last" else ""
             raise ConfigError(f"{where}.{key}={value!r} must be true or false{extra}")
     return out
-
-
-def training_settings(s: Mapping[str, Any]) -> dict[str, Any]:
-    """Checked settings (:func:`settings`) as a training run uses them: ``train`` applied over
-    the top level (e.g. the whole UNet under inductor's CUDA graphs for the training step, while
-    evaluation keeps by-block graphs and its own sampling graph)."""
-    return {**s, **s.get("train", {})}
 
 
 def use_channels_last(s: Mapping[str, Any], device) -> bool:
@@ -133,10 +112,8 @@ def guard_accumulation(s: dict[str, Any], accumulate_grad_batches: int) -> dict[
     Inductor's CUDA graphs hand every replay the same output memory; the first micro-batch's
     gradient, which AccumulateGrad keeps as ``.grad`` without a copy, is then overwritten by the
     next backward: silently wrong gradients or an "overwritten by a subsequent run" error
-    (pytorch/pytorch#169545, open as of torch 2.11). So with accumulation the training compile
-    keeps its kernels and drops the graphs (``train.compile`` replaced; evaluation, which never
-    accumulates, keeps the top level). Returns ``s`` itself when nothing has to change."""
-    training = training_settings(s)
-    if accumulate_grad_batches <= 1 or not uses_cudagraphs(training):
+    (pytorch/pytorch#169545, open as of torch 2.11). So with accumulation the compile keeps its
+    kernels and drops the graphs (``compile`` replaced). Returns ``s`` itself when nothing has to change."""
+    if accumulate_grad_batches <= 1 or not uses_cudagraphs(s):
         return s
-    return {**s, "train": {**s.get("train", {}), "compile": _WITHOUT_CUDAGRAPHS.get(training["compile"], "default")}}
+    return {**s, "compile": _WITHOUT_CUDAGRAPHS.get(s["compile"], "default")}

@@ -226,18 +226,14 @@ class DiffusionTask(TrainedWeights, L.LightningModule):
         if guarded is not self.perf_config:
             log.warning("model.perf: compile=%s records CUDA graphs, which corrupt gradients accumulated over "
                         "%d micro-batches; training compiles with '%s' instead (same kernels, no graphs)",
-                        perflib.training_settings(self.perf_config)["compile"], accumulate_grad_batches,
-                        guarded["train"]["compile"])
+                        self.perf_config["compile"], accumulate_grad_batches, guarded["compile"])
             self.perf_config = guarded
 
     @property
     def perf_active(self) -> dict[str, Any]:
-        """The switches in force: the top level of ``perf`` once prepared for evaluation
-        (:meth:`prepare_inference`), else with its ``train`` overrides (a training run, and its
-        validation samples, use the nets as :meth:`configure_perf` compiled them)."""
-        if self.perf_applied is not None and self.perf_applied.get("inference"):
-            return self.perf_config
-        return perflib.training_settings(self.perf_config)
+        """The switches in force (training and evaluation share them; :meth:`prepare_inference`
+        may have applied more of them to the nets, e.g. bf16 weights)."""
+        return self.perf_config
 
     def prepare_inference(self, device: torch.device | str | None = None, compile: bool = True) -> dict[str, Any]:
         """Apply the ``perf`` switches for a task that only samples from now on (evaluation:
