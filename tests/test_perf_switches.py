@@ -111,6 +111,28 @@ def test_accumulation_drops_inductors_cuda_graphs_from_the_training_compile():
         assert perf.guard_accumulation(s, steps) is s
 
 
+# One row per switch: the plain path with only that switch at its project default.
+SWITCHES = [k for k in perf.DEFAULTS if perf.DEFAULTS[k] != perf.OFF[k]] + ["sdpa=math", "channels_last=on"]
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_each_switch_keeps_the_loss_within_bf16_tolerance(switch):
+    key, _, value = switch.partition("=")
+    node = {**perf.OFF, key: {"on": True, "": perf.DEFAULTS[key]}.get(value, value)}
+    plain, fast = _stitching(perf.OFF), _stitching(node)
+    plain.configure_perf(precision="bf16-mixed", device="cpu")
+    applied = fast.configure_perf(precision="bf16-mixed", device="cpu")
+    assert applied["compiled"] == 0  # compilation is for CUDA only
+    if key == "bf16_frozen":
+        assert applied["bf16_frozen"] > 0 and fast.backbone.unet.conv_in.weight.dtype == torch.bfloat16
+        assert fast.appearance.net.conv_in.weight.dtype == torch.float32  # trained: stays fp32
+    (a, ga), (b, gb) = _loss_and_grads(plain), _loss_and_grads(fast)
+    assert abs(a - b) / a < 1e-2, (a, b)
+    assert _norm_rel(gb, ga) < 5e-2
+    # Not vacuous: another batch moves the gradient far more than the switch does.
+    assert _norm_rel(_loss_and_grads(fast, seed=1)[1], gb) > 0.3
+
+
 def test_bf16_frozen_only_under_a_bf16_precision():
     task = _stitching()
     assert task.configure_perf(precision="32-true", device="cpu")["bf16_frozen"] == 0
