@@ -81,7 +81,7 @@ def test_training_and_evaluation_compile_with_the_same_switches(monkeypatch):
     evaluated = _stitching()
     perf.configure_inference(evaluated, evaluated.perf_config, device="cuda", bf16=False)
     assert (evaluated.backbone.unet, "default", True) in seen and all(m == "default" for _, m, _ in seen)
-    assert trained.perf_active == evaluated.perf_active == perf.DEFAULTS
+    assert trained.perf_config == evaluated.perf_config == perf.DEFAULTS
 
 
 def test_training_steps_are_marked_for_inductor_cuda_graphs(monkeypatch):

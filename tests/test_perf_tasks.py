@@ -208,13 +208,13 @@ def test_trainer_applies_perf_once_in_setup(tmp_path, precision):
 
 def test_trainer_with_accumulation_trains_without_cuda_graphs(tmp_path, caplog):
     task = _stitching({"compile": "reduce-overhead", "compile_regional": False}, train_unet="frozen")
-    assert perf.uses_cudagraphs(task.perf_active)
+    assert perf.uses_cudagraphs(task.perf_config)
     trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, accelerator="cpu", devices=1, logger=False,
                         default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     with caplog.at_level("WARNING", logger="icp.tasks.base"):
         trainer.fit(task, DataLoader(_Pairs(), batch_size=2))
-    assert task.perf_active["compile"] == "default" and not perf.uses_cudagraphs(task.perf_active)
+    assert task.perf_config["compile"] == "default" and not perf.uses_cudagraphs(task.perf_config)
     assert "accumulated over 2 micro-batches" in caplog.text
 
 
@@ -262,7 +262,7 @@ def test_whole_nets_under_cuda_graphs_train_validate_sample_and_accumulate_on_cu
         losses.clear()
         seen.clear()
         task, trainer = fit(task)
-        assert perf.uses_cudagraphs(task.perf_active) and task.perf_applied["compiled"] >= 2
+        assert perf.uses_cudagraphs(task.perf_config) and task.perf_applied["compiled"] >= 2
         assert len(losses) == 3 and all(map(torch.isfinite, map(torch.tensor, losses))) and losses[0] != losses[1]
         assert torch.isfinite(trainer.callback_metrics["val/loss"])
         for images in seen["images"]:
@@ -272,7 +272,7 @@ def test_whole_nets_under_cuda_graphs_train_validate_sample_and_accumulate_on_cu
             assert all(torch.isfinite(f).all() for f in flows) and all(map(torch.equal, flows, seen["kept"]))
         torch._dynamo.reset()
     guarded, _ = fit(_stitching(whole, train_unet="frozen"), accumulate=2, steps=1, validate=False)
-    assert not perf.uses_cudagraphs(guarded.perf_active)
+    assert not perf.uses_cudagraphs(guarded.perf_config)
     torch._dynamo.reset()
     fit(_stitching({"compile": "none"}, train_unet="frozen"), accumulate=2, steps=1, validate=False)
     # The summed gradient of both micro-batches (a kept-and-overwritten first one would be off by

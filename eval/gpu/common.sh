@@ -14,6 +14,12 @@ gpu_setup() {
   return 0  # a machine without a GPU (bench_peer.sh --tiny) only lacks those lines
 }
 
+# Seconds from now until $1 s after $T0, less $2 (default 0), never below 1: a step's time-out
+# counted against a call's deadline (`timeout 0` would mean no limit at all).
+seconds_left() {
+  local v=$(( $1 - ($(date +%s)-T0) - ${2:-0} )); echo $(( v < 1 ? 1 : v ))
+}
+
 # Issue 30's shards at $1: training identities 0..1023 and held-out 1024..1055, 8 views, 64 px
 # (TRAIN_IDS, RENDER_WORKERS: fewer, for a CPU smoke run; the held-out identities follow the training
 # ones, as in the claims study's own shards, so that the study finds them its own).

@@ -13,7 +13,6 @@ set -u
 gpu_setup || exit 3
 T0=$(date +%s); D=/tmp/p64; R=/tmp/r
 # DEADLINE (s after this point, default 590): whatever res/ holds then is packed, in case the call is cut.
-left() { local v=$(( ${DEADLINE:-590} - ($(date +%s)-T0) - $1 )); echo $(( v < 1 ? 1 : v )); }  # s to the deadline less $1 (>= 1: timeout 0 means none)
 ( sleep $(( ${DEADLINE:-590} - 15 )); tar czf $OUT/results.tgz -C $OUT res ) & WATCH=$!
 render_portrait64 $D
 BOX=${BOX:-00:00:05:00}
@@ -29,8 +28,8 @@ echo "pretrain_rc $? pretrain_s $(( $(date +%s)-T1 ))" >> $L/times.txt
 B=$R/base_pretrain/base64
 cp $B/fit_metrics.json $B/backbone/icp_pretrain.json $L/ 2>/dev/null; cp $B/logs/csv/version_0/metrics.csv $L/metrics.csv 2>/dev/null
 P="--resolution 64 --pairs ${PAIRS:-128} --ensemble 4 --batch-size 32 --first-identity ${TRAIN_IDS:-1024} --identities 32 --views 8"
-timeout $(left 70) python3 -m icp.eval.correspondence --backbone $B/backbone $P --out $L/probe_base > $L/probe.log 2>&1
-timeout $(left 25) python3 -m icp.eval.base_samples sample $B --count ${SAMPLES:-256} --steps 25 --out $L/samples.npz > $L/samples.log 2>&1
+timeout $(seconds_left ${DEADLINE:-590} 70) python3 -m icp.eval.correspondence --backbone $B/backbone $P --out $L/probe_base > $L/probe.log 2>&1
+timeout $(seconds_left ${DEADLINE:-590} 25) python3 -m icp.eval.base_samples sample $B --count ${SAMPLES:-256} --steps 25 --out $L/samples.npz > $L/samples.log 2>&1
 echo "total_s $(( $(date +%s)-T0 ))" >> $L/times.txt
 kill $WATCH 2>/dev/null
 if [ -n "${NOBASE:-}" ]; then tar czf $OUT/results.tgz -C $OUT res; else bring_back $B; fi

@@ -397,10 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         tiny = None
     if not isinstance(tiny, dict):
         p.error(f"--tiny {a.tiny[:60]!r}: give a JSON object of icp.models.backbone.tiny's keyword arguments")
-    a.tiny = json.dumps(tiny)
     result = run(a.backbone, a.out, a.pairs, a.resolution, a.first_identity, a.identities, a.views, a.seed,
                  a.timesteps, a.profile, a.ensemble, a.batch_size, a.device, dtype=a.dtype,
-                 tiny_kwargs=json.loads(a.tiny), blocks=a.blocks)
+                 tiny_kwargs=tiny, blocks=a.blocks)
     print(markdown(result))
     print(f"wrote {result['files']['md']} ({result['settings']['seconds']} s)")
     return 0

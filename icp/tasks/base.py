@@ -185,7 +185,7 @@ class DiffusionTask(TrainedWeights, L.LightningModule):
         if not params:
             raise ConfigError("nothing to train: every part is frozen (check model.train_unet and the task's nets)")
         factory = self.optimizer_factory or functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=1e-2)
-        if self.perf_active["fused_optimizer"]:
+        if self.perf_config["fused_optimizer"]:
             factory = perflib.fused_optimizer(factory, params)  # same AdamW, one kernel (CUDA only)
         optimizer = factory(params)
         if self.lr_scheduler_factory is None:
@@ -229,12 +229,6 @@ class DiffusionTask(TrainedWeights, L.LightningModule):
                         self.perf_config["compile"], accumulate_grad_batches, guarded["compile"])
             self.perf_config = guarded
 
-    @property
-    def perf_active(self) -> dict[str, Any]:
-        """The switches in force (training and evaluation share them; :meth:`prepare_inference`
-        may have applied more of them to the nets, e.g. bf16 weights)."""
-        return self.perf_config
-
     def prepare_inference(self, device: torch.device | str | None = None, compile: bool = True) -> dict[str, Any]:
         """Apply the ``perf`` switches for a task that only samples from now on (evaluation:
         ``icp.tasks.loading.load_task``): all weights in bf16 on CUDA, attention kernel,
@@ -263,7 +257,7 @@ class DiffusionTask(TrainedWeights, L.LightningModule):
         logical step marks once: a training batch, a validation batch, a sampling step, a flow
         prediction; what outlives its step is copied out of the pool (encoded latents, flows,
         model outputs)."""
-        if perflib.uses_cudagraphs(self.perf_active):
+        if perflib.uses_cudagraphs(self.perf_config):
             torch.compiler.cudagraph_mark_step_begin()
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -282,7 +276,7 @@ class DiffusionTask(TrainedWeights, L.LightningModule):
         precision = str(trainer.precision) if trainer is not None else ""
         bf16_weights = bool(self.perf_applied and self.perf_applied.get("bf16_frozen"))
         if (precision.startswith("bf16") or bf16_weights
-                or (self.perf_active["sample_bf16"] and self.device.type == "cuda")):
+                or (self.perf_config["sample_bf16"] and self.device.type == "cuda")):
             # No weight-cast cache under CUDA graphs: cached casts would outlive the capture.
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not graphs)
         if trainer is not None:
@@ -297,7 +291,7 @@ class DiffusionTask(TrainedWeights, L.LightningModule):
         (as CFG dropout trains it). ``perf.batched_cfg`` runs both branches in one UNet call of
         twice the batch, the uncond half with zero residuals (adding zero changes nothing).
         """
-        batched = self.perf_active["batched_cfg"]
+        batched = self.perf_config["batched_cfg"]
 
         def conditional(x: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
             # a copy: schedulers may keep past outputs beyond the step
@@ -340,7 +334,7 @@ class DiffusionTask(TrainedWeights, L.LightningModule):
         tensors = [leaves[i] for i in where]
         keep = bool(self.perf_applied and self.perf_applied.get("inference"))
         key = (str(spec), repr(consts), tuple((t.shape, t.dtype, t.device) for t in tensors), float(guidance),
-               self.perf_active["batched_cfg"], torch.is_autocast_enabled(self.device.type),
+               self.perf_config["batched_cfg"], torch.is_autocast_enabled(self.device.type),
                tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))) if keep else None
         if keep and self._sample_graph is not None and self._sample_graph[0] == key:
             graphed = self._sample_graph[1]
@@ -361,8 +355,8 @@ class DiffusionTask(TrainedWeights, L.LightningModule):
         f = self.backbone.downscale
         shape = (b, self.backbone.latent_channels, h // f, w // f)
         # Inductor's own CUDA graphs (compile: reduce-overhead) cannot be recorded inside ours.
-        graphs = (self.perf_active["cuda_graph_sampling"] and self.device.type == "cuda"
-                  and not perflib.uses_cudagraphs(self.perf_active))
+        graphs = (self.perf_config["cuda_graph_sampling"] and self.device.type == "cuda"
+                  and not perflib.uses_cudagraphs(self.perf_config))
         was_training = self.training
         self.eval()
         try:

@@ -5,7 +5,7 @@ adapters to the generation UNet (``train_unet: lora``), keeps an EMA of the trai
 parameters (diffusers' ``EMAModel``: stepped after every optimizer step, swapped in for
 validation and sampling, stored in checkpoints) and leaves the backbone's frozen weights out of
 checkpoints (they come back from the backbone path). It expects of its host ``backbone``,
-``ema_decay``, ``save_frozen_weights`` and ``perf_active``.
+``ema_decay`` and ``save_frozen_weights``.
 """
 
 from __future__ import annotations
