@@ -105,3 +105,24 @@ def test_the_serving_rate_bench_reads_the_real_module(shards):
 
     out = resident_rate(shards / "train", batch_size=4, batches=10)  # 15 views: crosses epochs
     assert out["views"] == 15 and out["batch"] == 4 and out["samples_per_s"] > 0
+
+
+@pytest.mark.parametrize("kind", ["missing", "fifo", "empty", "bad_manifest"])
+def test_the_serving_rate_bench_refuses_bad_folders_in_one_line(tmp_path, kind):
+    target = tmp_path / "shards"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind != "missing":
+        target.mkdir()
+        if kind == "bad_manifest":
+            (target / "manifest.json").write_text("{not json")
+    run = subprocess.run([sys.executable, str(ROOT / "eval/bench_data.py"), "--resident", str(target)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-500:]
+    assert lines[-1].startswith("bench_data.py: error: --resident") and str(target) in lines[-1]
+    if kind == "missing":  # the folder itself is named, not its parent
+        from icp.data.shards.format import read_manifest
+
+        with pytest.raises(DataError, match=f"no manifest.json in {target} "):
+            read_manifest(target)

@@ -130,8 +130,15 @@ def main() -> None:
     if args.resident:
         import json
 
+        from icp.core.errors import IcpError
+
+        if not Path(args.resident).is_dir():  # also a FIFO or a device, which a read would block on
+            parser.error(f"--resident {args.resident}: no such shard folder (render one with `icp shards synth`)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        print(json.dumps(resident_rate(Path(args.resident), device=device)))
+        try:
+            print(json.dumps(resident_rate(Path(args.resident), device=device)))
+        except IcpError as err:
+            parser.error(f"--resident {args.resident}: {err}")
         return
     warnings.filterwarnings("ignore", message=".*worker processes in total.*")
 

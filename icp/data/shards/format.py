@@ -341,7 +341,8 @@ def read_manifest(folder: str | Path) -> dict:
     if path.is_dir():
         path = path / MANIFEST
     if not path.is_file():
-        raise DataError(f"no {MANIFEST} in {path.parent} (create shards with `icp shards synth` or "
+        where = path.parent if path.name == MANIFEST else path  # a folder that does not exist is named itself
+        raise DataError(f"no {MANIFEST} in {where} (create shards with `icp shards synth` or "
                         "`icp shards import`, or point to the folder that holds them)")
     try:
         manifest = json.loads(path.read_text())
